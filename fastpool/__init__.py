@@ -1,0 +1,22 @@
+"""fastpool: fused masked pooling (mean, max, CLS, last token) of transformer hidden states.
+
+``import fastpool`` works without triton and without a GPU; CUDA tensors use the Triton kernels,
+everything else eager PyTorch with the same semantics (see ``fastpool.functional``).
+"""
+
+from .backend import use_backend
+from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool
+from .modes import MODES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "__version__",
+    "cls_pool",
+    "last_token_pool",
+    "max_pool",
+    "mean_pool",
+    "pool",
+    "use_backend",
+]

@@ -1,0 +1,76 @@
+"""Backend selection: ``FASTPOOL_BACKEND`` (read at every call) and the ``use_backend`` context manager."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpool_backend", default=None)
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed fastpool calls on backend ``name`` ("auto", "triton" or "torch").
+
+    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable; nests and is local to the
+    thread / asyncio task.
+    """
+    token = _override.set(_check(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for now: the innermost ``use_backend``, else ``FASTPOOL_BACKEND``, else auto."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check(os.environ.get("FASTPOOL_BACKEND", "auto").strip().lower() or "auto", "FASTPOOL_BACKEND")
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when the Triton interpreter is on (``TRITON_INTERPRET=1``), so kernels accept CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The concrete backend ("triton" or "torch") for tensors on ``device``.
+
+    ``auto`` picks Triton for CUDA tensors and eager PyTorch otherwise. An explicit ``triton`` on a
+    non-CUDA tensor needs the Triton interpreter and raises ``RuntimeError`` without it.
+    """
+    name = requested_backend()
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("fastpool backend 'triton' was requested but triton is not installed")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise RuntimeError(
+                f"fastpool backend 'triton' got {device.type} tensors: Triton kernels run on CUDA "
+                "tensors, or on CPU tensors under the Triton interpreter, which needs TRITON_INTERPRET=1 "
+                "set before triton is imported. Use FASTPOOL_BACKEND=torch (or auto) for CPU."
+            )
+    return name
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` works (fastpool itself imports without it)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

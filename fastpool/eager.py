@@ -1,0 +1,174 @@
+"""The "torch" backend: eager PyTorch with exactly the semantics of the Triton kernels.
+
+Used for CPU tensors (and anywhere with ``FASTPOOL_BACKEND=torch``). Same outputs as the kernels:
+``out`` (B, n_modes * d), ``argmax`` (B, d or 0) int32 and ``stats`` (3, B) int32 holding the real
+token count, the first and the last real position of each row (-1 for an empty row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .modes import mode_columns
+
+# Rows per chunk when half-precision rows are widened to float32 for the mean: bounds the
+# temporary to about this many bytes instead of a (B, T, d) copy.
+_WIDEN_CHUNK_BYTES = 32 * 2**20
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 input, float32 for every other float dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def real_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool: nonzero mask entries (``None`` stays ``None``: every token is real)."""
+    if mask is None:
+        return None
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(3, B) int32: count, first and last real position per row (-1 for empty rows)."""
+    if real is None:
+        count = torch.full((B,), T, dtype=torch.int32, device=device)
+        first = torch.full((B,), 0 if T > 0 else -1, dtype=torch.int32, device=device)
+        last = torch.full((B,), T - 1, dtype=torch.int32, device=device)
+        return torch.stack([count, first, last])
+    positions = torch.arange(T, device=device, dtype=torch.int32)
+    count = real.sum(1, dtype=torch.int32)
+    first = torch.where(real, positions, T).amin(1) if T > 0 else count.new_full((B,), T)
+    last = torch.where(real, positions, -1).amax(1) if T > 0 else count.new_full((B,), -1)
+    first = torch.where(count > 0, first, -1).to(torch.int32)
+    return torch.stack([count, first, last.to(torch.int32)])
+
+
+def _masked_sum(hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """(B, d) sum over real tokens in ``acc`` precision, padding never read into the result."""
+    if real is None:
+        return hidden.sum(1, dtype=acc)
+    B, T, d = hidden.shape
+    weights = real.to(acc).unsqueeze(1)  # (B, 1, T): selection weights 0/1
+    if hidden.dtype == acc:
+        total = torch.bmm(weights, hidden).squeeze(1)
+    else:
+        rows = max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
+        total = torch.cat(
+            [torch.bmm(w, h.to(acc)) for w, h in zip(weights.split(rows), hidden.split(rows))]
+        ).squeeze(1)
+    # A weight of 0 times NaN/inf padding is NaN: the product form is exact only for finite rows.
+    # Redo the (rare) non-finite rows by selection, so padding can never leak into the result.
+    bad = ~torch.isfinite(total).all(1)
+    if bool(bad.any()):
+        rows_idx = bad.nonzero().squeeze(1)
+        picked = hidden.index_select(0, rows_idx)
+        keep = real.index_select(0, rows_idx).unsqueeze(-1)
+        total[rows_idx] = torch.where(keep, picked, 0).sum(1, dtype=acc)
+    return total
+
+
+def _masked_max(
+    hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, d) max over real tokens and its int32 position (first of equal maxima; 0 / -1 if empty)."""
+    if real is None:
+        values, index = hidden.max(1)
+    else:
+        fill = torch.tensor(float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        values, index = torch.where(real.unsqueeze(-1), hidden, fill).max(1)
+    empty = (count == 0).unsqueeze(1)
+    values = torch.where(empty, torch.zeros((), dtype=values.dtype, device=values.device), values)
+    index = torch.where(empty, -1, index).to(torch.int32)
+    return values, index
+
+
+def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(B, d): hidden[b, position[b]], zeros where position is -1."""
+    B, T, d = hidden.shape
+    if T == 0:
+        return hidden.new_zeros((B, d))
+    rows = torch.arange(B, device=hidden.device)
+    picked = hidden[rows, position.clamp(min=0).long()]
+    return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
+
+
+def pool_forward(
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None.
+
+    Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 (or (B, 0) without
+    "max") and stats (3, B) int32. Memory traffic: the mean reads hidden once through a batched
+    matrix-vector product with 0/1 weights (no (B, T, d) temporary); max builds one masked copy.
+    """
+    B, T, d = hidden.shape
+    acc = accumulation_dtype(hidden.dtype)
+    real = real_tokens(mask)
+    stats = row_stats(real, B, T, hidden.device)
+    count = stats[0]
+    pieces: list[torch.Tensor] = []
+    argmax = torch.empty((B, 0), dtype=torch.int32, device=hidden.device)
+    for name in modes:
+        if name == "mean":
+            total = _masked_sum(hidden, real, acc)
+            denom = count.clamp(min=1).to(acc).unsqueeze(1)
+            mean = torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc))
+            pieces.append(mean.to(hidden.dtype))
+        elif name == "max":
+            values, argmax = _masked_max(hidden, real, count)
+            pieces.append(values)
+        elif name == "cls":
+            pieces.append(_gather(hidden, stats[1]))
+        else:  # "last"
+            pieces.append(_gather(hidden, stats[2]))
+    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
+    return out, argmax, stats
+
+
+def pool_backward(
+    grad_out: torch.Tensor,
+    mask: torch.Tensor | None,
+    argmax: torch.Tensor,
+    stats: torch.Tensor,
+    T: int,
+    dtype: torch.dtype,
+    modes: Sequence[str],
+) -> torch.Tensor:
+    """Eager backward: (B, T, d) gradient of hidden in ``dtype`` from grad_out (B, n_modes * d).
+
+    Real tokens get grad/count (mean), the max gradient at the saved argmax, the cls/last gradient
+    at the saved first/last position; padding and empty rows get exactly 0.
+    """
+    B = stats.shape[1]
+    d = grad_out.shape[1] // len(modes)
+    acc = accumulation_dtype(dtype)
+    cols = mode_columns(modes, d)
+    device = grad_out.device
+    real = real_tokens(mask)
+    count = stats[0]
+    grad = torch.zeros((B, T, d), dtype=acc, device=device)
+    if B == 0 or T == 0 or d == 0:
+        return grad.to(dtype)
+    rows = torch.arange(B, device=device)
+
+    def block(name: str) -> torch.Tensor:
+        return grad_out[:, cols[name] : cols[name] + d].to(acc)
+
+    if "mean" in modes:
+        share = block("mean") / count.clamp(min=1).to(acc).unsqueeze(1)
+        keep = (count > 0).view(B, 1, 1) if real is None else real.unsqueeze(-1) & (count > 0).view(B, 1, 1)
+        grad = torch.where(keep, share.unsqueeze(1), grad)
+    if "max" in modes:
+        g = block("max")
+        hit = argmax >= 0
+        src = torch.where(hit, g, torch.zeros((), dtype=acc, device=device))
+        grad.scatter_add_(1, argmax.clamp(min=0).long().unsqueeze(1), src.unsqueeze(1))
+    for name, position in (("cls", stats[1]), ("last", stats[2])):
+        if name in modes:
+            g = block(name)
+            hit = position >= 0
+            at = position.clamp(min=0).long()
+            grad[rows[hit], at[hit]] += g[hit]
+    return grad.to(dtype)

@@ -1,0 +1,139 @@
+"""Public pooling functions: validate at the boundary, pick the backend, call the custom op.
+
+Semantics shared by every function and every backend
+------------------------------------------------------
+hidden : (B, T, d) tensor, float16 / bfloat16 / float32 / float64, any strides (never copied).
+mask : (B, T) tensor of any real dtype (bool, integer or float) on hidden's device, or None.
+    Nonzero means "real token" (NaN counts as nonzero, -0.0 as zero); None means every token is
+    real. Whatever padding holds (NaN and inf included) never influences an output or a gradient.
+Accumulation is float32 (float64 for float64 input), token counts are exact integers, and the
+output is cast to hidden's dtype once. A row with no real token pools to zeros in every mode and
+passes zero gradient; its max index is -1. Empty dimensions give correctly shaped results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, overload
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.fastpool.*)
+from .backend import resolve_backend
+from .modes import normalize_modes
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Positions are int32 inside the kernels, with room for one block past the end.
+MAX_SEQUENCE_LENGTH = 2**31 - 2**20
+
+
+def _validate(hidden: object, mask: object) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor of shape (B, T, d), got {type(hidden).__name__}")
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"hidden: expected 3 dimensions (B, T, d), got {hidden.dim()} with shape {tuple(hidden.shape)}"
+        )
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}"
+        )
+    if hidden.shape[1] > MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {hidden.shape[1]}")
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor of shape (B, T) or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"mask: expected a bool, integer or float dtype, got {mask.dtype}")
+    expected = tuple(hidden.shape[:2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask: expected shape (B, T) = {expected} to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.device != hidden.device:
+        raise ValueError(f"mask: expected device {hidden.device} (hidden's device), got {mask.device}")
+
+
+def _pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(hidden, mask)
+    backend = resolve_backend(hidden.device)
+    return torch.ops.fastpool.pool_fwd(hidden, mask, ",".join(modes), backend)
+
+
+def pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mode: str | Sequence[str] = "mean",
+) -> torch.Tensor:
+    """Pool (B, T, d) hidden states to (B, d) vectors in one pass over hidden.
+
+    Parameters
+    ----------
+    hidden : Tensor (B, T, d), float16 / bfloat16 / float32 / float64, any strides.
+    mask : Tensor (B, T) of bool, integer or float dtype (nonzero = real token), or None.
+    mode : "mean", "max", "cls" or "last", or a sequence of them. With a sequence the outputs
+        are concatenated along the feature dimension in that order, (B, len(mode) * d), and hidden
+        is still read once.
+
+    Returns
+    -------
+    Tensor (B, d) or (B, len(mode) * d) in hidden's dtype. Differentiable with respect to hidden.
+    """
+    return _pool(hidden, mask, normalize_modes(mode))[0]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
+
+    Sums in float32 (float64 for float64 input), divides by the exact number of real tokens.
+    A row with no real token gives zeros. Gradient: ``grad / count`` at each real token, 0 at padding.
+    """
+    return _pool(hidden, mask, ("mean",))[0]
+
+
+@overload
+def max_pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: Literal[False] = False
+) -> torch.Tensor: ...
+@overload
+def max_pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: Literal[True]
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def max_pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Masked element-wise max over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
+
+    Among equal maxima the first position wins, for the index and for the gradient (the whole
+    gradient goes to that one position). NaN in a real token wins (as in ``torch.max``; the first
+    NaN's position is returned). A row with no real token gives 0 and index -1.
+
+    Returns values, or ``(values, indices)`` with indices (B, d) int64 positions along T when
+    ``return_indices`` is True.
+    """
+    values, argmax, _ = _pool(hidden, mask, ("max",))
+    if return_indices:
+        return values, argmax.to(torch.int64)
+    return values
+
+
+def cls_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The first real token of each row: (B, T, d) -> (B, d).
+
+    Position 0 when mask is None or right-padded, the first real position under left padding or
+    holes. Zeros for a row with no real token. Gradient goes to that one token.
+    """
+    return _pool(hidden, mask, ("cls",))[0]
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The last real token of each row: (B, T, d) -> (B, d).
+
+    Works for right padding, left padding and holes. Zeros for a row with no real token.
+    Gradient goes to that one token.
+    """
+    return _pool(hidden, mask, ("last",))[0]

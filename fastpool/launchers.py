@@ -1,0 +1,253 @@
+"""The "triton" backend: launchers that normalise strides, allocate, pick block sizes and build grids.
+
+Kernels live in ``fastpool.kernels``; this module imports them lazily so ``import fastpool`` works
+without triton. Nothing here copies hidden: every stride is passed to the kernels as it is, and the
+mask is reinterpreted (``Tensor.view(dtype)``, no copy) as an integer of its own width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .modes import mode_columns
+
+# A T-split program must stream at least this many tokens: its partial results cost
+# 12 bytes per feature (float32 sum, max, int32 position) written and read once, against
+# 2 * MIN_TOKENS_PER_SPLIT bytes per feature of bf16 input it reads, i.e. under 2.5% extra traffic.
+MIN_TOKENS_PER_SPLIT = 256
+# Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
+PROGRAMS_PER_SM = 4
+# Bytes of hidden one program loads per loop iteration (BLOCK_T * BLOCK_D * element size).
+TILE_BYTES = 8192
+# Widest feature block in bytes: one warp row of 16-byte vectors (32 lanes x 16 B).
+ROW_BYTES = 512
+SCAN_BLOCK = 1024
+NUM_WARPS = 4
+# When no GPU is there to ask (the interpreter), size grids as for an H100.
+DEFAULT_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and grid split of one forward or backward launch."""
+
+    block_t: int
+    block_d: int
+    scan_block: int = SCAN_BLOCK
+    num_warps: int = NUM_WARPS
+    n_splits: int = 1
+    tokens_per_split: int = 0
+
+
+_overrides: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def config_override(**fields: int) -> Iterator[None]:
+    """Force LaunchConfig fields (block_t, block_d, scan_block, n_splits) in the enclosed launches.
+
+    For tests: lets small interpreter shapes cross several blocks and T-splits.
+    """
+    saved = dict(_overrides)
+    _overrides.update(fields)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def feature_block(d: int, element_size: int) -> int:
+    """BLOCK_D: a 512-byte row of features, or 64 features when d is smaller than that."""
+    widest = ROW_BYTES // element_size
+    return widest if d > 64 else min(64, widest)
+
+
+def forward_config(
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, sm_count: int
+) -> LaunchConfig:
+    """Pick block sizes and the T-split for the forward kernel.
+
+    The op is memory-bound: the goal is every real token read once with enough programs in flight.
+    A (row, feature block) grid gives B * cdiv(d, BLOCK_D) programs; below PROGRAMS_PER_SM per
+    multiprocessor the loop over T is split so a small batch with long sequences still fills the
+    GPU, never into ranges shorter than MIN_TOKENS_PER_SPLIT.
+    """
+    block_d = feature_block(d, element_size)
+    block_t = max(1, TILE_BYTES // (block_d * element_size))
+    n_splits = 1
+    programs = B * triton_cdiv(d, block_d)
+    target = PROGRAMS_PER_SM * sm_count
+    if needs_loop and 0 < programs < target:
+        n_splits = max(1, min(triton_cdiv(target, programs), T // MIN_TOKENS_PER_SPLIT))
+    config = LaunchConfig(block_t=block_t, block_d=block_d, n_splits=n_splits)
+    config = replace(config, **_overrides)
+    per_split = triton_cdiv(max(T, 1), config.n_splits)
+    per_split = triton_cdiv(per_split, config.block_t) * config.block_t
+    return replace(config, n_splits=triton_cdiv(max(T, 1), per_split), tokens_per_split=per_split)
+
+
+def backward_config(T: int, d: int, element_size: int) -> LaunchConfig:
+    """Block sizes for the backward kernel: one (BLOCK_T, BLOCK_D) output tile per program."""
+    block_d = feature_block(d, element_size)
+    block_t = max(1, TILE_BYTES // (block_d * element_size))
+    config = LaunchConfig(block_t=block_t, block_d=block_d)
+    return replace(config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d")})
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (DEFAULT_SM_COUNT for non-CUDA devices)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_MASK_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def mask_as_integers(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Reinterpret a mask of any dtype as signed integers of its width, without a copy.
+
+    Returns the view and the bits that make an element nonzero: all of them for integer and bool
+    masks, all but the sign bit for float masks (so -0.0 counts as zero, NaN as nonzero).
+    """
+    width = mask.element_size()
+    view = mask.view(_MASK_VIEW[width]) if mask.dtype != _MASK_VIEW[width] else mask
+    if mask.dtype.is_floating_point:
+        return view, (1 << (8 * width - 1)) - 1
+    return view, -1
+
+
+def _acc_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def pool_forward(
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused masked pooling forward on the Triton kernels.
+
+    hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None.
+    Returns out (B, len(modes) * d) hidden dtype, argmax (B, d) int32 when "max" is among ``modes``
+    (else (B, 0)), stats (3, B) int32 (count, first, last; -1 when a row is empty).
+
+    Memory traffic: reads the real-token span of every row of hidden once, i.e.
+    ``sum_b (real tokens of row b, holes excluded) * d * element_size`` bytes, plus the mask
+    (``B * T * mask element size`` per feature block, L2-resident), plus 2 * d elements per row for
+    cls/last gathers; writes ``B * len(modes) * d * element_size`` bytes, ``4 * B * d`` for argmax and
+    ``12 * B`` for stats. T-split launches add ``12 * B * n_splits * d`` bytes written and read.
+    """
+    from .kernels.pool_forward import pool_combine_kernel, pool_forward_kernel
+
+    B, T, d = hidden.shape
+    device = hidden.device
+    cols = mode_columns(modes, d)
+    do_mean, do_max = cols["mean"] >= 0, cols["max"] >= 0
+    out = torch.empty((B, len(modes) * d), dtype=hidden.dtype, device=device)
+    argmax = torch.empty((B, d if do_max else 0), dtype=torch.int32, device=device)
+    stats = torch.empty((3, B), dtype=torch.int32, device=device)
+    if B == 0:
+        return out, argmax, stats
+    if d == 0:
+        # Nothing to pool, but backward still needs the per-row sizes.
+        from . import eager
+
+        return out, argmax, eager.row_stats(eager.real_tokens(mask), B, T, device)
+
+    config = forward_config(B, T, d, hidden.element_size(), do_mean or do_max, sm_count(device))
+    if mask is None:
+        mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
+    else:
+        mask_view, mask_bits = mask_as_integers(mask)
+        stride_mb, stride_mt = mask_view.stride()
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    split = config.n_splits > 1
+    parts = (B, config.n_splits, d) if split else (1,)
+    part_sum = torch.empty(parts if (split and do_mean) else (1,), dtype=acc, device=device)
+    part_max = torch.empty(parts if (split and do_max) else (1,), dtype=acc, device=device)
+    part_pos = torch.empty(parts if (split and do_max) else (1,), dtype=torch.int32, device=device)
+    part_stats = torch.empty((B, config.n_splits, 3) if split else (1,), dtype=torch.int32, device=device)
+    argmax_arg = argmax if do_max else stats
+    n_dblocks = triton_cdiv(d, config.block_d)
+    grid = (B, n_dblocks, config.n_splits)
+    acc_tl = _acc_dtype(hidden.dtype)
+    pool_forward_kernel[grid](
+        hidden, mask_view, out, argmax_arg, stats,
+        part_sum, part_max, part_pos, part_stats,
+        B, T, d, config.tokens_per_split, config.n_splits,
+        *hidden.stride(), stride_mb, stride_mt, out.stride(0),
+        cols["mean"], cols["max"], cols["cls"], cols["last"], mask_bits,
+        HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, SPLIT=split,
+        ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
+        SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
+    )  # fmt: skip
+    if split:
+        pool_combine_kernel[(B, n_dblocks)](
+            hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats,
+            B, d, config.n_splits, *hidden.stride(), out.stride(0),
+            cols["mean"], cols["max"], cols["cls"], cols["last"],
+            DO_MEAN=do_mean, DO_MAX=do_max, ACC_DTYPE=acc_tl, BLOCK_D=config.block_d,
+            num_warps=config.num_warps,
+        )  # fmt: skip
+    return out, argmax, stats
+
+
+def pool_backward(
+    grad_out: torch.Tensor,
+    mask: torch.Tensor | None,
+    argmax: torch.Tensor,
+    stats: torch.Tensor,
+    T: int,
+    dtype: torch.dtype,
+    modes: Sequence[str],
+) -> torch.Tensor:
+    """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, len(modes) * d), any strides.
+
+    Uses what forward saved: argmax (B, d) int32 and stats (3, B) int32, plus the mask itself.
+    Memory traffic: writes ``B * T * d * element_size`` bytes (each element exactly once, no memset);
+    reads grad_out (``B * len(modes) * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
+    """
+    from .kernels.pool_backward import pool_backward_kernel
+
+    B = stats.shape[1]
+    d = grad_out.shape[1] // len(modes)
+    grad = torch.empty((B, T, d), dtype=dtype, device=grad_out.device)
+    if grad.numel() == 0:
+        return grad
+    cols = mode_columns(modes, d)
+    config = backward_config(T, d, grad.element_size())
+    if mask is None:
+        mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
+    else:
+        mask_view, mask_bits = mask_as_integers(mask)
+        stride_mb, stride_mt = mask_view.stride()
+    n_tblocks = triton_cdiv(T, config.block_t)
+    grid = (B * n_tblocks, triton_cdiv(d, config.block_d))
+    pool_backward_kernel[grid](
+        grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats, grad,
+        B, T, d, n_tblocks, *grad_out.stride(), stride_mb, stride_mt, *grad.stride(),
+        cols["mean"], cols["max"], cols["cls"], cols["last"], mask_bits,
+        HAS_MASK=mask is not None, ACC_DTYPE=_acc_dtype(dtype),
+        BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps,
+    )  # fmt: skip
+    return grad

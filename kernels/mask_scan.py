@@ -1,0 +1,81 @@
+"""Helpers shared by the pooling kernels: the scan of a mask row and the lane-wise argmax.
+
+These are ``@triton.jit`` device functions only; they are inlined into the kernels that call them.
+"""
+
+import triton
+import triton.language as tl
+
+# Sentinel position for "no real token seen": larger than any T we accept (T < 2**31 - 1).
+NO_TOKEN = tl.constexpr(2147483647)
+
+
+@triton.jit
+def row_span(
+    mask_ptr,  # (B, T) integer view of the mask (int8/16/32/64), nonzero = real token
+    stride_mb,  # int: mask stride along B (elements)
+    stride_mt,  # int: mask stride along T (elements)
+    MASK_BITS,  # int: bits that make a mask element nonzero (float masks: all but the sign)
+    row,  # int64 scalar: batch row
+    t_begin,  # int32 scalar: first position to scan
+    t_end,  # int32 scalar: one past the last position to scan
+    HAS_MASK: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+):
+    """(first, last, count) of the real tokens of ``row`` inside ``[t_begin, t_end)``.
+
+    ``first`` is NO_TOKEN and ``last`` is -1 when the range holds no real token. Only the mask is
+    read (one byte to eight per token), so the span is known before a single hidden element moves:
+    the main loop of a kernel then runs over ``[first, last]`` and never touches the padding outside.
+    """
+    if HAS_MASK:
+        offs = tl.arange(0, SCAN_BLOCK)
+        first = tl.full((), NO_TOKEN, tl.int32)
+        last = tl.full((), -1, tl.int32)
+        count = tl.full((), 0, tl.int32)
+        row_ptr = mask_ptr + row * stride_mb
+        for t0 in range(t_begin, t_end, SCAN_BLOCK):
+            t = t0 + offs
+            inside = t < t_end
+            m = tl.load(row_ptr + t.to(tl.int64) * stride_mt, mask=inside, other=0)
+            real = ((m & MASK_BITS) != 0) & inside
+            count += tl.sum(real.to(tl.int32), axis=0)
+            first = tl.minimum(first, tl.min(tl.where(real, t, NO_TOKEN), axis=0))
+            last = tl.maximum(last, tl.max(tl.where(real, t, -1), axis=0))
+    else:
+        count = tl.maximum(t_end - t_begin, 0)
+        first = tl.where(count > 0, t_begin, NO_TOKEN)
+        last = tl.where(count > 0, t_end - 1, -1)
+    return first, last, count
+
+
+@triton.jit
+def lanes_argmax(values, positions):
+    """Reduce (BLOCK_T, BLOCK_D) per-lane maxima to one (value, position) per column.
+
+    ``positions`` holds NO_TOKEN in lanes that saw no real token. NaN beats every number (as in
+    ``torch.max``); among equal maxima, or among NaNs, the smallest position wins. Returns the value
+    (NaN, the maximum, or -inf for an empty column) and the position (NO_TOKEN for an empty column).
+    """
+    valid = positions != NO_TOKEN
+    is_nan = values != values
+    has_nan = tl.max((valid & is_nan).to(tl.int32), axis=0) > 0
+    best = tl.max(tl.where(valid & (values == values), values, float("-inf")), axis=0)
+    hit = valid & tl.where(has_nan[None, :], is_nan, values == best[None, :])
+    position = tl.min(tl.where(hit, positions, NO_TOKEN), axis=0)
+    value = tl.where(has_nan, float("nan"), best)
+    return value, position
+
+
+@triton.jit
+def better_max(candidate, candidate_pos, current, current_pos):
+    """True where (candidate, candidate_pos) should replace (current, current_pos).
+
+    Candidates arrive in increasing position order, so a strict comparison keeps the first of equal
+    maxima; NaN replaces a number but never an earlier NaN; anything real replaces "nothing yet".
+    """
+    return (candidate_pos != NO_TOKEN) & (
+        (candidate > current)
+        | ((candidate != candidate) & (current == current))
+        | (current_pos == NO_TOKEN)
+    )

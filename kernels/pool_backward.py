@@ -1,0 +1,90 @@
+"""Backward pooling kernel: the (B, T, d) gradient of hidden, every element written exactly once.
+
+Grid: (B * cdiv(T, BLOCK_T), cdiv(d, BLOCK_D)). Each program owns one (BLOCK_T, BLOCK_D) tile of
+the gradient and writes all of it: real tokens get the mean share ``grad / count`` plus the max
+gradient where the saved argmax equals the position plus the first/last-token gradient at the saved
+first/last position; every other element, padding included, gets 0. The tiles partition
+(B, T, d), so there is no separate memset, no read of hidden, no atomics, and the result is the
+same bit for bit on every run. Gradients are summed in a fixed order in float32 (float64 for
+float64) and cast once.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mode_grad(
+    grad_row,  # pointer: grad_out of this row
+    col,  # int: column offset of the mode's block
+    d_offs,  # (BLOCK_D,) int32
+    d_in,  # (BLOCK_D,) bool
+    stride_god,
+    ACC_DTYPE: tl.constexpr,
+):
+    g = tl.load(grad_row + (col + d_offs).to(tl.int64) * stride_god, mask=d_in, other=0.0)
+    return g.to(ACC_DTYPE)
+
+
+@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "MASK_BITS"])
+def pool_backward_kernel(
+    grad_out_ptr,  # (B, n_modes * d) any strides, any float dtype
+    mask_ptr,  # (B, T) integer view of the mask, any strides; unused unless HAS_MASK
+    argmax_ptr,  # (B, d) int32, -1 for empty rows; unused unless col_max >= 0
+    stats_ptr,  # (3, B) int32: count, first (-1 if empty), last (-1 if empty)
+    grad_ptr,  # (B, T, d) output, hidden dtype, any strides
+    B,
+    T,
+    d,
+    n_tblocks,  # cdiv(T, BLOCK_T)
+    stride_gob,
+    stride_god,
+    stride_mb,
+    stride_mt,
+    stride_gb,
+    stride_gt,
+    stride_gd,
+    col_mean,  # column offset of each mode's block in grad_out, -1 when not requested
+    col_max,
+    col_first,
+    col_last,
+    MASK_BITS,  # bits that make a mask element nonzero (float masks: all but the sign)
+    HAS_MASK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Write one (BLOCK_T, BLOCK_D) tile of d(loss)/d(hidden)."""
+    pid = tl.program_id(0)
+    row = (pid // n_tblocks).to(tl.int64)
+    t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_in = t < T
+    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < d
+    grad_row = grad_out_ptr + row * stride_gob
+    acc = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
+    # Mode flags are uniform runtime branches: the tile is written once whatever the mix of modes.
+    if col_mean >= 0:
+        count = tl.load(stats_ptr + row)
+        share = _mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE)
+        share = share / tl.maximum(count, 1).to(ACC_DTYPE)
+        real = t_in & (count > 0)
+        if HAS_MASK:
+            m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)
+            real = real & ((m & MASK_BITS) != 0)
+        acc += tl.where(real[:, None], share[None, :], 0.0)
+    if col_max >= 0:
+        g = _mode_grad(grad_row, col_max, d_offs, d_in, stride_god, ACC_DTYPE)
+        pos = tl.load(argmax_ptr + row * d + d_offs, mask=d_in, other=-1)
+        acc += tl.where(t[:, None] == pos[None, :], g[None, :], 0.0)
+    if col_first >= 0:
+        g = _mode_grad(grad_row, col_first, d_offs, d_in, stride_god, ACC_DTYPE)
+        first = tl.load(stats_ptr + B + row)
+        acc += tl.where((t == first)[:, None], g[None, :], 0.0)
+    if col_last >= 0:
+        g = _mode_grad(grad_row, col_last, d_offs, d_in, stride_god, ACC_DTYPE)
+        last = tl.load(stats_ptr + 2 * B + row)
+        acc += tl.where((t == last)[:, None], g[None, :], 0.0)
+    dst = grad_ptr + row * stride_gb + (t.to(tl.int64) * stride_gt)[:, None]
+    dst += (d_offs.to(tl.int64) * stride_gd)[None, :]
+    tl.store(dst, acc.to(grad_ptr.dtype.element_ty), mask=t_in[:, None] & d_in[None, :])

@@ -1,0 +1,233 @@
+"""Forward pooling kernels: one fused pass over hidden for any subset of {mean, max, first, last}.
+
+Grid of ``pool_forward_kernel``: (B, cdiv(d, BLOCK_D), n_splits). A program owns one row, one
+block of BLOCK_D features and one range of ``tokens_per_split`` positions.
+
+How padding is never read: each program first scans its row's mask (only the mask) to find the
+first and last real token of its range, then loops over ``[first, last]`` alone. Under right or
+left padding the tokens outside that span are never addressed. Inside the span the per-token mask
+is the load predicate, so a padded token (a hole) issues no load either; a predicated-off load
+moves no bytes. Padding therefore reaches neither the result nor the memory bus, whatever it holds.
+
+Why there is a split: a program's loop over T is serial, and the launcher needs several programs
+per multiprocessor to keep enough loads in flight. When B * cdiv(d, BLOCK_D) is too small (small
+batch, long T) the launcher splits T into ``n_splits`` ranges; each writes a partial (sum, max and
+position, span) to a small float32 workspace, and ``pool_combine_kernel`` folds the partials in
+split order. No atomics: the result is bit-for-bit deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+from .mask_scan import NO_TOKEN, better_max, lanes_argmax, row_span
+
+
+@triton.jit
+def _write_results(
+    hidden_ptr,  # (B, T, d): read only for the first/last-token gather
+    out_ptr,  # (B, n_modes * d) output, hidden dtype
+    argmax_ptr,  # (B, d) int32
+    stats_ptr,  # (3, B) int32: count, first, last
+    row,  # int64 scalar
+    pid_d,  # int32 scalar: feature block
+    d_offs,  # (BLOCK_D,) int32 feature indices
+    d_in,  # (BLOCK_D,) bool: d_offs < d
+    B,
+    d,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    stride_ob,
+    total,  # (BLOCK_D,) acc dtype: sum over real tokens
+    count,  # int32 scalar: real tokens in the row
+    max_value,  # (BLOCK_D,) acc dtype
+    max_pos,  # (BLOCK_D,) int32, NO_TOKEN for an empty row
+    first,  # int32 scalar, NO_TOKEN for an empty row
+    last,  # int32 scalar, -1 for an empty row
+    col_mean,
+    col_max,
+    col_first,  # column offset, or -1 when the mode is not requested
+    col_last,  # column offset, or -1 when the mode is not requested
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+):
+    out_row = out_ptr + row * stride_ob
+    out_ty = out_ptr.dtype.element_ty
+    has_tokens = count > 0
+    if DO_MEAN:
+        # Exact integer count, converted once; an empty row gives 0, never 0/0.
+        mean = tl.where(has_tokens, total / tl.maximum(count, 1).to(total.dtype), 0.0)
+        tl.store(out_row + col_mean + d_offs, mean.to(out_ty), mask=d_in)
+    if DO_MAX:
+        empty = max_pos == NO_TOKEN
+        tl.store(out_row + col_max + d_offs, tl.where(empty, 0.0, max_value).to(out_ty), mask=d_in)
+        tl.store(argmax_ptr + row * d + d_offs, tl.where(empty, -1, max_pos), mask=d_in)
+    # The gathers cost d loads per row: a uniform runtime branch, not another specialization.
+    if col_first >= 0:
+        src = hidden_ptr + row * stride_hb + first.to(tl.int64) * stride_ht
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        tl.store(out_row + col_first + d_offs, token.to(out_ty), mask=d_in)
+    if col_last >= 0:
+        src = hidden_ptr + row * stride_hb + last.to(tl.int64) * stride_ht
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        tl.store(out_row + col_last + d_offs, token.to(out_ty), mask=d_in)
+    # Per-row sizes for backward, written by one feature block only.
+    owner = pid_d == 0
+    tl.store(stats_ptr + row, count, mask=owner)
+    tl.store(stats_ptr + B + row, tl.where(has_tokens, first, -1), mask=owner)
+    tl.store(stats_ptr + 2 * B + row, tl.where(has_tokens, last, -1), mask=owner)
+
+
+@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "MASK_BITS"])
+def pool_forward_kernel(
+    hidden_ptr,  # (B, T, d) fp16/bf16/fp32/fp64, any strides
+    mask_ptr,  # (B, T) integer view of the mask, any strides, nonzero = real; unused unless HAS_MASK
+    out_ptr,  # (B, n_modes * d) hidden dtype, unit stride along features
+    argmax_ptr,  # (B, d) int32; unused unless DO_MAX
+    stats_ptr,  # (3, B) int32: count, first, last
+    part_sum_ptr,  # (B, n_splits, d) acc dtype; SPLIT only
+    part_max_ptr,  # (B, n_splits, d) acc dtype; SPLIT only
+    part_pos_ptr,  # (B, n_splits, d) int32; SPLIT only
+    part_stats_ptr,  # (B, n_splits, 3) int32; SPLIT only
+    B,
+    T,
+    d,
+    tokens_per_split,  # positions per program along T (T when not SPLIT)
+    n_splits,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    col_mean,  # column offset of each mode's block in out
+    col_max,
+    col_first,  # -1 when not requested
+    col_last,  # -1 when not requested
+    MASK_BITS,  # bits of a mask element that make it nonzero (sign bit cleared for float masks)
+    HAS_MASK: tl.constexpr,
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr,
+):
+    """Masked mean / max+argmax / first / last of one (row, feature block, T range)."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    split = tl.program_id(2)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < d
+    t_begin = split * tokens_per_split
+    t_end = tl.minimum(t_begin + tokens_per_split, T)
+    first, last, count = row_span(
+        mask_ptr, stride_mb, stride_mt, MASK_BITS, row, t_begin, t_end, HAS_MASK, SCAN_BLOCK
+    )
+
+    total = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
+    best = tl.full((BLOCK_T, BLOCK_D), float("-inf"), ACC_DTYPE)
+    best_pos = tl.full((BLOCK_T, BLOCK_D), NO_TOKEN, tl.int32)
+    if DO_MEAN or DO_MAX:
+        lanes = tl.arange(0, BLOCK_T)
+        col_ptrs = hidden_ptr + row * stride_hb + (d_offs.to(tl.int64) * stride_hd)[None, :]
+        mask_row = mask_ptr + row * stride_mb
+        for t0 in range(first, last + 1, BLOCK_T):
+            t = t0 + lanes
+            real = t <= last
+            if HAS_MASK:
+                m = tl.load(mask_row + t.to(tl.int64) * stride_mt, mask=real, other=0)
+                real = real & ((m & MASK_BITS) != 0)
+            load = real[:, None] & d_in[None, :]
+            # Upcast before reducing: Triton does not widen floats in tl.sum / tl.max.
+            x = tl.load(col_ptrs + (t.to(tl.int64) * stride_ht)[:, None], mask=load, other=0.0)
+            x = x.to(ACC_DTYPE)
+            if DO_MEAN:
+                total += x  # padded lanes were never loaded and hold exactly 0
+            if DO_MAX:
+                pos = tl.where(load, t[:, None], NO_TOKEN)
+                take = better_max(x, pos, best, best_pos)
+                best = tl.where(take, x, best)
+                best_pos = tl.where(take, pos, best_pos)
+
+    row_total = tl.sum(total, axis=0)
+    max_value, max_pos = lanes_argmax(best, best_pos)
+    if SPLIT:
+        part = row * n_splits + split
+        if DO_MEAN:
+            tl.store(part_sum_ptr + part * d + d_offs, row_total, mask=d_in)
+        if DO_MAX:
+            tl.store(part_max_ptr + part * d + d_offs, max_value, mask=d_in)
+            tl.store(part_pos_ptr + part * d + d_offs, max_pos, mask=d_in)
+        owner = pid_d == 0
+        tl.store(part_stats_ptr + part * 3, count, mask=owner)
+        tl.store(part_stats_ptr + part * 3 + 1, first, mask=owner)
+        tl.store(part_stats_ptr + part * 3 + 2, last, mask=owner)
+    else:
+        _write_results(
+            hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
+            stride_hb, stride_ht, stride_hd, stride_ob,
+            row_total, count, max_value, max_pos, first, last,
+            col_mean, col_max, col_first, col_last,
+            DO_MEAN, DO_MAX,
+        )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last"])
+def pool_combine_kernel(
+    hidden_ptr,  # (B, T, d) any strides: read only for the first/last-token gather
+    out_ptr,  # (B, n_modes * d) hidden dtype
+    argmax_ptr,  # (B, d) int32
+    stats_ptr,  # (3, B) int32
+    part_sum_ptr,  # (B, n_splits, d) acc dtype
+    part_max_ptr,  # (B, n_splits, d) acc dtype
+    part_pos_ptr,  # (B, n_splits, d) int32
+    part_stats_ptr,  # (B, n_splits, 3) int32
+    B,
+    d,
+    n_splits,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    stride_ob,
+    col_mean,
+    col_max,
+    col_first,  # -1 when not requested
+    col_last,  # -1 when not requested
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Fold the T-split partials of one (row, feature block) in split order. Grid: (B, cdiv(d, BLOCK_D))."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < d
+    total = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    best = tl.full((BLOCK_D,), float("-inf"), ACC_DTYPE)
+    best_pos = tl.full((BLOCK_D,), NO_TOKEN, tl.int32)
+    count = tl.full((), 0, tl.int32)
+    first = tl.full((), NO_TOKEN, tl.int32)
+    last = tl.full((), -1, tl.int32)
+    for s in range(0, n_splits):
+        part = row * n_splits + s
+        count += tl.load(part_stats_ptr + part * 3)
+        first = tl.minimum(first, tl.load(part_stats_ptr + part * 3 + 1))
+        last = tl.maximum(last, tl.load(part_stats_ptr + part * 3 + 2))
+        if DO_MEAN:
+            total += tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+        if DO_MAX:
+            value = tl.load(part_max_ptr + part * d + d_offs, mask=d_in, other=float("-inf"))
+            pos = tl.load(part_pos_ptr + part * d + d_offs, mask=d_in, other=NO_TOKEN)
+            take = better_max(value, pos, best, best_pos)
+            best = tl.where(take, value, best)
+            best_pos = tl.where(take, pos, best_pos)
+    _write_results(
+        hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
+        stride_hb, stride_ht, stride_hd, stride_ob,
+        total, count, best, best_pos, first, last,
+        col_mean, col_max, col_first, col_last,
+        DO_MEAN, DO_MAX,
+    )  # fmt: skip
