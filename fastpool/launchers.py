@@ -22,9 +22,13 @@ from .modes import mode_columns
 MIN_TOKENS_PER_SPLIT = 256
 # Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
 PROGRAMS_PER_SM = 4
-# Bytes of hidden one program loads per loop iteration (BLOCK_T * BLOCK_D * element size).
+# Bytes of hidden one program loads per loop iteration (BLOCK_T * BLOCK_D * element size). The max
+# path keeps a value and an int32 position per lane, so it takes half the tile to stay near 90
+# registers a thread (cuobjdump -res-usage, sm_90, bf16): 5+ programs per multiprocessor.
 TILE_BYTES = 8192
-# Widest feature block in bytes: one warp row of 16-byte vectors (32 lanes x 16 B).
+TILE_BYTES_WITH_MAX = 4096
+# Feature block in bytes: one warp-wide row of 16-byte vectors (32 lanes x 16 B). Fixed per dtype
+# so that the set of kernel specializations stays small enough to compile ahead of time in CI.
 ROW_BYTES = 512
 SCAN_BLOCK = 1024
 NUM_WARPS = 4
@@ -62,18 +66,25 @@ def config_override(**fields: int) -> Iterator[None]:
         _overrides.update(saved)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+
+def feature_block(element_size: int) -> int:
+    """BLOCK_D: features in one 512-byte row (256 for 2-byte dtypes, 128 for 4, 64 for 8)."""
+    return ROW_BYTES // element_size
 
 
-def feature_block(d: int, element_size: int) -> int:
-    """BLOCK_D: a 512-byte row of features, or 64 features when d is smaller than that."""
-    widest = ROW_BYTES // element_size
-    return widest if d > 64 else min(64, widest)
+def token_block(element_size: int, with_max: bool) -> int:
+    """BLOCK_T of the forward loop: 16 tokens (8 when the max and its position are tracked)."""
+    tile = TILE_BYTES_WITH_MAX if with_max else TILE_BYTES
+    return tile // (feature_block(element_size) * element_size)
+
+
+def backward_block_t(element_size: int) -> int:
+    """BLOCK_T of the backward tile: 16 tokens (an 8 KB tile)."""
+    return TILE_BYTES // (feature_block(element_size) * element_size)
 
 
 def forward_config(
-    B: int, T: int, d: int, element_size: int, needs_loop: bool, sm_count: int
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, with_max: bool, sm_count: int
 ) -> LaunchConfig:
     """Pick block sizes and the T-split for the forward kernel.
 
@@ -82,8 +93,8 @@ def forward_config(
     multiprocessor the loop over T is split so a small batch with long sequences still fills the
     GPU, never into ranges shorter than MIN_TOKENS_PER_SPLIT.
     """
-    block_d = feature_block(d, element_size)
-    block_t = max(1, TILE_BYTES // (block_d * element_size))
+    block_d = feature_block(element_size)
+    block_t = token_block(element_size, with_max)
     n_splits = 1
     programs = B * triton_cdiv(d, block_d)
     target = PROGRAMS_PER_SM * sm_count
@@ -98,9 +109,7 @@ def forward_config(
 
 def backward_config(T: int, d: int, element_size: int) -> LaunchConfig:
     """Block sizes for the backward kernel: one (BLOCK_T, BLOCK_D) output tile per program."""
-    block_d = feature_block(d, element_size)
-    block_t = max(1, TILE_BYTES // (block_d * element_size))
-    config = LaunchConfig(block_t=block_t, block_d=block_d)
+    config = LaunchConfig(block_t=backward_block_t(element_size), block_d=feature_block(element_size))
     return replace(config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d")})
 
 
@@ -174,7 +183,9 @@ def pool_forward(
 
         return out, argmax, eager.row_stats(eager.real_tokens(mask), B, T, device)
 
-    config = forward_config(B, T, d, hidden.element_size(), do_mean or do_max, sm_count(device))
+    config = forward_config(
+        B, T, d, hidden.element_size(), do_mean or do_max, do_max, sm_count(device)
+    )
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
     else:

@@ -1,0 +1,206 @@
+"""Ahead-of-time compilation of every kernel specialization the launchers can choose.
+
+Compiles for real NVIDIA targets without a GPU (``triton.compile`` + ``GPUTarget``), then reads
+registers, stack and local memory from the cubin with the ``cuobjdump`` that ships with Triton.
+A specialization is one kernel with one set of constexprs and argument types: hidden dtype, mask
+integer width, the MASK_BITS argument type, the mode flags, the T-split flag, and the block sizes
+from ``fastpool.launchers`` (fixed per dtype). Each is compiled in two layouts: "contiguous" (unit
+feature stride and 16-divisible row strides, what Triton specializes for ordinary tensors) and
+"strided" (no stride assumptions).
+
+Run ``python -m fastpool.aot --arch 80 90`` (must not run under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from . import launchers
+
+HIDDEN_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+# (mask pointer type, MASK_BITS type) as the launcher produces them: masks are viewed as signed
+# integers of their width; MASK_BITS is -1 (i32) for integer masks and 2**(w-1)-1 for float
+# masks, which is an i64 argument only for 8-byte float masks. None: no mask (stats is passed).
+MASK_KINDS = {
+    "none": ("*i32", "i32"),
+    "i8": ("*i8", "i32"),
+    "i16": ("*i16", "i32"),
+    "i32": ("*i32", "i32"),
+    "i64": ("*i64", "i32"),
+    "f64": ("*i64", "i64"),
+}
+LAYOUTS = ("contiguous", "strided")
+# The mask width only changes the mask loads; the strided layout (hidden without unit feature
+# stride) is compiled with these mask kinds, the contiguous one with all of them.
+STRIDED_MASK_KINDS = ("none", "i8")
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """One compile job: kernel name, argument types, constexpr values, num_warps, divisible args."""
+
+    kernel: str
+    label: str
+    types: dict = field(hash=False)
+    constexprs: dict = field(hash=False)
+    divisible: tuple = ()
+    num_warps: int = launchers.NUM_WARPS
+
+
+def _kernel(name: str):
+    from .kernels import pool_backward, pool_forward
+
+    return {
+        "pool_forward_kernel": pool_forward.pool_forward_kernel,
+        "pool_combine_kernel": pool_forward.pool_combine_kernel,
+        "pool_backward_kernel": pool_backward.pool_backward_kernel,
+    }[name]
+
+
+def _acc(dtype: str) -> str:
+    return "fp64" if dtype == "fp64" else "fp32"
+
+
+def specializations() -> list[Specialization]:
+    """Every (kernel, dtype, mask kind, modes, split, layout) the launchers can launch."""
+    specs: list[Specialization] = []
+    for dtype, size in HIDDEN_DTYPES.items():
+        acc = _acc(dtype)
+        block_d = launchers.feature_block(size)
+        for layout in LAYOUTS:
+            contiguous = layout == "contiguous"
+            fixed_h = {"stride_hd": 1} if contiguous else {}
+            div_h = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
+            for mask_name, (mask_ty, bits_ty) in MASK_KINDS.items():
+                if not contiguous and mask_name not in STRIDED_MASK_KINDS:
+                    continue
+                has_mask = mask_name != "none"
+                fixed_m = {"stride_mt": 1} if (contiguous and has_mask) else {}
+                for do_mean, do_max in ((True, False), (False, True), (True, True), (False, False)):
+                    for split in (False, True) if (do_mean or do_max) else (False,):
+                        types = {
+                            "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}",
+                            "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
+                            "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
+                            "MASK_BITS": bits_ty,
+                        }  # fmt: skip
+                        constexprs = {
+                            "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "SPLIT": split,
+                            "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max),
+                            "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
+                        }  # fmt: skip
+                        label = (
+                            f"fwd {dtype} mask={mask_name} mean={int(do_mean)} max={int(do_max)} "
+                            f"split={int(split)} {layout}"
+                        )
+                        specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
+                types = {
+                    "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
+                    "stats_ptr": "*i32", "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
+                }  # fmt: skip
+                constexprs = {
+                    "HAS_MASK": has_mask, "ACC_DTYPE": acc, "BLOCK_T": launchers.backward_block_t(size),
+                    "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}), **fixed_m,
+                }  # fmt: skip
+                div_g = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
+                label = f"bwd {dtype} mask={mask_name} {layout}"
+                specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
+            for do_mean, do_max in ((True, False), (False, True), (True, True)):
+                types = {
+                    "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
+                    "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
+                    "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
+                }  # fmt: skip
+                constexprs = {
+                    "DO_MEAN": do_mean, "DO_MAX": do_max, "ACC_DTYPE": acc, "BLOCK_D": block_d, **fixed_h,
+                }  # fmt: skip
+                label = f"combine {dtype} mean={int(do_mean)} max={int(do_max)} {layout}"
+                specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
+    return specs
+
+
+def _cuobjdump() -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+
+
+def compile_one(spec: Specialization, arch: int) -> dict:
+    """Compile ``spec`` for sm_<arch>; returns registers, stack and local bytes (or the error)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _kernel(spec.kernel)
+    names = fn.arg_names
+    signature, constexprs = {}, {}
+    for name in names:
+        if name in spec.constexprs:
+            value = spec.constexprs[name]
+            if name == "ACC_DTYPE":
+                value = tl.float64 if value == "fp64" else tl.float32
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif name in spec.types:
+            signature[name] = spec.types[name]
+        else:
+            signature[name] = "i32"
+    pointer_args = [n for n in names if signature[n].startswith("*")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointer_args, *spec.divisible)}
+    result = {"label": spec.label, "arch": arch}
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    except Exception as exc:  # noqa: BLE001 - reported per specialization
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        return result
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True)
+    for key in ("REG", "STACK", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", usage.stdout)
+        result[key.lower()] = int(match.group(1)) if match else -1
+    result["vector_loads"] = compiled.asm["ptx"].count("ld.global.v")
+    return result
+
+
+def _compile_packed(job):
+    return compile_one(*job)
+
+
+def compile_all(archs: list[int], workers: int | None = None) -> list[dict]:
+    """Compile every specialization for every arch in a process pool; one result dict each."""
+    jobs = [(spec, arch) for arch in archs for spec in specializations()]
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_compile_packed, jobs, chunksize=4))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("fastpool.aot: unset TRITON_INTERPRET to compile for GPUs", file=sys.stderr)
+        return 2
+    results = compile_all(args.arch, args.workers)
+    bad = [r for r in results if "error" in r or r["stack"] or r["local"]]
+    for r in results:
+        status = r.get("error") or f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']}"
+        print(f"sm_{r['arch']} {r['label']}: {status}")
+    print(f"{len(results) - len(bad)} compiled without spills, {len(bad)} failed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
