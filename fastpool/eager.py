@@ -73,11 +73,24 @@ def _masked_max(
     hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, d) max over real tokens and its int32 position (first of equal maxima; 0 / -1 if empty)."""
+    B, T, d = hidden.shape
+    if T == 0:
+        return hidden.new_zeros((B, d)), torch.full((B, d), -1, dtype=torch.int32, device=hidden.device)
     if real is None:
         values, index = hidden.max(1)
     else:
         fill = torch.tensor(float("-inf"), dtype=hidden.dtype, device=hidden.device)
         values, index = torch.where(real.unsqueeze(-1), hidden, fill).max(1)
+        # Where the maximum is -inf itself, a padded -inf fill may have won the tie: redo those
+        # (rare) rows by position, the first real -inf wins.
+        tied = (values == float("-inf")).any(1) & (count > 0)
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            hit = (hidden.index_select(0, rows) == float("-inf")) & real.index_select(0, rows).unsqueeze(-1)
+            positions = torch.arange(T, device=hidden.device).view(1, T, 1)
+            first_hit = torch.where(hit, positions, T).amin(1)
+            fixed = torch.where(values[rows] == float("-inf"), first_hit, index[rows])
+            index = index.index_put((rows,), fixed)
     empty = (count == 0).unsqueeze(1)
     values = torch.where(empty, torch.zeros((), dtype=values.dtype, device=values.device), values)
     index = torch.where(empty, -1, index).to(torch.int32)

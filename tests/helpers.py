@@ -1,0 +1,60 @@
+"""Shared helpers of the test suite: masks of every layout, kernel configurations, conversions."""
+
+import contextlib
+
+import torch
+
+from fastpool import launchers
+
+# Small blocks make interpreter-sized shapes cross several feature blocks, token blocks and
+# T-splits; "default" uses the launcher's own choice.
+KERNEL_CONFIGS = {
+    "default": {},
+    "small-blocks": dict(block_t=4, block_d=16, scan_block=8, n_splits=1),
+    "split-T": dict(block_t=4, block_d=16, scan_block=8, n_splits=3),
+}
+MASK_KINDS = ("none", "ones", "right", "left", "holes", "empty-row")
+
+
+@contextlib.contextmanager
+def kernel_config(name: str):
+    with launchers.config_override(**KERNEL_CONFIGS[name]):
+        yield
+
+
+def make_mask(kind: str, B: int, T: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A (B, T) bool mask of one layout: none, ones, right, left, holes, or empty-row."""
+    if kind == "none":
+        return None
+    if kind == "ones":
+        return torch.ones(B, T, dtype=torch.bool)
+    lengths = torch.randint(0, T + 1, (B,), generator=generator)
+    if B > 0:
+        lengths[0] = T
+    if B > 1:
+        lengths[1] = min(1, T)
+    pos = torch.arange(T)
+    if kind == "right":
+        return pos[None, :] < lengths[:, None]
+    if kind == "left":
+        return pos[None, :] >= (T - lengths)[:, None]
+    if kind == "holes":
+        return torch.rand(B, T, generator=generator) < 0.6
+    if kind == "empty-row":
+        mask = torch.rand(B, T, generator=generator) < 0.7
+        if B > 0:
+            mask[B // 2] = False
+        return mask
+    raise ValueError(kind)
+
+
+def to_numpy(x: torch.Tensor | None):
+    return None if x is None else x.detach().cpu().to(torch.float64 if x.is_floating_point() else x.dtype).numpy()
+
+
+def np_mask(mask: torch.Tensor | None):
+    if mask is None:
+        return None
+    return mask.detach().cpu().to(torch.float64).numpy()
+
+

@@ -1,0 +1,123 @@
+"""Float64 NumPy definitions of fastpool's pooling, written as plainly as possible.
+
+This is the independent truth every backend is checked against. It never imports fastpool.
+hidden: (B, T, d) array; mask: (B, T) array or None (nonzero = real token; NaN is nonzero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def real_positions(mask: np.ndarray | None, b: int, T: int) -> list[int]:
+    """Positions of the real tokens of row b, in order."""
+    if mask is None:
+        return list(range(T))
+    return [t for t in range(T) if mask[b, t] != 0 or math.isnan(float(mask[b, t]))]
+
+
+def mean(hidden: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(B, d): average of the real tokens; zeros for a row with none."""
+    B, T, d = hidden.shape
+    out = np.zeros((B, d), dtype=np.float64)
+    for b in range(B):
+        real = real_positions(mask, b, T)
+        for j in range(d):
+            total = 0.0
+            for t in real:
+                total += float(hidden[b, t, j])
+            out[b, j] = total / len(real) if real else 0.0
+    return out
+
+
+def max_with_index(hidden: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, d) values and int64 positions of the max over real tokens.
+
+    The first NaN wins if there is one; otherwise the first of equal maxima. Empty rows: 0 and -1.
+    """
+    B, T, d = hidden.shape
+    values = np.zeros((B, d), dtype=np.float64)
+    index = np.full((B, d), -1, dtype=np.int64)
+    for b in range(B):
+        real = real_positions(mask, b, T)
+        for j in range(d):
+            best, best_t = None, -1
+            for t in real:
+                x = float(hidden[b, t, j])
+                if math.isnan(x):
+                    best, best_t = x, t
+                    break
+                if best is None or x > best:
+                    best, best_t = x, t
+            if best_t >= 0:
+                values[b, j], index[b, j] = best, best_t
+    return values, index
+
+
+def first_index(mask: np.ndarray | None, B: int, T: int) -> np.ndarray:
+    """(B,) position of the first real token, -1 for an empty row."""
+    out = np.full(B, -1, dtype=np.int64)
+    for b in range(B):
+        real = real_positions(mask, b, T)
+        if real:
+            out[b] = real[0]
+    return out
+
+
+def last_index(mask: np.ndarray | None, B: int, T: int) -> np.ndarray:
+    """(B,) position of the last real token, -1 for an empty row."""
+    out = np.full(B, -1, dtype=np.int64)
+    for b in range(B):
+        real = real_positions(mask, b, T)
+        if real:
+            out[b] = real[-1]
+    return out
+
+
+def gather(hidden: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(B, d): hidden[b, position[b]], zeros where position is -1."""
+    B, _, d = hidden.shape
+    out = np.zeros((B, d), dtype=np.float64)
+    for b in range(B):
+        if position[b] >= 0:
+            out[b] = hidden[b, position[b]].astype(np.float64)
+    return out
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray | None, mode: str) -> np.ndarray:
+    """(B, d) float64 result of one mode: "mean", "max", "cls" or "last"."""
+    B, T, _ = hidden.shape
+    if mode == "mean":
+        return mean(hidden, mask)
+    if mode == "max":
+        return max_with_index(hidden, mask)[0]
+    if mode == "cls":
+        return gather(hidden, first_index(mask, B, T))
+    if mode == "last":
+        return gather(hidden, last_index(mask, B, T))
+    raise ValueError(mode)
+
+
+def pool_grad(hidden: np.ndarray, mask: np.ndarray | None, mode: str, grad_out: np.ndarray) -> np.ndarray:
+    """(B, T, d) float64 gradient of sum(pool(hidden) * grad_out) with respect to hidden."""
+    B, T, d = hidden.shape
+    grad = np.zeros((B, T, d), dtype=np.float64)
+    if mode == "mean":
+        for b in range(B):
+            real = real_positions(mask, b, T)
+            for t in real:
+                grad[b, t] += grad_out[b] / len(real)
+    elif mode == "max":
+        _, index = max_with_index(hidden, mask)
+        for b in range(B):
+            for j in range(d):
+                if index[b, j] >= 0:
+                    grad[b, index[b, j], j] += grad_out[b, j]
+    else:
+        position = first_index(mask, B, T) if mode == "cls" else last_index(mask, B, T)
+        for b in range(B):
+            if position[b] >= 0:
+                grad[b, position[b]] += grad_out[b]
+    return grad
