@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import importlib.util
 import os
 from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastpool_backend", default=None)
+# A plain module-level stack rather than a ContextVar: torch.compile traces through backend
+# selection (it becomes a guard on this list), and it cannot trace ContextVar.get.
+_override_stack: list[str] = []
+# Looked up once without importing triton, so ``import fastpool`` stays cheap and triton-free.
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+_TRITON_FOUND = _find_triton()
 
 
 def _check(name: str, source: str) -> str:
@@ -23,21 +34,20 @@ def _check(name: str, source: str) -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed fastpool calls on backend ``name`` ("auto", "triton" or "torch").
 
-    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable; nests and is local to the
-    thread / asyncio task.
+    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable and nests. The setting is
+    process-wide (not per thread).
     """
-    token = _override.set(_check(name, "use_backend(name)"))
+    _override_stack.append(_check(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _override.reset(token)
+        _override_stack.pop()
 
 
 def requested_backend() -> str:
     """The backend asked for now: the innermost ``use_backend``, else ``FASTPOOL_BACKEND``, else auto."""
-    name = _override.get()
-    if name is not None:
-        return name
+    if _override_stack:
+        return _override_stack[-1]
     return _check(os.environ.get("FASTPOOL_BACKEND", "auto").strip().lower() or "auto", "FASTPOOL_BACKEND")
 
 
@@ -68,9 +78,5 @@ def resolve_backend(device: torch.device) -> str:
 
 
 def triton_available() -> bool:
-    """Whether ``import triton`` works (fastpool itself imports without it)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed (fastpool itself imports without it)."""
+    return _TRITON_FOUND

@@ -25,7 +25,7 @@ def normalize_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
         if name not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {name!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"mode: each mode may appear once, got {list(names)}")
+        raise ValueError(f"mode: expected each mode at most once, got {list(names)}")
     return tuple(names)
 
 

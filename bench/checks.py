@@ -1,0 +1,140 @@
+"""Correctness gate run before anything is timed: a wrong answer is never reported as a speedup.
+
+Every provider's output is compared with the eager idiom (mean, max, mean+max). For cls and last
+the eager idiom itself is wrong under left padding and holes (``h[:, 0]`` and ``h[b, count - 1]``
+pick padding), so fastpool is compared with a correct gather of the first / last real token
+instead, and the eager idiom's own correctness is only recorded (``matches_reference`` column).
+torch.compile must reproduce the eager idiom it compiles, right or wrong. A mismatch raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from providers import EAGER, CompileProvider, Provider, eager_max, eager_mean
+from shapes import OPS, Case, seed_of
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class MismatchError(AssertionError):
+    """A provider disagreed with what it must reproduce."""
+
+
+def tolerance(dtype: torch.dtype, mode: str) -> dict[str, float]:
+    """Exact for selections (max, cls, last); loose for sums, whose order differs per provider."""
+    if mode in ("max", "cls", "last"):
+        return {"rtol": 0.0, "atol": 0.0}
+    if dtype in HALF:
+        return {"rtol": 2e-2, "atol": 1e-2}
+    return {"rtol": 1e-4, "atol": 1e-5}
+
+
+def correct_reference(op: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The right answer: the eager mean / max idioms, and a real gather for cls / last."""
+    B, T, _ = h.shape
+    positions = torch.arange(T, device=h.device)
+    real = mask != 0
+    rows = torch.arange(B, device=h.device)
+    pieces = []
+    for mode in OPS[op]:
+        if mode == "mean":
+            pieces.append(eager_mean(h, mask))
+        elif mode == "max":
+            pieces.append(eager_max(h, mask))
+        elif mode == "cls":
+            pieces.append(h[rows, torch.where(real, positions, T).amin(1)])
+        else:
+            pieces.append(h[rows, torch.where(real, positions, -1).amax(1)])
+    return torch.cat(pieces, dim=1)
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, op: str, what: str) -> str | None:
+    """None when ``actual`` matches ``expected`` block by block (one (B, d) block per mode)."""
+    if actual.shape != expected.shape:
+        return f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    for mode, a, e in zip(OPS[op], actual.chunk(len(OPS[op]), 1), expected.chunk(len(OPS[op]), 1)):
+        try:
+            torch.testing.assert_close(a, e, **tolerance(actual.dtype, mode))
+        except AssertionError as exc:
+            return f"{what} ({mode} block): {exc}"
+    return None
+
+
+def _call(provider: Provider, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Run once; the compile provider's first call compiles, is charged to its budget, may fail."""
+    if isinstance(provider, CompileProvider):
+        return provider.first_call(fn)
+    return fn()
+
+
+def check_forward(case: Case, providers: list[Provider], h: torch.Tensor, mask: torch.Tensor) -> dict[str, bool]:
+    """Check every provider's forward; returns {provider: matches the correct reference}."""
+    op = case.op
+    with torch.no_grad():
+        eager_out = EAGER[op](h, mask)
+        reference = correct_reference(op, h, mask)
+        matches: dict[str, bool] = {}
+        for p in providers:
+            if p.unavailable():
+                continue
+            out = _call(p, lambda p=p: p.fn(op)(p.prepare(h), mask))
+            if out is None:
+                continue
+            out = p.canonical(op, out)
+            matches[p.name] = mismatch(out, reference, op, p.name) is None
+            # What each provider must reproduce: fastpool the right answer; compile the idiom it
+            # compiles; sentence-transformers the idiom for mean / max (its cls is position 0 too).
+            if p.name == "fastpool":
+                target = reference
+            elif p.name == "compile" or op not in ("cls", "last"):
+                target = eager_out
+            else:
+                continue
+            error = mismatch(out, target, op, f"{p.name} vs {'reference' if target is reference else 'eager'}")
+            if error:
+                raise MismatchError(f"{case.label}: {error}")
+    return matches
+
+
+def check_backward(case: Case, providers: list[Provider], h: torch.Tensor, mask: torch.Tensor) -> None:
+    """Check gradients against the eager idiom's: whole for mean, summed over T otherwise.
+
+    Summing over T makes the check blind to which of two tied maxima gets the gradient (CUDA's
+    max does not promise the first), and to eager cls / last picking the wrong token; fastpool's
+    gradient must also be exactly zero at every padding position.
+    """
+    op = case.op
+    g = grad_output(case, h)
+
+    def grad_of(fn: Callable) -> torch.Tensor:
+        hg = h.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(hg, mask), hg, g)
+        return grad
+
+    expected = grad_of(EAGER[op])
+    for p in providers:
+        if p.unavailable() or "fwd+bwd" not in p.passes or p.name == "eager":
+            continue
+        grad = _call(p, lambda p=p: grad_of(p.fn(op)))
+        if grad is None:
+            continue
+        if op == "mean":
+            error = mismatch(grad, expected, "mean", f"{p.name} grad")
+        else:
+            error = mismatch(grad.sum(1), expected.sum(1), "mean", f"{p.name} grad summed over T")
+        if error is None and p.name == "fastpool":
+            leaked = grad.masked_select((mask == 0)[..., None]).abs()
+            if leaked.numel() and float(leaked.max()) != 0.0:
+                error = f"fastpool grad nonzero at padding (max {float(leaked.max())})"
+        if error:
+            raise MismatchError(f"{case.label}: {error}")
+
+
+def grad_output(case: Case, h: torch.Tensor) -> torch.Tensor:
+    """A fixed random grad_out (B, n_modes * d): a gradient of ones could hide a layout bug."""
+    gen = torch.Generator(device=h.device).manual_seed(seed_of("grad", case.op, case.input_key))
+    shape = (case.B, len(OPS[case.op]) * case.d)
+    return torch.randn(shape, generator=gen, device=h.device, dtype=h.dtype)

@@ -1,0 +1,212 @@
+"""Benchmark grids (presets) and deterministic inputs: hidden states and padding masks.
+
+A preset is a list of blocks; each block is a small cartesian product (shapes x dtypes x paddings x
+layouts x ops x passes) with one purpose (serving shapes, long context, padding sweep, ...), so the
+grid stays readable and each block can be pruned on its own.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+
+import torch
+
+OPS: dict[str, tuple[str, ...]] = {
+    "mean": ("mean",),
+    "max": ("max",),
+    "cls": ("cls",),
+    "last": ("last",),
+    "mean+max": ("mean", "max"),
+}
+ALL_OPS = tuple(OPS)
+PASSES = ("fwd", "fwd+bwd", "bwd")
+LAYOUTS = ("right", "left", "holes")
+PADDINGS = (0.0, 0.25, 0.5, 0.75)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+Shape = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One (op, pass) on one input: the unit the suite checks and times for every provider."""
+
+    block: str
+    op: str
+    pass_: str
+    B: int
+    T: int
+    d: int
+    dtype: str
+    padding: float
+    layout: str
+    headline: bool = False
+
+    @property
+    def input_key(self) -> tuple:
+        """Cases with the same key share one (hidden, mask) allocation."""
+        return (self.B, self.T, self.d, self.dtype, self.padding, self.layout)
+
+    @property
+    def label(self) -> str:
+        pad = f"{self.padding:.0%} {self.layout}" if self.padding else "no pad"
+        return f"{self.op} {self.pass_} {self.dtype} {self.B}x{self.T}x{self.d} {pad}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A cartesian sub-grid with one purpose. Padding 0 is measured once (layouts coincide)."""
+
+    name: str
+    shapes: tuple[Shape, ...]
+    dtypes: tuple[str, ...]
+    ops: tuple[str, ...]
+    passes: tuple[str, ...]
+    paddings: tuple[float, ...] = (0.0,)
+    layouts: tuple[str, ...] = ("right",)
+    headline: bool = False
+
+    def cases(self) -> list[Case]:
+        out = []
+        for B, T, d in self.shapes:
+            for dtype in self.dtypes:
+                for padding in self.paddings:
+                    layouts = self.layouts[:1] if padding == 0 else self.layouts
+                    for layout in layouts:
+                        for op in self.ops:
+                            for pass_ in self.passes:
+                                out.append(
+                                    Case(self.name, op, pass_, B, T, d, dtype, padding, layout, self.headline)
+                                )
+        return out
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    blocks: tuple[Block, ...]
+    providers: tuple[str, ...] = ("fastpool", "eager", "compile", "sentence-transformers")
+    # CPU timing: torch.utils.benchmark's min_run_time per measurement (seconds).
+    min_run_time: float = 0.2
+    # CPU only: stop compiling new torch.compile graphs once this many seconds went into compiling.
+    compile_budget_s: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    def cases(self) -> list[Case]:
+        """Every case of every block, first occurrence kept (blocks may overlap), grouped by input."""
+        seen: dict[tuple, Case] = {}
+        for block in self.blocks:
+            for case in block.cases():
+                key = replace(case, block="", headline=False)
+                if key not in seen:
+                    seen[key] = case
+        # Group cases sharing an input so it is allocated once, keeping first-appearance order.
+        order: dict[tuple, list[Case]] = {}
+        for case in seen.values():
+            order.setdefault(case.input_key, []).append(case)
+        return [case for group in order.values() for case in group]
+
+
+def serving_shapes() -> tuple[Shape, ...]:
+    """B in {1,8,64,512} x T in {128,512,2048,8192} x d in {768,1024,4096}, pruned to realistic sizes.
+
+    Keeps batches of at most 2**20 tokens and inputs of at most 2**29 elements (1 GiB in bf16, so
+    eager's (B, T, d) temporaries fit an 80 GB card next to the compiled variants): 40 shapes.
+    """
+    return tuple(
+        (B, T, d)
+        for B in (1, 8, 64, 512)
+        for T in (128, 512, 2048, 8192)
+        for d in (768, 1024, 4096)
+        if B * T <= 2**20 and B * T * d <= 2**29
+    )
+
+
+ISSUE_SHAPE: Shape = (64, 512, 1024)  # the shape the feature request quotes, bf16
+WIDE_SHAPE: Shape = (8, 2048, 4096)
+LONG_SHAPES: tuple[Shape, ...] = ((1, 32768, 4096), (8, 8192, 4096), (1, 131072, 1024))
+
+_GPU_BLOCKS = (
+    Block("issue", (ISSUE_SHAPE,), ("bfloat16",), ALL_OPS, PASSES, (0.0, 0.5), ("right",), headline=True),
+    Block("serving", serving_shapes(), ("bfloat16",), ("mean",), ("fwd",)),
+    Block("dtypes", (ISSUE_SHAPE, WIDE_SHAPE), ("float16", "float32"), ("mean", "max"), ("fwd", "fwd+bwd")),
+    Block("long-context", LONG_SHAPES, ("bfloat16",), ("mean", "max", "mean+max"), ("fwd",)),
+    Block("long-context-train", LONG_SHAPES, ("bfloat16",), ("mean",), ("fwd+bwd",)),
+    Block("padding", (ISSUE_SHAPE,), ("bfloat16",), ("mean", "max", "last"), ("fwd",), PADDINGS, LAYOUTS),
+    Block("padding-wide", (WIDE_SHAPE,), ("bfloat16",), ("mean",), ("fwd",), PADDINGS, LAYOUTS),
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        "tiny",
+        "smoke test of the whole pipeline (seconds on CPU)",
+        (Block("tiny", ((2, 16, 32),), ("float32",), ALL_OPS, ("fwd", "fwd+bwd"), (0.0, 0.5), ("right", "holes")),),
+        providers=("fastpool", "eager"),
+        min_run_time=0.01,
+    ),
+    "default": Preset(
+        "default",
+        "small CPU grid, under a minute on 2 cores",
+        (
+            Block("headline", ((32, 256, 768),), ("float32",), ALL_OPS, ("fwd", "fwd+bwd"), headline=True),
+            Block("padding", ((32, 256, 768),), ("float32",), ("mean", "max"), ("fwd",), (0.5,)),
+            Block("left", ((8, 512, 1024),), ("float32",), ("mean", "max", "last"), ("fwd",), (0.25,), ("left",)),
+        ),
+        # A cold inductor cache spends ~30 s on the first CPU graph: cap it to keep the preset under 60 s.
+        compile_budget_s=20.0,
+    ),
+    "gpu": Preset("gpu", "H100/H200 grid: serving, dtypes, long context, padding (~4 min)", _GPU_BLOCKS),
+    "full": Preset(
+        "full",
+        "gpu grid plus every op, training passes and dtypes on the serving shapes",
+        _GPU_BLOCKS
+        + (
+            Block("serving-ops", serving_shapes(), ("bfloat16",), ("max", "mean+max", "last"), ("fwd",)),
+            Block("serving-train", serving_shapes(), ("bfloat16",), ("mean",), ("fwd+bwd", "bwd")),
+            Block("serving-dtypes", serving_shapes(), ("float16", "float32"), ("mean",), ("fwd",)),
+            Block("padding-all", (ISSUE_SHAPE, WIDE_SHAPE), ("bfloat16",), ALL_OPS, ("fwd", "fwd+bwd"),
+                  PADDINGS, LAYOUTS),
+        ),  # fmt: skip
+    ),
+}
+
+
+def seed_of(*parts: object) -> int:
+    """A stable seed from the case's parameters (Python's hash() is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_mask(B: int, T: int, padding: float, layout: str, seed: int) -> torch.Tensor:
+    """(B, T) int64 attention mask (1 = real), on CPU, with about ``padding`` of the tokens padded.
+
+    right/left: each row keeps a prefix/suffix whose length is jittered around (1 - padding) * T, as
+    in a real batch of different lengths. holes: each token is padding with probability ``padding``.
+    Every row keeps at least one real token, so the eager last-token idiom never indexes -1.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "holes":
+        real = torch.rand(B, T, generator=gen) >= padding
+        real[~real.any(1), 0] = True
+    else:
+        spread = min(padding, 1.0 - padding)
+        frac = (1.0 - padding) + spread * (2 * torch.rand(B, generator=gen) - 1)
+        lengths = (frac * T).round().clamp(1, T).long()
+        real = torch.arange(T) < lengths[:, None]
+        if layout == "left":
+            real = real.flip(1)
+    return real.to(torch.int64)
+
+
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded hidden = randn (never zeros: no shortcut for any provider) and the case's mask."""
+    seed = seed_of(case.B, case.T, case.d, case.dtype, case.padding, case.layout)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(
+        (case.B, case.T, case.d), generator=gen, device=device, dtype=DTYPES[case.dtype]
+    )
+    mask = make_mask(case.B, case.T, case.padding, case.layout, seed).to(device)
+    return hidden, mask

@@ -1,0 +1,83 @@
+"""Timers (triton's do_bench on CUDA, torch.utils.benchmark on CPU) and the measured rooflines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Inputs under this size may be timed as a replayed CUDA graph (launch overhead removed), on request.
+CUDAGRAPH_MAX_BYTES = 8 * 2**20
+# Roofline buffers: far larger than any L2 (50 MB on H100, 60 MB on H200) so DRAM is what is measured.
+ROOFLINE_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and 20th / 80th percentiles of one callable's time, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    timer: str
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    quick: bool = False,
+    min_run_time: float = 0.2,
+    cudagraph: bool = False,
+) -> Timing:
+    """Time ``fn`` on ``device``. Grad mode is the caller's (wrap in torch.no_grad for forwards).
+
+    CUDA: ``triton.testing.do_bench`` (L2 flushed between runs), or ``do_bench_cudagraph`` when
+    ``cudagraph`` is set; a function that cannot be captured falls back to do_bench. CPU: a
+    ``torch.utils.benchmark.Timer`` with all of torch's threads, as a user's process would run.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup, rep = (5, 25) if quick else (25, 100)
+        if cudagraph:
+            try:
+                q = triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
+                return Timing(*map(float, q), timer="cudagraph")
+            except Exception:  # noqa: BLE001 - capture of some callables (autograd, compile) may fail
+                torch.cuda.synchronize()
+        q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return Timing(*map(float, q), timer="do_bench")
+
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time / 4 if quick else min_run_time)
+    p20, p80 = np.percentile(np.asarray(m.times) * 1e3, [20, 80])
+    return Timing(float(m.median * 1e3), float(p20), float(p80), timer="torch.utils.benchmark")
+
+
+def measure_rooflines(device: torch.device, quick: bool = False) -> dict[str, tuple[Timing, int]]:
+    """Measure copy, read-only and write-only bandwidth on ``device``: {name: (timing, bytes moved)}.
+
+    copy counts the bytes read plus written (``dst.copy_(src)``); read is the faster of ``sum`` and
+    ``amax`` over a bf16 tensor (both stream it once); write is ``fill_``. CUDA only: on CPU the
+    suite reports no roofline.
+    """
+    if device.type != "cuda":
+        return {}
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+    n_bytes = max(ROOFLINE_BYTES, 4 * l2)
+    src = torch.randn(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    out = {
+        "copy": (measure(lambda: dst.copy_(src), device, quick=quick), 2 * n_bytes),
+        "fill": (measure(lambda: dst.fill_(1.0), device, quick=quick), n_bytes),
+    }
+    reads = [measure(lambda: src.sum(), device, quick=quick), measure(lambda: src.amax(), device, quick=quick)]
+    out["read"] = (min(reads, key=lambda t: t.median_ms), n_bytes)
+    del src, dst
+    torch.cuda.empty_cache()
+    return out

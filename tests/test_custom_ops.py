@@ -1,0 +1,65 @@
+"""The fastpool:: custom ops under torch.library.opcheck and torch.compile(fullgraph=True)."""
+
+import pytest
+import torch
+from helpers import kernel_config, make_mask
+from torch._dynamo.testing import CompileCounter
+
+import fastpool
+
+ALL_MODES = ["mean", "max", "cls", "last"]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("modes", ["mean", "max", "cls,last", "last,max,mean,cls"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_opcheck(device, backend_name, modes, with_mask):
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(3, 7, 5, generator=gen).to(device).requires_grad_()
+    mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
+    with kernel_config("small-blocks" if backend_name == "triton" else "default"):
+        torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, (hidden, mask, modes, backend_name))
+        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, modes, backend_name)
+        grad_out = torch.randn_like(out)
+        torch.library.opcheck(
+            torch.ops.fastpool.pool_bwd.default,
+            (grad_out, mask, argmax, stats, 7, hidden.dtype, modes, backend_name),
+        )
+
+
+def pool_loss(hidden, mask):
+    out = fastpool.pool(hidden, mask, mode=ALL_MODES)
+    return (out * out).sum()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fullgraph_compile_matches_eager_without_recompiling_per_shape(device, backend_name):
+    counter = CompileCounter()
+    compiled = torch.compile(pool_loss, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(22)
+    with fastpool.use_backend(backend_name), kernel_config("small-blocks" if backend_name == "triton" else "default"):
+        for B, T in [(2, 5), (3, 7), (4, 9), (5, 12)]:
+            hidden = torch.randn(B, T, 6, generator=gen).to(device).requires_grad_()
+            mask = make_mask("holes", B, T, gen).to(device)
+            loss = compiled(hidden, mask)
+            (grad,) = torch.autograd.grad(loss, hidden)
+            ref_loss = pool_loss(hidden, mask)
+            (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
+            torch.testing.assert_close(loss, ref_loss)
+            torch.testing.assert_close(grad, ref_grad)
+    # One static graph for the first shape, one dynamic graph for all the others.
+    assert counter.frame_count <= 2
+
+
+def test_inductor_fullgraph_compile(device):
+    compiled = torch.compile(pool_loss, fullgraph=True)
+    gen = torch.Generator().manual_seed(23)
+    hidden = torch.randn(3, 6, 4, generator=gen).to(device).requires_grad_()
+    mask = make_mask("right", 3, 6, gen).to(device)
+    with fastpool.use_backend("torch"):
+        loss = compiled(hidden, mask)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        ref_loss = pool_loss(hidden, mask)
+        (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
