@@ -4,7 +4,8 @@ Every provider's output is compared with the eager idiom (mean, max, mean+max). 
 the eager idiom itself is wrong under left padding and holes (``h[:, 0]`` and ``h[b, count - 1]``
 pick padding), so fastpool is compared with a correct gather of the first / last real token
 instead, and the eager idiom's own correctness is only recorded (``matches_reference`` column).
-torch.compile must reproduce the eager idiom it compiles, right or wrong. A mismatch raises.
+torch.compile must reproduce the eager idiom it compiles, right or wrong. A mismatch raises
+(sentence-transformers, a third-party layout, is dropped from the run with a loud note instead).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-from providers import EAGER, CompileProvider, Provider, eager_max, eager_mean
+from providers import EAGER, Provider, eager_max, eager_mean
 from shapes import OPS, Case, seed_of
 
 HALF = (torch.float16, torch.bfloat16)
@@ -24,12 +24,16 @@ class MismatchError(AssertionError):
 
 
 def tolerance(dtype: torch.dtype, mode: str) -> dict[str, float]:
-    """Exact for selections (max, cls, last); loose for sums, whose order differs per provider."""
+    """Exact for selections (max, cls, last); loose for sums, whose order differs per provider.
+
+    "grad-sum" compares gradients summed over T: in half precision the token holding the max gets
+    bf16(g_mean / n + g_max), rounded at |g_max|'s scale, so allow a few ulps of |g| ~ 3.
+    """
     if mode in ("max", "cls", "last"):
         return {"rtol": 0.0, "atol": 0.0}
     if dtype in HALF:
-        return {"rtol": 2e-2, "atol": 1e-2}
-    return {"rtol": 1e-4, "atol": 1e-5}
+        return {"rtol": 2e-2, "atol": 6e-2 if mode == "grad-sum" else 1e-2}
+    return {"rtol": 1e-4, "atol": 1e-4 if mode == "grad-sum" else 1e-5}
 
 
 def correct_reference(op: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,26 +55,30 @@ def correct_reference(op: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return torch.cat(pieces, dim=1)
 
 
-def mismatch(actual: torch.Tensor, expected: torch.Tensor, op: str, what: str) -> str | None:
-    """None when ``actual`` matches ``expected`` block by block (one (B, d) block per mode)."""
+def mismatch(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    op: str,
+    what: str,
+    modes: tuple[str, ...] | None = None,
+    dtype: torch.dtype | None = None,
+) -> str | None:
+    """None when ``actual`` matches ``expected`` block by block (one (B, d) block per mode of op;
+    ``modes`` overrides the tolerance of each block, ``dtype`` the precision it is judged by)."""
     if actual.shape != expected.shape:
         return f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    for mode, a, e in zip(OPS[op], actual.chunk(len(OPS[op]), 1), expected.chunk(len(OPS[op]), 1)):
+    n = len(OPS[op])
+    for mode, a, e in zip(modes or OPS[op], actual.chunk(n, 1), expected.chunk(n, 1), strict=True):
         try:
-            torch.testing.assert_close(a, e, **tolerance(actual.dtype, mode))
+            torch.testing.assert_close(a, e, **tolerance(dtype or actual.dtype, mode))
         except AssertionError as exc:
             return f"{what} ({mode} block): {exc}"
     return None
 
 
-def _call(provider: Provider, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """Run once; the compile provider's first call compiles, is charged to its budget, may fail."""
-    if isinstance(provider, CompileProvider):
-        return provider.first_call(fn)
-    return fn()
-
-
-def check_forward(case: Case, providers: list[Provider], h: torch.Tensor, mask: torch.Tensor) -> dict[str, bool]:
+def check_forward(
+    case: Case, providers: list[Provider], h: torch.Tensor, mask: torch.Tensor
+) -> dict[str, bool]:
     """Check every provider's forward; returns {provider: matches the correct reference}."""
     op = case.op
     with torch.no_grad():
@@ -80,7 +88,7 @@ def check_forward(case: Case, providers: list[Provider], h: torch.Tensor, mask: 
         for p in providers:
             if p.unavailable():
                 continue
-            out = _call(p, lambda p=p: p.fn(op)(p.prepare(h), mask))
+            out = p.first_call(lambda p=p: p.fn(op)(p.prepare(h), mask))
             if out is None:
                 continue
             out = p.canonical(op, out)
@@ -93,8 +101,15 @@ def check_forward(case: Case, providers: list[Provider], h: torch.Tensor, mask: 
                 target = eager_out
             else:
                 continue
-            error = mismatch(out, target, op, f"{p.name} vs {'reference' if target is reference else 'eager'}")
-            if error:
+            error = mismatch(
+                out, target, op, f"{p.name} vs {'reference' if target is reference else 'eager'}"
+            )
+            if error and p.name == "sentence-transformers":
+                # Third-party output whose layout may change between versions: drop it, loudly,
+                # rather than end a long GPU run; a wrong fastpool or compile result still raises.
+                p.disable(f"MISMATCH on {case.label}: {error}")
+                del matches[p.name]
+            elif error:
                 raise MismatchError(f"{case.label}: {error}")
     return matches
 
@@ -118,13 +133,20 @@ def check_backward(case: Case, providers: list[Provider], h: torch.Tensor, mask:
     for p in providers:
         if p.unavailable() or "fwd+bwd" not in p.passes or p.name == "eager":
             continue
-        grad = _call(p, lambda p=p: grad_of(p.fn(op)))
+        grad = p.first_call(lambda p=p: grad_of(p.fn(op)))
         if grad is None:
             continue
         if op == "mean":
             error = mismatch(grad, expected, "mean", f"{p.name} grad")
         else:
-            error = mismatch(grad.sum(1), expected.sum(1), "mean", f"{p.name} grad summed over T")
+            error = mismatch(
+                grad.float().sum(1),
+                expected.float().sum(1),
+                "mean",
+                f"{p.name} grad summed over T",
+                modes=("grad-sum",),
+                dtype=grad.dtype,
+            )
         if error is None and p.name == "fastpool":
             leaked = grad.masked_select((mask == 0)[..., None]).abs()
             if leaked.numel() and float(leaked.max()) != 0.0:

@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from shapes import OPS
+from tqdm import tqdm
 
 import fastpool
 from fastpool.backend import resolve_backend
-from shapes import OPS
 
 PoolFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PROVIDERS = ("fastpool", "eager", "compile", "sentence-transformers")
@@ -55,13 +56,31 @@ class Provider:
 
     name = ""
     passes: tuple[str, ...] = ("fwd", "fwd+bwd", "bwd")
+    # An optional provider that fails (compiler error, third-party API change) is dropped with a
+    # note instead of ending a long GPU run; fastpool and eager failing is a real error.
+    optional = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.disabled: str | None = None
 
     def unavailable(self) -> str | None:
-        """Why this provider cannot run here, or None."""
-        return None
+        """Why this provider cannot run (any more), or None."""
+        return self.disabled
+
+    def disable(self, reason: str) -> None:
+        self.disabled = reason
+        tqdm.write(f"note: skipping provider {self.name!r} from here on: {reason.splitlines()[0][:300]}")
+
+    def first_call(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The first call on a case (the correctness check); None if an optional provider failed."""
+        if not self.optional:
+            return fn()
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - any failure only drops this optional provider
+            self.disable(f"{type(exc).__name__}: {exc}")
+            return None
 
     def backend(self) -> str:
         """What actually executes (recorded in every row)."""
@@ -116,12 +135,12 @@ class CompileProvider(Provider):
     """
 
     name = "compile"
+    optional = True
 
     def __init__(self, device: torch.device, budget_s: float | None = None) -> None:
         super().__init__(device)
         self.budget_s = budget_s
         self.spent_s = 0.0
-        self.disabled: str | None = None
         self._compiled: dict[str, PoolFn] = {}
         # Every shape is a new static graph: lift the recompile limit so dynamo never silently
         # falls back to eager (which would be timed as "compile").
@@ -131,9 +150,11 @@ class CompileProvider(Provider):
             if hasattr(dynamo_config, knob):
                 setattr(dynamo_config, knob, 4096)
         dynamo_config.suppress_errors = False
+        # The bwd pass replays one backward (retain_graph=True), which donated buffers forbid.
+        import torch._functorch.config as functorch_config
 
-    def unavailable(self) -> str | None:
-        return self.disabled
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
 
     def backend(self) -> str:
         return "inductor"
@@ -147,14 +168,9 @@ class CompileProvider(Provider):
         return self._compiled[op]
 
     def first_call(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-        """Run (and so compile) ``fn`` once, charging the time; None and a note on failure."""
         start = time.perf_counter()
         try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - any compiler failure only drops this provider
-            self.disabled = f"torch.compile failed on {self.device.type}: {type(exc).__name__}: {exc}"
-            print(f"note: skipping provider 'compile': {self.disabled.splitlines()[0][:300]}")
-            return None
+            return super().first_call(fn)
         finally:
             self.spent_s += time.perf_counter() - start
 
@@ -164,14 +180,16 @@ class SentenceTransformersProvider(Provider):
 
     name = "sentence-transformers"
     passes = ("fwd",)
+    optional = True
     _MODE = {"mean": "mean", "max": "max", "cls": "cls", "last": "lasttoken"}
 
     def unavailable(self) -> str | None:
-        try:
-            import sentence_transformers.models  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - absent or broken install: just skip it
-            return f"sentence-transformers not importable ({type(exc).__name__})"
-        return None
+        if self.disabled is None:
+            try:
+                import sentence_transformers.models  # noqa: F401
+            except Exception as exc:  # noqa: BLE001 - absent or broken install: just skip it
+                self.disabled = f"sentence-transformers not importable ({type(exc).__name__})"
+        return self.disabled
 
     def fn(self, op: str) -> PoolFn:
         from sentence_transformers.models import Pooling

@@ -69,15 +69,21 @@ def measure_rooflines(device: torch.device, quick: bool = False) -> dict[str, tu
     if device.type != "cuda":
         return {}
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
-    n_bytes = max(ROOFLINE_BYTES, 4 * l2)
-    src = torch.randn(n_bytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    out = {
-        "copy": (measure(lambda: dst.copy_(src), device, quick=quick), 2 * n_bytes),
-        "fill": (measure(lambda: dst.fill_(1.0), device, quick=quick), n_bytes),
-    }
-    reads = [measure(lambda: src.sum(), device, quick=quick), measure(lambda: src.amax(), device, quick=quick)]
-    out["read"] = (min(reads, key=lambda t: t.median_ms), n_bytes)
-    del src, dst
+    out = _stream_timings(device, max(ROOFLINE_BYTES, 4 * l2), quick)
     torch.cuda.empty_cache()
     return out
+
+
+def _stream_timings(device: torch.device, n_bytes: int, quick: bool) -> dict[str, tuple[Timing, int]]:
+    # Its own scope, so the two buffers are freed on return, before the pooling grid allocates.
+    src = torch.randn(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    reads = [
+        measure(lambda: src.sum(), device, quick=quick),
+        measure(lambda: src.amax(), device, quick=quick),
+    ]
+    return {
+        "copy": (measure(lambda: dst.copy_(src), device, quick=quick), 2 * n_bytes),
+        "read": (min(reads, key=lambda t: t.median_ms), n_bytes),
+        "fill": (measure(lambda: dst.fill_(1.0), device, quick=quick), n_bytes),
+    }

@@ -15,7 +15,6 @@ move and the same number divides every provider's time:
 from __future__ import annotations
 
 import torch
-
 from shapes import OPS
 
 # Which measured roofline each pass is compared with: the forward (and fwd+bwd) mostly read, and

@@ -53,7 +53,7 @@ _overrides: dict[str, int] = {}
 
 @contextlib.contextmanager
 def config_override(**fields: int) -> Iterator[None]:
-    """Force LaunchConfig fields (block_t, block_d, scan_block, n_splits) in the enclosed launches.
+    """Force LaunchConfig fields (block_t, block_d, scan_block, num_warps, n_splits) in the enclosed launches.
 
     For tests: lets small interpreter shapes cross several blocks and T-splits.
     """
@@ -110,7 +110,7 @@ def forward_config(
 def backward_config(T: int, d: int, element_size: int) -> LaunchConfig:
     """Block sizes for the backward kernel: one (BLOCK_T, BLOCK_D) output tile per program."""
     config = LaunchConfig(block_t=backward_block_t(element_size), block_d=feature_block(element_size))
-    return replace(config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d")})
+    return replace(config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d", "num_warps")})
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Regenerate the README's performance section from the committed results (bench/results/*.jsonl).
+
+    python bench/report.py            # rewrite README.md between <!-- bench:start --> and <!-- bench:end -->
+    python bench/report.py --stdout   # only print the markdown
+
+One section per results file (device + preset): the headline cases' fwd and fwd+bwd medians and
+speedups, plus the geometric-mean speedup over every case of the run. Without the README or its
+markers the markdown goes to stdout and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from summary import SHORT_DTYPE, fmt_ms, fmt_x, measurements, pivot, roofline_gbps, shape_label, speedup
+
+BENCH = Path(__file__).resolve().parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+TABLE_PASSES = ("fwd", "fwd+bwd")
+MAX_ROWS = 20  # per run: the README is an overview; the JSONL and PNG hold the rest
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def geomean(values: list[float]) -> float | None:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def section(rows: list[dict], source: str) -> str:
+    """Markdown for one run: heading naming the device, a compact table, the overall speedups."""
+    first = measurements(rows)[0]
+    groups = pivot(rows)
+    chosen = [
+        k for k, by in groups.items() if k[1] in TABLE_PASSES and by.get("fastpool", {}).get("headline")
+    ]
+    chosen = (chosen or [k for k in groups if k[1] in TABLE_PASSES])[:MAX_ROWS]
+    roofs = roofline_gbps(rows)
+    lines = [
+        f"#### {first['device']} ({first['preset']} preset)",
+        "",
+        f"torch {first['torch']}, triton {first['triton']}, fastpool {first['fastpool']} "
+        f"(backend {groups[chosen[0]].get('fastpool', {}).get('backend', '?') if chosen else '?'}), "
+        f"{first['date'][:10]}; source `bench/results/{source}`."
+        + (
+            " Measured rooflines: " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in roofs.items()) + "."
+            if roofs
+            else ""
+        ),
+        "",
+        "| op | pass | dtype | B x T x d | padding | fastpool ms | eager ms | compile ms "
+        "| vs eager | vs compile | fastpool GB/s |" + (" % roofline |" if roofs else ""),
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if roofs else ""),
+    ]
+    for key in chosen:
+        by = groups[key]
+        shape, pad = shape_label(key)
+        fp = by.get("fastpool")
+        cells = [key[0], key[1], SHORT_DTYPE.get(key[2], key[2]), shape, pad]
+        cells += [fmt_ms(by[p]["median_ms"]) if p in by else "-" for p in ("fastpool", "eager", "compile")]
+        cells += [fmt_x(speedup(by, "eager")), fmt_x(speedup(by, "compile"))]
+        cells.append(f"{fp['gbps']:.0f}" if fp else "-")
+        if roofs:
+            cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    summary = []
+    for pass_ in ("fwd", "fwd+bwd", "bwd"):
+        parts = []
+        for base in ("eager", "compile"):
+            values = [s for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
+            if values:
+                parts.append(f"{fmt_x(geomean(values))} vs {base} ({len(values)} cases)")
+        if parts:
+            summary.append(f"{pass_}: " + ", ".join(parts))
+    if summary:
+        lines += ["", "Geometric-mean speedup of fastpool over the whole run: " + "; ".join(summary) + "."]
+    return "\n".join(lines)
+
+
+def render(results: Path) -> str:
+    """All sections, GPU runs first. Results in subfolders (scratch/) are not part of the report."""
+    sections = []
+    files = sorted(results.glob("*.jsonl"))
+    runs = [(f, load(f)) for f in files]
+    runs = [(f, rows) for f, rows in runs if measurements(rows)]
+    runs.sort(key=lambda fr: (measurements(fr[1])[0]["device"].startswith("CPU"), fr[0].name))
+    for f, rows in runs:
+        sections.append(section(rows, f.name))
+    if not sections:
+        return "_No benchmark results yet: run `python bench/run.py` and commit bench/results/._"
+    intro = (
+        "Median times from `python bench/run.py --preset <preset>`; speedup = other provider / fastpool. "
+        "GB/s counts the minimal bytes of bench/traffic.py (padding is not counted as read)."
+    )
+    return "\n\n".join([intro, *sections])
+
+
+def rewrite(readme: Path, markdown: str) -> bool:
+    """Replace the text between the markers; False (nothing written) if the file or a marker is missing."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[: start + len(START)] + "\n" + markdown + "\n" + text[end:])
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=BENCH / "results")
+    parser.add_argument("--readme", type=Path, default=BENCH.parent / "README.md")
+    parser.add_argument("--stdout", action="store_true", help="print only, never write the README")
+    args = parser.parse_args(argv)
+    markdown = render(args.results)
+    if not args.stdout and rewrite(args.readme, markdown):
+        print(f"updated {args.readme} between {START} and {END}")
+    else:
+        if not args.stdout:
+            print(
+                f"({args.readme} or its {START} / {END} markers not found: printing instead)", file=sys.stderr
+            )
+        print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

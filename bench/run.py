@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""fastpool benchmark suite: check, then time, every provider on a preset grid.
+
+    python bench/run.py                      # default preset (CPU-sized, < 1 min)
+    python bench/run.py --preset gpu         # H100 / H200 grid (~4 min)
+    python bench/run.py --preset gpu --dry-run
+    python bench/run.py --providers fastpool eager --quick --out /tmp/r.jsonl --plot /tmp/r.png
+
+Writes one JSON line per measurement to bench/results/<device>-<preset>.jsonl (long format; see
+ROW_FIELDS), a PNG next to it, and prints a table. Rooflines (CUDA only) are measured first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+from checks import check_backward, check_forward, grad_output
+from plot import plot
+from providers import PROVIDERS, CompileProvider, Provider, make_providers
+from rich.console import Console
+from rich.table import Table
+from shapes import DTYPES, PRESETS, Case, Preset, make_inputs
+from summary import print_table
+from timing import CUDAGRAPH_MAX_BYTES, Timing, measure, measure_rooflines
+from tqdm import tqdm
+from traffic import ROOFLINE_OF_PASS, gbps, minimal_bytes
+
+import fastpool
+from fastpool.backend import resolve_backend
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROW_FIELDS = (
+    "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "provider",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
+    "matches_reference", "pad_actual", "headline", "block", "preset",
+    "device", "threads", "torch", "triton", "fastpool", "date",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: the preset's")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where default-named results go")
+    parser.add_argument("--out", type=Path, help="JSONL path (default <out-dir>/<device>-<preset>.jsonl)")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: --out with .png)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
+    parser.add_argument(
+        "--cudagraph", action="store_true", help=f"CUDA graphs for inputs < {CUDAGRAPH_MAX_BYTES >> 20} MB"
+    )
+    parser.add_argument(
+        "--compile-budget", type=float, help="seconds of compiling after which compile is skipped"
+    )
+    parser.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the grid and count measurements, run nothing"
+    )
+    return parser.parse_args(argv)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"CPU {model}"
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", text.lower())).strip("-")
+
+
+def environment(device: torch.device) -> dict:
+    """Columns shared by every row of a run: where and with what it ran."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastpool": fastpool.__version__,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def timed_callable(pass_: str, fn, h: torch.Tensor, mask: torch.Tensor, g: torch.Tensor):
+    """What one timed iteration runs. Backward goes through autograd.grad, not .backward(), so no
+    .grad accumulates (that would add a read-modify-write of (B, T, d) to every iteration)."""
+    if pass_ == "fwd":
+        return lambda: fn(h, mask)
+    hg = h.detach().requires_grad_()
+    if pass_ == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(hg, mask), hg, g)
+    out = fn(hg, mask)
+    return lambda: torch.autograd.grad(out, hg, g, retain_graph=True)
+
+
+def time_one(case: Case, provider: Provider, h, mask, g, args, preset: Preset) -> Timing:
+    run = timed_callable(case.pass_, provider.fn(case.op), provider.prepare(h), mask, g)
+    small = h.numel() * h.element_size() < CUDAGRAPH_MAX_BYTES
+    with torch.set_grad_enabled(case.pass_ != "fwd"):
+        return measure(
+            run, h.device, quick=args.quick, min_run_time=preset.min_run_time,
+            cudagraph=args.cudagraph and small,
+        )  # fmt: skip
+
+
+def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
+    rows = []
+    for name, (t, n_bytes) in measure_rooflines(device, quick=args.quick).items():
+        rows.append({
+            "op": f"roofline-{name}", "pass": "-", "dtype": "bfloat16", "B": None, "T": None, "d": None,
+            "padding": None, "layout": None, "provider": "torch", "median_ms": t.median_ms,
+            "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "gbps": gbps(n_bytes, t.median_ms),
+            "frac_roofline": None, "bytes": n_bytes, "backend": "torch", "timer": t.timer,
+            "matches_reference": None, "pad_actual": None, "headline": False, "block": "roofline",
+            "preset": args.preset, **env,
+        })  # fmt: skip
+    return rows
+
+
+def emit(sink, row: dict) -> dict:
+    """Write one row as a JSON line, columns in ROW_FIELDS order (a missing one is a bug here)."""
+    row = {k: row[k] for k in ROW_FIELDS}
+    sink.write(json.dumps(row) + "\n")
+    sink.flush()
+    return row
+
+
+def run_grid(
+    preset: Preset, providers: list[Provider], device: torch.device, args, env: dict, sink
+) -> list[dict]:
+    """Check and time every case; rows are written to ``sink`` as they come (a crash keeps them)."""
+    rows = [emit(sink, r) for r in roofline_rows(device, args, env)]
+    roof = {r["op"].removeprefix("roofline-"): r["gbps"] for r in rows}
+    checked: dict[tuple, dict[str, bool]] = {}
+    grads_checked: set[tuple] = set()
+    inputs_key, h, mask = None, None, None
+    cases = preset.cases()
+    for case in tqdm(cases, desc=f"{preset.name} on {device.type}", unit="case", dynamic_ncols=True):
+        if case.input_key != inputs_key:
+            h = mask = None  # free the previous input first: long-context inputs are GBs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            h, mask = make_inputs(case, device)
+            inputs_key = case.input_key
+        for p in providers:
+            if isinstance(p, CompileProvider) and not p.disabled and p.over_budget():
+                p.disable(f"compile budget of {p.budget_s:.0f} s spent ({p.spent_s:.0f} s compiling)")
+        key = (case.input_key, case.op)
+        if key not in checked:
+            checked[key] = check_forward(case, providers, h, mask)
+        if case.pass_ != "fwd" and key not in grads_checked:
+            check_backward(case, providers, h, mask)
+            grads_checked.add(key)
+        g = grad_output(case, h)
+        n_bytes = minimal_bytes(case.op, case.pass_, case.B, case.T, case.d, DTYPES[case.dtype], mask)
+        pad_actual = float((mask == 0).float().mean())
+        for p in providers:
+            if p.unavailable() or case.pass_ not in p.passes or p.name not in checked[key]:
+                continue
+            try:
+                t = time_one(case, p, h, mask, g, args, preset)
+            except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
+                if not p.optional:
+                    raise
+                # Skip this case only: e.g. one pass may not support being replayed.
+                tqdm.write(f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            rate = gbps(n_bytes, t.median_ms)
+            roof_rate = roof.get(ROOFLINE_OF_PASS[case.pass_])
+            row = {
+                "op": case.op, "pass": case.pass_, "dtype": case.dtype, "B": case.B, "T": case.T,
+                "d": case.d, "padding": case.padding, "layout": case.layout, "provider": p.name,
+                "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "gbps": rate,
+                "frac_roofline": rate / roof_rate if roof_rate else None, "bytes": n_bytes,
+                "backend": p.backend(), "timer": t.timer, "matches_reference": checked[key][p.name],
+                "pad_actual": pad_actual, "headline": case.headline, "block": case.block,
+                "preset": preset.name, **env,
+            }  # fmt: skip
+            rows.append(emit(sink, row))
+    return rows
+
+
+def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.device) -> None:
+    """--dry-run: the blocks of the grid and how many measurements (and compiled graphs) it makes."""
+    console = Console(width=None if Console().is_terminal else 160)
+    table = Table(title=f"preset {preset.name!r}: {preset.description}")
+    for col in ("block", "shapes", "dtypes", "ops", "passes", "paddings x layouts", "cases"):
+        table.add_column(col)
+    for b in preset.blocks:
+        shapes = ", ".join(f"{B}x{T}x{d}" for B, T, d in b.shapes[:4]) + (
+            f" (+{len(b.shapes) - 4} more)" if len(b.shapes) > 4 else ""
+        )
+        pads = f"{', '.join(f'{p:g}' for p in b.paddings)} x {', '.join(b.layouts)}"
+        table.add_row(
+            b.name,
+            shapes,
+            ", ".join(b.dtypes),
+            ", ".join(b.ops),
+            ", ".join(b.passes),
+            pads,
+            str(len(b.cases())),
+        )
+    console.print(table)
+    cases = preset.cases()
+    per_provider = {
+        name: sum(1 for c in cases if name != "sentence-transformers" or c.pass_ == "fwd")
+        for name in provider_names
+    }
+    graphs = len({(c.input_key, c.op, c.pass_ == "fwd") for c in cases}) if "compile" in provider_names else 0
+    inputs = len({c.input_key for c in cases})
+    console.print(
+        f"{len(cases)} cases on {inputs} inputs; measurements per provider: {per_provider}; "
+        f"total {sum(per_provider.values())} measurements, {graphs} torch.compile graphs; device {device}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    provider_names = tuple(args.providers or preset.providers)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dry_run:
+        print_grid(preset, provider_names, device)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    out = args.out or args.out_dir / f"{slug(env['device'])}-{preset.name}.jsonl"
+    png = args.plot or out.with_suffix(".png")
+    budget = args.compile_budget if args.compile_budget is not None else (
+        preset.compile_budget_s if device.type == "cpu" else None
+    )  # fmt: skip
+    providers = make_providers(provider_names, device, budget)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | fastpool {env['fastpool']} "
+          f"(backend {resolve_backend(device)}) | preset {preset.name}")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as sink:
+        rows = run_grid(preset, providers, device, args, env, sink)
+    print_table(rows, title=f"fastpool on {env['device']} ({preset.name} preset)")
+    plot(rows, png, title=f"fastpool on {env['device']} ({preset.name} preset, torch {env['torch']})")
+    print(f"wrote {len(rows)} rows to {out} and the plot to {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

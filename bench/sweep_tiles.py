@@ -1,0 +1,54 @@
+"""Tile-size sweep of the forward and backward kernels on one large shape (GPU only).
+
+Times fastpool with launch configurations other than the heuristic's, side by side with the
+heuristic, so block-size defaults are chosen from measurements: ``python bench/sweep_tiles.py``.
+Prints one CSV line per (pass, op, block_t, block_d, num_warps) with the median time and GB/s.
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+import fastpool
+from fastpool import launchers
+
+FWD_CONFIGS = [
+    dict(), dict(block_t=8, num_warps=4), dict(block_t=16, num_warps=4), dict(block_t=32, num_warps=4),
+    dict(block_t=16, num_warps=8), dict(block_t=32, num_warps=8), dict(block_t=64, num_warps=8),
+    dict(block_t=8, block_d=512, num_warps=8), dict(block_t=32, block_d=128, num_warps=4),
+]  # fmt: skip
+BWD_CONFIGS = [dict(), dict(block_t=8), dict(block_t=32), dict(block_t=32, num_warps=8), dict(block_t=64, num_warps=8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", type=int, nargs=3, default=[16, 4096, 4096])
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    B, T, d = args.shape
+    dtype = getattr(torch, args.dtype)
+    hidden = torch.randn(B, T, d, device="cuda", dtype=dtype)
+    mask = torch.ones(B, T, dtype=torch.int64, device="cuda")
+    grad_out = torch.randn(B, d, device="cuda", dtype=dtype)
+    size = hidden.numel() * hidden.element_size()
+    print(f"# {torch.cuda.get_device_name()} shape={args.shape} {args.dtype} bytes={size}")
+    print("pass,op,config,median_ms,GBps")
+    for op in ("mean", "max"):
+        for cfg in FWD_CONFIGS:
+            with launchers.config_override(**cfg), torch.no_grad():
+                ms = triton.testing.do_bench(lambda: fastpool.pool(hidden, mask, mode=op), warmup=10, rep=50)
+            print(f"fwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
+    for op in ("mean", "max"):
+        _, argmax, stats = torch.ops.fastpool.pool_fwd(hidden, mask, op, "triton")
+        for cfg in BWD_CONFIGS:
+            with launchers.config_override(**cfg):
+                ms = triton.testing.do_bench(
+                    lambda: torch.ops.fastpool.pool_bwd(grad_out, mask, argmax, stats, T, dtype, op, "triton"),
+                    warmup=10, rep=50,
+                )  # fmt: skip
+            print(f"bwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
+
+
+if __name__ == "__main__":
+    main()
