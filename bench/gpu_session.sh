@@ -20,24 +20,25 @@ $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$OUT/se
 $PY -c "import fastpool.kernels.pool_forward" >> "$OUT/session.log" 2>&1 || ln -sfn ../kernels fastpool/kernels
 
 stamp "pytest on GPU"
-timeout ${PYTEST_S:-200} $PY -m pytest -q -n 8 -p no:cacheprovider \
+timeout ${PYTEST_S:-100} $PY -m pytest -q -n 8 -p no:cacheprovider \
   --deselect tests/test_aot_compile.py::test_every_specialization_compiles_for_sm80_and_sm90_without_spills \
   > "$OUT/pytest-gpu.log" 2>&1
 stamp "pytest rc=$? $(tail -1 "$OUT/pytest-gpu.log")"
 
 stamp "compute-sanitizer memcheck"
-timeout ${SANITIZE_S:-120} compute-sanitizer --tool memcheck --print-limit 20 $PY tests/gpu_sanitize_driver.py --quick \
+timeout ${SANITIZE_S:-60} compute-sanitizer --tool memcheck --print-limit 20 $PY tests/gpu_sanitize_driver.py --quick \
   > "$OUT/sanitizer.log" 2>&1
 stamp "memcheck rc=$? $(grep -E 'ERROR SUMMARY|^OK' "$OUT/sanitizer.log" | tr '\n' ' ')"
-timeout ${RACE_S:-60} compute-sanitizer --tool racecheck --print-limit 20 $PY tests/gpu_sanitize_driver.py --quick \
+timeout ${RACE_S:-25} compute-sanitizer --tool racecheck --print-limit 20 $PY tests/gpu_sanitize_driver.py --tiny \
   >> "$OUT/sanitizer.log" 2>&1
 stamp "racecheck rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^OK' "$OUT/sanitizer.log" | tail -2 | tr '\n' ' ')"
 
 stamp "tile sweep"
-timeout ${SWEEP_S:-60} $PY bench/sweep_tiles.py > "$OUT/sweep.csv" 2>&1
+timeout ${SWEEP_S:-30} $PY bench/sweep_tiles.py > "$OUT/sweep.csv" 2>&1
 stamp "sweep rc=$?"
 
 stamp "benchmark grid"
-timeout ${BENCH_S:-240} $PY bench/run.py --preset gpu --out "$OUT/bench-gpu.jsonl" --plot "$OUT/bench-gpu.png" \
-  > "$OUT/bench-gpu.txt" 2>&1
+PRESET=${PRESET:-gpu-quick}
+timeout ${BENCH_S:-100} $PY bench/run.py --preset $PRESET --out "$OUT/bench-$PRESET.jsonl" --plot "$OUT/bench-$PRESET.png" \
+  > "$OUT/bench-$PRESET.txt" 2>&1
 stamp "bench rc=$?"

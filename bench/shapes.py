@@ -161,6 +161,17 @@ PRESETS: dict[str, Preset] = {
         # A cold inductor cache spends ~30 s on the first CPU graph: cap it to keep the preset under 60 s.
         compile_budget_s=20.0,
     ),
+    "gpu-quick": Preset(
+        "gpu-quick",
+        "headline GPU subset for a short device session: issue shape, long context, padding (~1.5 min)",
+        (
+            Block("issue", (ISSUE_SHAPE,), ("bfloat16",), ("mean", "max", "mean+max", "cls", "last"), ("fwd", "fwd+bwd"),
+                  (0.0, 0.5), ("right",), headline=True),
+            Block("long-context", LONG_SHAPES[:2], ("bfloat16",), ("mean", "max"), ("fwd",)),
+            Block("padding-wide", (WIDE_SHAPE,), ("bfloat16",), ("mean", "max"), ("fwd",), (0.0, 0.5), LAYOUTS),
+        ),  # fmt: skip
+        providers=("fastpool", "eager", "compile"),
+    ),
     "gpu": Preset(
         "gpu", "H100/H200 grid: serving, dtypes, long context, padding (~3.5 min on an H200)", _GPU_BLOCKS
     ),

@@ -18,7 +18,7 @@ from typing import Literal, overload
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.fastpool.*)
+from . import ops
 from .backend import resolve_backend
 from .modes import normalize_modes
 
@@ -61,7 +61,7 @@ def _pool(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _validate(hidden, mask)
     backend = resolve_backend(hidden.device)
-    return torch.ops.fastpool.pool_fwd(hidden, mask, ",".join(modes), backend)
+    return ops.pool_forward(hidden, mask, ",".join(modes), backend)
 
 
 def pool(

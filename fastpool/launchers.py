@@ -86,6 +86,21 @@ def backward_block_t(element_size: int) -> int:
 def forward_config(
     B: int, T: int, d: int, element_size: int, needs_loop: bool, with_max: bool, sm_count: int
 ) -> LaunchConfig:
+    """Block sizes and T-split for the forward kernel (see ``_forward_config``); cached per shape."""
+    if _overrides:
+        return _forward_config(B, T, d, element_size, needs_loop, with_max, sm_count, tuple(_overrides.items()))
+    return _cached_forward_config(B, T, d, element_size, needs_loop, with_max, sm_count)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_forward_config(*key) -> LaunchConfig:
+    return _forward_config(*key, ())
+
+
+def _forward_config(
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, with_max: bool, sm_count: int,
+    overrides: tuple,
+) -> LaunchConfig:  # fmt: skip
     """Pick block sizes and the T-split for the forward kernel.
 
     The op is memory-bound: the goal is every real token read once with enough programs in flight.
@@ -101,7 +116,7 @@ def forward_config(
     if needs_loop and 0 < programs < target:
         n_splits = max(1, min(triton_cdiv(target, programs), T // MIN_TOKENS_PER_SPLIT))
     config = LaunchConfig(block_t=block_t, block_d=block_d, n_splits=n_splits)
-    config = replace(config, **_overrides)
+    config = replace(config, **dict(overrides))
     per_split = triton_cdiv(max(T, 1), config.n_splits)
     per_split = triton_cdiv(per_split, config.block_t) * config.block_t
     return replace(config, n_splits=triton_cdiv(max(T, 1), per_split), tokens_per_split=per_split)
@@ -151,6 +166,23 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached one-element tensor for pointer arguments a specialization never touches.
+
+    Saves an allocation per unused workspace on every launch (host time matters at serving shapes).
+    """
+    key = (device, dtype)
+    tensor = _placeholders.get(key)
+    if tensor is None:
+        tensor = torch.empty(1, dtype=dtype, device=device)
+        if type(tensor) is torch.Tensor:  # never cache a fake or functional tensor
+            _placeholders[key] = tensor
+    return tensor
+
+
 def pool_forward(
     hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,11 +225,15 @@ def pool_forward(
         stride_mb, stride_mt = mask_view.stride()
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     split = config.n_splits > 1
-    parts = (B, config.n_splits, d) if split else (1,)
-    part_sum = torch.empty(parts if (split and do_mean) else (1,), dtype=acc, device=device)
-    part_max = torch.empty(parts if (split and do_max) else (1,), dtype=acc, device=device)
-    part_pos = torch.empty(parts if (split and do_max) else (1,), dtype=torch.int32, device=device)
-    part_stats = torch.empty((B, config.n_splits, 3) if split else (1,), dtype=torch.int32, device=device)
+    if split:
+        parts = (B, config.n_splits, d)
+        part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
+        part_max = torch.empty(parts, dtype=acc, device=device) if do_max else _placeholder(device, acc)
+        part_pos = torch.empty(parts, dtype=torch.int32, device=device) if do_max else _placeholder(device, torch.int32)
+        part_stats = torch.empty((B, config.n_splits, 3), dtype=torch.int32, device=device)
+    else:
+        part_sum = part_max = _placeholder(device, acc)
+        part_pos = part_stats = _placeholder(device, torch.int32)
     argmax_arg = argmax if do_max else stats
     n_dblocks = triton_cdiv(d, config.block_d)
     grid = (B, n_dblocks, config.n_splits)

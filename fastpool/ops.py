@@ -2,8 +2,14 @@
 
 ``torch.ops.fastpool.pool_fwd`` and ``pool_bwd`` are opaque to ``torch.compile`` (no graph break,
 no tracing into Triton). Each takes the concrete backend ("triton" or "torch") as an argument, so
-a compiled graph keeps the choice made when it was traced. Autograd is registered here and only
-here: ``pool_fwd``'s backward is ``pool_bwd``.
+a compiled graph keeps the choice made when it was traced.
+
+Autograd lives here and only here, in ``_setup_context`` / ``_backward``, used twice: registered on
+``pool_fwd`` (what torch.compile sees) and by ``PoolFunction``, the eager fast path. Outside
+compilation the custom-op dispatch (Python autograd wrapper plus Python redispatch) costs several
+times the kernel's own time at serving shapes, so eager calls go through ``PoolFunction`` (or
+straight to the implementation when no gradient is needed), which runs the very same
+implementations and backward.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ def _impl(backend: str):
     return launchers
 
 
+def forward_impl(
+    hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats)."""
+    return _impl(backend).pool_forward(hidden, mask, modes.split(","))
+
+
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
 def pool_fwd(
     hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
@@ -35,7 +48,7 @@ def pool_fwd(
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 when "max" is requested
     (else (B, 0)), and stats (3, B) int32: real-token count, first and last real position (-1 if none).
     """
-    return _impl(backend).pool_forward(hidden, mask, modes.split(","))
+    return forward_impl(hidden, mask, modes, backend)
 
 
 @pool_fwd.register_fake
@@ -72,19 +85,55 @@ def _pool_bwd_fake(grad_out, mask, argmax, stats, T, dtype, modes, backend):
 def _setup_context(ctx, inputs, output):
     hidden, mask, modes, backend = inputs
     _, argmax, stats = output
+    # The integer outputs never carry gradient: no zero tensors materialised for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(mask, argmax, stats)
     ctx.T = hidden.shape[1]
     ctx.dtype = hidden.dtype
     ctx.modes = modes
     ctx.backend = backend
+    ctx.direct = False
 
 
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
     mask, argmax, stats = ctx.saved_tensors
     grad_hidden = None
-    if ctx.needs_input_grad[0]:
-        grad_hidden = pool_bwd(grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
+    if ctx.needs_input_grad[0] and grad_out is not None:
+        if ctx.direct:
+            grad_hidden = _impl(ctx.backend).pool_backward(
+                grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes.split(",")
+            )
+        else:
+            # Through the op: under torch.compile / AOT tracing this sees fake tensors.
+            grad_hidden = pool_bwd(grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
     return grad_hidden, None, None, None
 
 
 pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class PoolFunction(torch.autograd.Function):
+    """Eager fast path: the same implementation and backward as ``pool_fwd``, without custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, hidden, mask, modes, backend):
+        output = forward_impl(hidden, mask, modes, backend)
+        ctx.mark_non_differentiable(output[1], output[2])
+        _setup_context(ctx, (hidden, mask, modes, backend), output)
+        ctx.direct = True  # eager only: the backward may call the implementation directly
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_argmax, grad_stats):
+        return _backward(ctx, grad_out, grad_argmax, grad_stats)
+
+
+def pool_forward(
+    hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
+    if torch.compiler.is_compiling():
+        return pool_fwd(hidden, mask, modes, backend)
+    if hidden.requires_grad and torch.is_grad_enabled():
+        return PoolFunction.apply(hidden, mask, modes, backend)
+    return forward_impl(hidden, mask, modes, backend)

@@ -17,14 +17,17 @@ from fastpool import launchers
 DEVICE = "cuda"
 
 
-def cases(quick: bool):
-    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+def cases(quick: bool, tiny: bool):
+    dtypes = [torch.bfloat16] if (quick or tiny) else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     shapes = [(3, 37, 300), (1, 2048, 520), (0, 4, 8), (2, 0, 8), (2, 5, 0), (1, 1, 1)]
     layouts = ["none", "right", "left", "holes", "empty"]
+    mode_sets = (["mean"], ["max"], ["cls", "last"], ["last", "max", "mean", "cls"])
+    if tiny:
+        shapes, layouts, mode_sets = shapes[:2], ["right", "holes", "empty"], mode_sets[-1:]
     for dtype in dtypes:
         for shape in shapes:
             for layout in layouts:
-                for modes in (["mean"], ["max"], ["cls", "last"], ["last", "max", "mean", "cls"]):
+                for modes in mode_sets:
                     yield dtype, shape, layout, modes
 
 
@@ -47,14 +50,15 @@ def make(dtype, shape, layout, gen):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="bf16 only")
+    parser.add_argument("--tiny", action="store_true", help="bf16, two shapes, fused modes only")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     gen = torch.Generator().manual_seed(0)
     checked = 0
-    for dtype, shape, layout, modes in cases(args.quick):
+    for dtype, shape, layout, modes in cases(args.quick, args.tiny):
         hidden, mask = make(dtype, shape, layout, gen)
         hidden.requires_grad_()
         results = []
