@@ -196,7 +196,8 @@ class SentenceTransformersProvider(Provider):
 
         def build(d: int):
             if op == "mean+max":
-                return Pooling(d, pooling_mode_mean_tokens=True, pooling_mode_max_tokens=True)
+                # pooling_mode order is the output order: [mean | max], as fastpool's mode=["mean", "max"].
+                return Pooling(d, pooling_mode=("mean", "max"))
             return Pooling(d, pooling_mode=self._MODE[op])
 
         modules: dict[int, torch.nn.Module] = {}

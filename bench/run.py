@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
     parser.add_argument(
-        "--cudagraph", action="store_true", help=f"CUDA graphs for inputs < {CUDAGRAPH_MAX_BYTES >> 20} MB"
+        "--cudagraph",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"time inputs < {CUDAGRAPH_MAX_BYTES >> 20} MB with CUDA graphs (GPU; default on)",
     )
     parser.add_argument(
         "--compile-budget", type=float, help="seconds of compiling after which compile is skipped"

@@ -6,6 +6,7 @@ Prints one CSV line per (pass, op, block_t, block_d, num_warps) with the median 
 """
 
 import argparse
+import functools
 
 import torch
 import triton.testing
@@ -18,7 +19,13 @@ FWD_CONFIGS = [
     dict(block_t=16, num_warps=8), dict(block_t=32, num_warps=8), dict(block_t=64, num_warps=8),
     dict(block_t=8, block_d=512, num_warps=8), dict(block_t=32, block_d=128, num_warps=4),
 ]  # fmt: skip
-BWD_CONFIGS = [dict(), dict(block_t=8), dict(block_t=32), dict(block_t=32, num_warps=8), dict(block_t=64, num_warps=8)]
+BWD_CONFIGS = [
+    dict(),
+    dict(block_t=8),
+    dict(block_t=32),
+    dict(block_t=32, num_warps=8),
+    dict(block_t=64, num_warps=8),
+]
 
 
 def main() -> None:
@@ -37,16 +44,17 @@ def main() -> None:
     for op in ("mean", "max"):
         for cfg in FWD_CONFIGS:
             with launchers.config_override(**cfg), torch.no_grad():
-                ms = triton.testing.do_bench(lambda: fastpool.pool(hidden, mask, mode=op), warmup=10, rep=50)
+                run = functools.partial(fastpool.pool, hidden, mask, mode=op)
+                ms = triton.testing.do_bench(run, warmup=10, rep=50)
             print(f"fwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
     for op in ("mean", "max"):
         _, argmax, stats = torch.ops.fastpool.pool_fwd(hidden, mask, op, "triton")
         for cfg in BWD_CONFIGS:
             with launchers.config_override(**cfg):
-                ms = triton.testing.do_bench(
-                    lambda: torch.ops.fastpool.pool_bwd(grad_out, mask, argmax, stats, T, dtype, op, "triton"),
-                    warmup=10, rep=50,
-                )  # fmt: skip
+                run = functools.partial(
+                    torch.ops.fastpool.pool_bwd, grad_out, mask, argmax, stats, T, dtype, op, "triton"
+                )
+                ms = triton.testing.do_bench(run, warmup=10, rep=50)
             print(f"bwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
 
 

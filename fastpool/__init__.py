@@ -4,6 +4,7 @@
 everything else eager PyTorch with the same semantics (see ``fastpool.functional``).
 """
 
+from . import nn
 from .backend import use_backend
 from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool
 from .modes import MODES
@@ -17,6 +18,7 @@ __all__ = [
     "last_token_pool",
     "max_pool",
     "mean_pool",
+    "nn",
     "pool",
     "use_backend",
 ]

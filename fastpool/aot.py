@@ -3,7 +3,7 @@
 Compiles for real NVIDIA targets without a GPU (``triton.compile`` + ``GPUTarget``), then reads
 registers, stack and local memory from the cubin with the ``cuobjdump`` that ships with Triton.
 A specialization is one kernel with one set of constexprs and argument types: hidden dtype, mask
-integer width, the MASK_BITS argument type, the mode flags, the T-split flag, and the block sizes
+integer width, the MASK_BITS argument type, the mode flags and the block sizes
 from ``fastpool.launchers`` (fixed per dtype). Each is compiled in two layouts: "contiguous" (unit
 feature stride and 16-divisible row strides, what Triton specializes for ordinary tensors) and
 "strided" (no stride assumptions).
@@ -40,6 +40,11 @@ LAYOUTS = ("contiguous", "strided")
 # The mask width only changes the mask loads; the strided layout (hidden without unit feature
 # stride) is compiled with these mask kinds, the contiguous one with all of them.
 STRIDED_MASK_KINDS = ("none", "i8")
+# (DO_MEAN, DO_MAX, DO_WEIGHTED) of kernels with a loop over T; weighted implies mean (the launcher
+# keeps the plain sum for the T-split fold).
+LOOP_VARIANTS = (
+    (True, False, False), (False, True, False), (True, True, False), (True, False, True), (True, True, True),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def _acc(dtype: str) -> str:
 
 
 def specializations() -> list[Specialization]:
-    """Every (kernel, dtype, mask kind, modes, split, layout) the launchers can launch."""
+    """Every (kernel, dtype, mask kind, modes, layout) the launchers can launch (T-splits are runtime)."""
     specs: list[Specialization] = []
     for dtype, size in HIDDEN_DTYPES.items():
         acc = _acc(dtype)
@@ -83,45 +88,48 @@ def specializations() -> list[Specialization]:
                     continue
                 has_mask = mask_name != "none"
                 fixed_m = {"stride_mt": 1} if (contiguous and has_mask) else {}
-                for do_mean, do_max in ((True, False), (False, True), (True, True), (False, False)):
-                    for split in (False, True) if (do_mean or do_max) else (False,):
-                        types = {
-                            "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}",
-                            "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
-                            "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
-                            "MASK_BITS": bits_ty,
-                        }  # fmt: skip
-                        constexprs = {
-                            "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "SPLIT": split,
-                            "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max),
-                            "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
-                        }  # fmt: skip
-                        label = (
-                            f"fwd {dtype} mask={mask_name} mean={int(do_mean)} max={int(do_max)} "
-                            f"split={int(split)} {layout}"
-                        )
-                        specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
+                for do_mean, do_max, do_weighted in LOOP_VARIANTS + ((False, False, False),):
+                    types = {
+                        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}",
+                        "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
+                        "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
+                        "part_wsum_ptr": f"*{acc}", "MASK_BITS": bits_ty,
+                    }  # fmt: skip
+                    constexprs = {
+                        "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max,
+                        "DO_WEIGHTED": do_weighted,
+                        "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max or do_weighted),
+                        "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
+                    }  # fmt: skip
+                    label = (
+                        f"fwd {dtype} mask={mask_name} mean={int(do_mean)} max={int(do_max)} "
+                        f"weighted={int(do_weighted)} {layout}"
+                    )
+                    specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
                 types = {
                     "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
-                    "stats_ptr": "*i32", "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
+                    "stats_ptr": "*i32", "ranks_ptr": "*i32", "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
                 }  # fmt: skip
                 constexprs = {
                     "HAS_MASK": has_mask, "ACC_DTYPE": acc, "BLOCK_T": launchers.backward_block_t(size),
-                    "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}), **fixed_m,
+                    "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
+                    **fixed_m,
                 }  # fmt: skip
                 div_g = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
                 label = f"bwd {dtype} mask={mask_name} {layout}"
                 specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
-            for do_mean, do_max in ((True, False), (False, True), (True, True)):
+            for do_mean, do_max, do_weighted in LOOP_VARIANTS:
                 types = {
                     "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
                     "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
-                    "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
+                    "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
                 }  # fmt: skip
                 constexprs = {
-                    "DO_MEAN": do_mean, "DO_MAX": do_max, "ACC_DTYPE": acc, "BLOCK_D": block_d, **fixed_h,
+                    "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted, "ACC_DTYPE": acc,
+                    "BLOCK_D": block_d, **fixed_h,
                 }  # fmt: skip
-                label = f"combine {dtype} mean={int(do_mean)} max={int(do_max)} {layout}"
+                flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
+                label = f"combine {dtype} {flags} {layout}"
                 specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
     return specs
 
@@ -158,14 +166,18 @@ def compile_one(spec: Specialization, arch: int) -> dict:
     result = {"label": spec.label, "arch": arch}
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps}
+        )
     except Exception as exc:  # noqa: BLE001 - reported per specialization
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return result
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        usage = subprocess.run(
+            [_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True
+        )
     for key in ("REG", "STACK", "LOCAL"):
         match = re.search(rf"\b{key}:(\d+)", usage.stdout)
         result[key.lower()] = int(match.group(1)) if match else -1
@@ -196,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     results = compile_all(args.arch, args.workers)
     bad = [r for r in results if "error" in r or r["stack"] or r["local"]]
     for r in results:
-        status = r.get("error") or f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']}"
+        status = (
+            r.get("error")
+            or f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']}"
+        )
         print(f"sm_{r['arch']} {r['label']}: {status}")
     print(f"{len(results) - len(bad)} compiled without spills, {len(bad)} failed")
     return 1 if bad else 0

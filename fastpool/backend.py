@@ -13,6 +13,8 @@ BACKENDS = ("auto", "triton", "torch")
 # A plain module-level stack rather than a ContextVar: torch.compile traces through backend
 # selection (it becomes a guard on this list), and it cannot trace ContextVar.get.
 _override_stack: list[str] = []
+
+
 # Looked up once without importing triton, so ``import fastpool`` stays cheap and triton-free.
 def _find_triton() -> bool:
     try:

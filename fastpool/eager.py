@@ -23,11 +23,24 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def real_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool: nonzero mask entries (``None`` stays ``None``: every token is real)."""
+    """(B, T) bool: nonzero mask entries (``None`` stays ``None``: every token is real).
+
+    Float masks are tested on their bits with the sign cleared, exactly as the kernels do: -0.0 is
+    zero, NaN and denormals are nonzero whatever the flush-denormal setting.
+    """
     if mask is None:
         return None
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point:
+        width = mask.element_size()
+        magnitude = (1 << (8 * width - 1)) - 1
+        return (mask.view(_INT_OF_WIDTH[width]) & magnitude) != 0
+    return mask != 0
 
 
 def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
@@ -45,18 +58,48 @@ def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -
     return torch.stack([count, first, last.to(torch.int32)])
 
 
-def _masked_sum(hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    """(B, d) sum over real tokens in ``acc`` precision, padding never read into the result."""
+def _full_precision_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` keep full float32 precision (no TF32 / bf16 passes)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+
+
+def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B, T) int64: rank of each real token in its row (1, 2, ...), 0 at padding."""
     if real is None:
+        return torch.arange(1, T + 1, device=device).expand(B, T)
+    return torch.cumsum(real, dim=1) * real
+
+
+def _masked_sum(
+    hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, d) sum over real tokens in ``acc`` precision (rank-weighted when ``ranks`` is given).
+
+    Padding never reaches the result.
+    """
+    if ranks is not None:
+        weights = ranks.to(acc)  # exact integers in float32 up to 2**24
+        if not _full_precision_matmul(hidden.device):
+            scaled = torch.where(weights.unsqueeze(-1) > 0, hidden.to(acc) * weights.unsqueeze(-1), 0)
+            return scaled.sum(1)
+        real = ranks > 0
+    elif real is None:
         return hidden.sum(1, dtype=acc)
+    elif not _full_precision_matmul(hidden.device):
+        # TF32 / reduced-precision matmuls would round the inputs: select and sum instead.
+        return torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype)).sum(1, dtype=acc)
+    else:
+        weights = real.to(acc)
     B, T, d = hidden.shape
-    weights = real.to(acc).unsqueeze(1)  # (B, 1, T): selection weights 0/1
+    weights = weights.unsqueeze(1)  # (B, 1, T): selection (or rank) weights
     if hidden.dtype == acc:
         total = torch.bmm(weights, hidden).squeeze(1)
     else:
         rows = max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
         total = torch.cat(
-            [torch.bmm(w, h.to(acc)) for w, h in zip(weights.split(rows), hidden.split(rows))]
+            [torch.bmm(w, h.to(acc)) for w, h in zip(weights.split(rows), hidden.split(rows), strict=True)]
         ).squeeze(1)
     # A weight of 0 times NaN/inf padding is NaN: the product form is exact only for finite rows.
     # Redo the (rare) non-finite rows by selection, so padding can never leak into the result.
@@ -64,8 +107,8 @@ def _masked_sum(hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtyp
     if bool(bad.any()):
         rows_idx = bad.nonzero().squeeze(1)
         picked = hidden.index_select(0, rows_idx)
-        keep = real.index_select(0, rows_idx).unsqueeze(-1)
-        total[rows_idx] = torch.where(keep, picked, 0).sum(1, dtype=acc)
+        w = weights.index_select(0, rows_idx).squeeze(1).unsqueeze(-1)  # (rows, T, 1)
+        total[rows_idx] = torch.where(w > 0, picked.to(acc) * w, 0).sum(1)
     return total
 
 
@@ -123,19 +166,30 @@ def pool_forward(
     count = stats[0]
     pieces: list[torch.Tensor] = []
     argmax = torch.empty((B, 0), dtype=torch.int32, device=hidden.device)
+    total = None
     for name in modes:
-        if name == "mean":
-            total = _masked_sum(hidden, real, acc)
+        if name in ("mean", "mean_sqrt_len"):
+            if total is None:
+                total = _masked_sum(hidden, real, acc)
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
+            denom = denom if name == "mean" else denom.sqrt()
             mean = torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc))
             pieces.append(mean.to(hidden.dtype))
+        elif name == "weighted_mean":
+            ranks = token_ranks(real, B, T, hidden.device)
+            weighted = _masked_sum(hidden, real, acc, ranks)
+            c = count.to(acc).unsqueeze(1)
+            w_mean = torch.where(c > 0, weighted / (c * (c + 1) / 2).clamp(min=1), torch.zeros((), dtype=acc))
+            pieces.append(w_mean.to(hidden.dtype))
         elif name == "max":
             values, argmax = _masked_max(hidden, real, count)
             pieces.append(values)
         elif name == "cls":
             pieces.append(_gather(hidden, stats[1]))
-        else:  # "last"
+        elif name == "last":
             pieces.append(_gather(hidden, stats[2]))
+        else:
+            raise ValueError(f"mode: unknown mode {name!r}")
     out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
     return out, argmax, stats
 
@@ -161,18 +215,31 @@ def pool_backward(
     device = grad_out.device
     real = real_tokens(mask)
     count = stats[0]
-    grad = torch.zeros((B, T, d), dtype=acc, device=device)
     if B == 0 or T == 0 or d == 0:
-        return grad.to(dtype)
+        return torch.zeros((B, T, d), dtype=dtype, device=device)
     rows = torch.arange(B, device=device)
 
     def block(name: str) -> torch.Tensor:
         return grad_out[:, cols[name] : cols[name] + d].to(acc)
 
-    if "mean" in modes:
-        share = block("mean") / count.clamp(min=1).to(acc).unsqueeze(1)
-        keep = (count > 0).view(B, 1, 1) if real is None else real.unsqueeze(-1) & (count > 0).view(B, 1, 1)
-        grad = torch.where(keep, share.unsqueeze(1), grad)
+    if "mean" in modes or "mean_sqrt_len" in modes:
+        # One pass that writes every element: the share at real tokens, 0 elsewhere.
+        n = count.clamp(min=1).to(acc).unsqueeze(1)
+        share = torch.zeros((B, d), dtype=acc, device=device)
+        if "mean" in modes:
+            share = share + block("mean") / n
+        if "mean_sqrt_len" in modes:
+            share = share + block("mean_sqrt_len") / n.sqrt()
+        has_tokens = (count > 0).view(B, 1, 1)
+        keep = has_tokens.expand(B, T, 1) if real is None else real.unsqueeze(-1) & has_tokens
+        grad = torch.where(keep, share.unsqueeze(1), torch.zeros((), dtype=acc, device=device))
+    else:
+        grad = torch.zeros((B, T, d), dtype=acc, device=device)
+    if "weighted_mean" in modes:
+        c = count.to(acc).unsqueeze(1)
+        g = block("weighted_mean") / (c * (c + 1) / 2).clamp(min=1)
+        ranks = token_ranks(real, B, T, device).to(acc) * (count > 0).unsqueeze(1)
+        grad = grad + ranks.unsqueeze(-1) * g.unsqueeze(1)
     if "max" in modes:
         g = block("max")
         hit = argmax >= 0

@@ -23,6 +23,14 @@ from .backend import resolve_backend
 from .modes import normalize_modes
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Mask dtypes whose zero is exactly the all-zero bit pattern up to the sign bit (what the kernels
+# test). Float8 formats are excluded: in the "fnuz" ones the sign-bit pattern is NaN.
+MASK_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint16, torch.uint32, torch.uint64, *FLOAT_DTYPES,
+)  # fmt: skip
+# The kernels index per-row statistics with 32-bit arithmetic.
+MAX_BATCH = 2**30
 # Positions are int32 inside the kernels, with room for one block past the end.
 MAX_SEQUENCE_LENGTH = 2**31 - 2**20
 
@@ -35,17 +43,19 @@ def _validate(hidden: object, mask: object) -> None:
             f"hidden: expected 3 dimensions (B, T, d), got {hidden.dim()} with shape {tuple(hidden.shape)}"
         )
     if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}"
-        )
+        raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.shape[0] >= MAX_BATCH:
+        raise ValueError(f"hidden: B must be below {MAX_BATCH}, got {hidden.shape[0]}")
     if hidden.shape[1] > MAX_SEQUENCE_LENGTH:
         raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {hidden.shape[1]}")
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor of shape (B, T) or None, got {type(mask).__name__}")
-    if mask.is_complex():
-        raise TypeError(f"mask: expected a bool, integer or float dtype, got {mask.dtype}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(
+            f"mask: expected a bool, integer, float16, bfloat16, float32 or float64 dtype, got {mask.dtype}"
+        )
     expected = tuple(hidden.shape[:2])
     if tuple(mask.shape) != expected:
         raise ValueError(
@@ -75,7 +85,8 @@ def pool(
     ----------
     hidden : Tensor (B, T, d), float16 / bfloat16 / float32 / float64, any strides.
     mask : Tensor (B, T) of bool, integer or float dtype (nonzero = real token), or None.
-    mode : "mean", "max", "cls" or "last", or a sequence of them. With a sequence the outputs
+    mode : "mean", "max", "cls", "last" or "mean_sqrt_len" (the sum over real tokens divided by
+        the square root of their number), or a sequence of them. With a sequence the outputs
         are concatenated along the feature dimension in that order, (B, len(mode) * d), and hidden
         is still read once.
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .modes import mode_columns
+from .modes import MODES, mode_columns
 
 # A T-split program must stream at least this many tokens: its partial results cost
 # 12 bytes per feature (float32 sum, max, int32 position) written and read once, against
@@ -34,6 +34,11 @@ SCAN_BLOCK = 1024
 NUM_WARPS = 4
 # When no GPU is there to ask (the interpreter), size grids as for an H100.
 DEFAULT_SM_COUNT = 132
+
+
+def kernel_columns(cols: dict[str, int]) -> tuple[int, ...]:
+    """The kernels' col_* arguments (col_mean, col_max, col_first, col_last, col_sqrt, col_weighted)."""
+    return tuple(cols[name] for name in MODES)
 
 
 @dataclass(frozen=True)
@@ -66,14 +71,13 @@ def config_override(**fields: int) -> Iterator[None]:
         _overrides.update(saved)
 
 
-
 def feature_block(element_size: int) -> int:
     """BLOCK_D: features in one 512-byte row (256 for 2-byte dtypes, 128 for 4, 64 for 8)."""
     return ROW_BYTES // element_size
 
 
 def token_block(element_size: int, with_max: bool) -> int:
-    """BLOCK_T of the forward loop: 16 tokens (8 when the max and its position are tracked)."""
+    """BLOCK_T of the forward loop: 16 tokens (8 when a second accumulator tile is kept: max, weighted)."""
     tile = TILE_BYTES_WITH_MAX if with_max else TILE_BYTES
     return tile // (feature_block(element_size) * element_size)
 
@@ -88,7 +92,9 @@ def forward_config(
 ) -> LaunchConfig:
     """Block sizes and T-split for the forward kernel (see ``_forward_config``); cached per shape."""
     if _overrides:
-        return _forward_config(B, T, d, element_size, needs_loop, with_max, sm_count, tuple(_overrides.items()))
+        return _forward_config(
+            B, T, d, element_size, needs_loop, with_max, sm_count, tuple(_overrides.items())
+        )
     return _cached_forward_config(B, T, d, element_size, needs_loop, with_max, sm_count)
 
 
@@ -125,14 +131,16 @@ def _forward_config(
 def backward_config(T: int, d: int, element_size: int) -> LaunchConfig:
     """Block sizes for the backward kernel: one (BLOCK_T, BLOCK_D) output tile per program."""
     config = LaunchConfig(block_t=backward_block_t(element_size), block_d=feature_block(element_size))
-    return replace(config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d", "num_warps")})
+    return replace(
+        config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d", "num_warps")}
+    )
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -183,6 +191,24 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
+# CUDA grid dimensions 1 and 2 hold at most this many blocks.
+MAX_GRID_YZ = 65535
+
+
+def _on_device(device: torch.device):
+    """Make ``device`` current for the launch: Triton launches on the current device and stream."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _check_feature_blocks(d: int, block_d: int) -> int:
+    blocks = triton_cdiv(d, block_d)
+    if blocks > MAX_GRID_YZ:
+        raise ValueError(f"hidden: d must be at most {MAX_GRID_YZ * block_d} for this dtype, got {d}")
+    return blocks
+
+
 def pool_forward(
     hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,7 +229,11 @@ def pool_forward(
     B, T, d = hidden.shape
     device = hidden.device
     cols = mode_columns(modes, d)
-    do_mean, do_max = cols["mean"] >= 0, cols["max"] >= 0
+    col_args = kernel_columns(cols)
+    do_weighted = cols["weighted_mean"] >= 0
+    # The weighted path keeps the plain sum too: the T-split fold shifts ranks with it.
+    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or do_weighted
+    do_max = cols["max"] >= 0
     out = torch.empty((B, len(modes) * d), dtype=hidden.dtype, device=device)
     argmax = torch.empty((B, d if do_max else 0), dtype=torch.int32, device=device)
     stats = torch.empty((3, B), dtype=torch.int32, device=device)
@@ -215,8 +245,9 @@ def pool_forward(
 
         return out, argmax, eager.row_stats(eager.real_tokens(mask), B, T, device)
 
+    # The weighted sum adds a second accumulator tile: it takes the smaller tile, like the max.
     config = forward_config(
-        B, T, d, hidden.element_size(), do_mean or do_max, do_max, sm_count(device)
+        B, T, d, hidden.element_size(), do_mean or do_max, do_max or do_weighted, sm_count(device)
     )
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
@@ -229,33 +260,41 @@ def pool_forward(
         parts = (B, config.n_splits, d)
         part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
         part_max = torch.empty(parts, dtype=acc, device=device) if do_max else _placeholder(device, acc)
-        part_pos = torch.empty(parts, dtype=torch.int32, device=device) if do_max else _placeholder(device, torch.int32)
+        part_pos = (
+            torch.empty(parts, dtype=torch.int32, device=device)
+            if do_max
+            else _placeholder(device, torch.int32)
+        )
         part_stats = torch.empty((B, config.n_splits, 3), dtype=torch.int32, device=device)
+        part_wsum = torch.empty(parts, dtype=acc, device=device) if do_weighted else _placeholder(device, acc)
     else:
-        part_sum = part_max = _placeholder(device, acc)
+        part_sum = part_max = part_wsum = _placeholder(device, acc)
         part_pos = part_stats = _placeholder(device, torch.int32)
     argmax_arg = argmax if do_max else stats
-    n_dblocks = triton_cdiv(d, config.block_d)
+    n_dblocks = _check_feature_blocks(d, config.block_d)
     grid = (B, n_dblocks, config.n_splits)
     acc_tl = _acc_dtype(hidden.dtype)
-    pool_forward_kernel[grid](
-        hidden, mask_view, out, argmax_arg, stats,
-        part_sum, part_max, part_pos, part_stats,
-        B, T, d, config.tokens_per_split, config.n_splits,
-        *hidden.stride(), stride_mb, stride_mt, out.stride(0),
-        cols["mean"], cols["max"], cols["cls"], cols["last"], mask_bits,
-        HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, SPLIT=split,
-        ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
-        SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
-    )  # fmt: skip
-    if split:
-        pool_combine_kernel[(B, n_dblocks)](
-            hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats,
-            B, d, config.n_splits, *hidden.stride(), out.stride(0),
-            cols["mean"], cols["max"], cols["cls"], cols["last"],
-            DO_MEAN=do_mean, DO_MAX=do_max, ACC_DTYPE=acc_tl, BLOCK_D=config.block_d,
-            num_warps=config.num_warps,
+    with _on_device(device):
+        pool_forward_kernel[grid](
+            hidden, mask_view, out, argmax_arg, stats,
+            part_sum, part_max, part_pos, part_stats, part_wsum,
+            B, T, d, config.tokens_per_split, config.n_splits,
+            *hidden.stride(), stride_mb, stride_mt, out.stride(0),
+            *col_args,
+            mask_bits,
+            HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
+            ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
+            SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
         )  # fmt: skip
+        if split:
+            pool_combine_kernel[(B, n_dblocks)](
+                hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
+                B, d, config.n_splits, *hidden.stride(), out.stride(0),
+                *col_args,
+                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, ACC_DTYPE=acc_tl,
+                BLOCK_D=config.block_d,
+                num_warps=config.num_warps,
+            )  # fmt: skip
     return out, argmax, stats
 
 
@@ -282,19 +321,28 @@ def pool_backward(
     if grad.numel() == 0:
         return grad
     cols = mode_columns(modes, d)
+    col_args = kernel_columns(cols)
     config = backward_config(T, d, grad.element_size())
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
     else:
         mask_view, mask_bits = mask_as_integers(mask)
         stride_mb, stride_mt = mask_view.stride()
+    if cols["weighted_mean"] >= 0 and mask is not None:
+        # A tiny pre-pass over the mask only: the rank of each real token, 0 at padding.
+        real = mask != 0 if not mask.dtype.is_floating_point else (mask_view & mask_bits) != 0
+        ranks = (torch.cumsum(real, dim=1, dtype=torch.int32) * real).contiguous()
+    else:
+        ranks = _placeholder(grad.device, torch.int32)
     n_tblocks = triton_cdiv(T, config.block_t)
-    grid = (B * n_tblocks, triton_cdiv(d, config.block_d))
-    pool_backward_kernel[grid](
-        grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats, grad,
-        B, T, d, n_tblocks, *grad_out.stride(), stride_mb, stride_mt, *grad.stride(),
-        cols["mean"], cols["max"], cols["cls"], cols["last"], mask_bits,
-        HAS_MASK=mask is not None, ACC_DTYPE=_acc_dtype(dtype),
-        BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps,
-    )  # fmt: skip
+    grid = (B * n_tblocks, _check_feature_blocks(d, config.block_d))
+    with _on_device(grad.device):
+        pool_backward_kernel[grid](
+            grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats, ranks, grad,
+            B, T, d, n_tblocks, *grad_out.stride(), stride_mb, stride_mt, *grad.stride(),
+            *col_args,
+            mask_bits,
+            HAS_MASK=mask is not None, ACC_DTYPE=_acc_dtype(grad.dtype),
+            BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps,
+        )  # fmt: skip
     return grad

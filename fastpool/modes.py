@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 #: Every mode fastpool knows, in the order the kernels handle them.
-MODES: tuple[str, ...] = ("mean", "max", "cls", "last")
+MODES: tuple[str, ...] = ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")
 
 
 def normalize_modes(mode: str | Sequence[str]) -> tuple[str, ...]:

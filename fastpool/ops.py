@@ -14,9 +14,8 @@ implementations and backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
+from torch.autograd import forward_ad
 
 from . import eager
 
@@ -33,7 +32,7 @@ def _impl(backend: str):
 
 
 def forward_impl(
-    hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats)."""
     return _impl(backend).pool_forward(hidden, mask, modes.split(","))
@@ -41,7 +40,7 @@ def forward_impl(
 
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
 def pool_fwd(
-    hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused masked pooling. hidden (B, T, d); mask (B, T) or None; modes comma-separated, e.g. "mean,max".
 
@@ -64,7 +63,7 @@ def _pool_fwd_fake(hidden, mask, modes, backend):
 @torch.library.custom_op("fastpool::pool_bwd", mutates_args=())
 def pool_bwd(
     grad_out: torch.Tensor,
-    mask: Optional[torch.Tensor],
+    mask: torch.Tensor | None,
     argmax: torch.Tensor,
     stats: torch.Tensor,
     T: int,
@@ -100,7 +99,10 @@ def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
     grad_hidden = None
     if ctx.needs_input_grad[0] and grad_out is not None:
         if ctx.direct:
-            grad_hidden = _impl(ctx.backend).pool_backward(
+            # create_graph=True needs a differentiable backward: the eager one is built from
+            # torch ops (same semantics, any device); the kernel's output has no graph.
+            impl = eager if torch.is_grad_enabled() else _impl(ctx.backend)
+            grad_hidden = impl.pool_backward(
                 grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes.split(",")
             )
         else:
@@ -129,11 +131,14 @@ class PoolFunction(torch.autograd.Function):
 
 
 def pool_forward(
-    hidden: torch.Tensor, mask: Optional[torch.Tensor], modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     if torch.compiler.is_compiling():
         return pool_fwd(hidden, mask, modes, backend)
-    if hidden.requires_grad and torch.is_grad_enabled():
+    # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
+    # (no jvp) instead of silently dropping the tangent.
+    dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
+    if (hidden.requires_grad and torch.is_grad_enabled()) or dual:
         return PoolFunction.apply(hidden, mask, modes, backend)
     return forward_impl(hidden, mask, modes, backend)

@@ -12,6 +12,8 @@ float64) and cast once.
 import triton
 import triton.language as tl
 
+from .mask_scan import _div, exact_sqrt
+
 
 @triton.jit
 def _mode_grad(
@@ -26,12 +28,23 @@ def _mode_grad(
     return g.to(ACC_DTYPE)
 
 
-@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "MASK_BITS"])
+@triton.jit(
+    do_not_specialize=[
+        "col_mean",
+        "col_max",
+        "col_first",
+        "col_last",
+        "col_sqrt",
+        "col_weighted",
+        "MASK_BITS",
+    ]
+)
 def pool_backward_kernel(
     grad_out_ptr,  # (B, n_modes * d) any strides, any float dtype
     mask_ptr,  # (B, T) integer view of the mask, any strides; unused unless HAS_MASK
     argmax_ptr,  # (B, d) int32, -1 for empty rows; unused unless col_max >= 0
     stats_ptr,  # (3, B) int32: count, first (-1 if empty), last (-1 if empty)
+    ranks_ptr,  # (B, T) int32 rank of each real token (1, 2, ...), 0 at padding; weighted_mean with a mask
     grad_ptr,  # (B, T, d) output, hidden dtype, any strides
     B,
     T,
@@ -48,6 +61,8 @@ def pool_backward_kernel(
     col_max,
     col_first,
     col_last,
+    col_sqrt,  # mean_sqrt_len
+    col_weighted,  # weighted_mean
     MASK_BITS,  # bits that make a mask element nonzero (float masks: all but the sign)
     HAS_MASK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -64,15 +79,29 @@ def pool_backward_kernel(
     grad_row = grad_out_ptr + row * stride_gob
     acc = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
     # Mode flags are uniform runtime branches: the tile is written once whatever the mix of modes.
-    if col_mean >= 0:
-        count = tl.load(stats_ptr + row)
-        share = _mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE)
-        share = share / tl.maximum(count, 1).to(ACC_DTYPE)
+    count = tl.load(stats_ptr + row)
+    if (col_mean >= 0) | (col_sqrt >= 0):
+        n = tl.maximum(count, 1).to(ACC_DTYPE)
+        share = tl.zeros((BLOCK_D,), ACC_DTYPE)
+        if col_mean >= 0:
+            share += _div(_mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE), n)
+        if col_sqrt >= 0:
+            share += _div(_mode_grad(grad_row, col_sqrt, d_offs, d_in, stride_god, ACC_DTYPE), exact_sqrt(n))
         real = t_in & (count > 0)
         if HAS_MASK:
             m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)
             real = real & ((m & MASK_BITS) != 0)
         acc += tl.where(real[:, None], share[None, :], 0.0)
+    if col_weighted >= 0:
+        c = count.to(ACC_DTYPE)
+        total_weight = tl.maximum(c * (c + 1.0) * 0.5, 1.0)  # 1..n summed; an empty row gets weight 0 below
+        g = _div(_mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE), total_weight)
+        if HAS_MASK:
+            rank = tl.load(ranks_ptr + row * T + t, mask=t_in, other=0)
+        else:
+            rank = t + 1
+        weight = tl.where(t_in & (count > 0), rank, 0).to(ACC_DTYPE)
+        acc += weight[:, None] * g[None, :]
     if col_max >= 0:
         g = _mode_grad(grad_row, col_max, d_offs, d_in, stride_god, ACC_DTYPE)
         pos = tl.load(argmax_ptr + row * d + d_offs, mask=d_in, other=-1)

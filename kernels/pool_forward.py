@@ -19,7 +19,7 @@ split order. No atomics: the result is bit-for-bit deterministic.
 import triton
 import triton.language as tl
 
-from .mask_scan import NO_TOKEN, better_max, lanes_argmax, row_span
+from .mask_scan import NO_TOKEN, _div, better_max, exact_sqrt, lanes_argmax, row_span
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def _write_results(
     stride_hd,
     stride_ob,
     total,  # (BLOCK_D,) acc dtype: sum over real tokens
+    weighted,  # (BLOCK_D,) acc dtype: sum over real tokens of rank * token (rank 1, 2, ...)
     count,  # int32 scalar: real tokens in the row
     max_value,  # (BLOCK_D,) acc dtype
     max_pos,  # (BLOCK_D,) int32, NO_TOKEN for an empty row
@@ -48,16 +49,29 @@ def _write_results(
     col_max,
     col_first,  # column offset, or -1 when the mode is not requested
     col_last,  # column offset, or -1 when the mode is not requested
-    DO_MEAN: tl.constexpr,
+    col_sqrt,  # column offset of mean_sqrt_len, or -1
+    col_weighted,  # column offset of weighted_mean, or -1
+    DO_MEAN: tl.constexpr,  # the sum was accumulated (mean and/or mean_sqrt_len requested)
     DO_MAX: tl.constexpr,
+    DO_WEIGHTED: tl.constexpr,  # the rank-weighted sum was accumulated
 ):
     out_row = out_ptr + row * stride_ob
     out_ty = out_ptr.dtype.element_ty
     has_tokens = count > 0
     if DO_MEAN:
         # Exact integer count, converted once; an empty row gives 0, never 0/0.
-        mean = tl.where(has_tokens, total / tl.maximum(count, 1).to(total.dtype), 0.0)
-        tl.store(out_row + col_mean + d_offs, mean.to(out_ty), mask=d_in)
+        n = tl.maximum(count, 1).to(total.dtype)
+        if col_mean >= 0:
+            mean = tl.where(has_tokens, _div(total, n), 0.0)
+            tl.store(out_row + col_mean + d_offs, mean.to(out_ty), mask=d_in)
+        if col_sqrt >= 0:
+            scaled = tl.where(has_tokens, _div(total, exact_sqrt(n)), 0.0)
+            tl.store(out_row + col_sqrt + d_offs, scaled.to(out_ty), mask=d_in)
+    if DO_WEIGHTED:
+        # Sum of the weights 1..n, in float: exact to n = 5791 in float32, rounded once beyond.
+        c = count.to(weighted.dtype)
+        w_mean = tl.where(has_tokens, _div(weighted, tl.maximum(c * (c + 1.0) * 0.5, 1.0)), 0.0)
+        tl.store(out_row + col_weighted + d_offs, w_mean.to(out_ty), mask=d_in & (col_weighted >= 0))
     if DO_MAX:
         empty = max_pos == NO_TOKEN
         tl.store(out_row + col_max + d_offs, tl.where(empty, 0.0, max_value).to(out_ty), mask=d_in)
@@ -78,21 +92,33 @@ def _write_results(
     tl.store(stats_ptr + 2 * B + row, tl.where(has_tokens, last, -1), mask=owner)
 
 
-@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "MASK_BITS"])
+@triton.jit(
+    do_not_specialize=[
+        "col_mean",
+        "col_max",
+        "col_first",
+        "col_last",
+        "col_sqrt",
+        "col_weighted",
+        "MASK_BITS",
+        "n_splits",
+    ]
+)
 def pool_forward_kernel(
     hidden_ptr,  # (B, T, d) fp16/bf16/fp32/fp64, any strides
     mask_ptr,  # (B, T) integer view of the mask, any strides, nonzero = real; unused unless HAS_MASK
     out_ptr,  # (B, n_modes * d) hidden dtype, unit stride along features
     argmax_ptr,  # (B, d) int32; unused unless DO_MAX
     stats_ptr,  # (3, B) int32: count, first, last
-    part_sum_ptr,  # (B, n_splits, d) acc dtype; SPLIT only
-    part_max_ptr,  # (B, n_splits, d) acc dtype; SPLIT only
-    part_pos_ptr,  # (B, n_splits, d) int32; SPLIT only
-    part_stats_ptr,  # (B, n_splits, 3) int32; SPLIT only
+    part_sum_ptr,  # (B, n_splits, d) acc dtype; T-split launches only
+    part_max_ptr,  # (B, n_splits, d) acc dtype; T-split launches only
+    part_pos_ptr,  # (B, n_splits, d) int32; T-split launches only
+    part_stats_ptr,  # (B, n_splits, 3) int32; T-split launches only
+    part_wsum_ptr,  # (B, n_splits, d) acc dtype; T-split launches with DO_WEIGHTED only
     B,
     T,
     d,
-    tokens_per_split,  # positions per program along T (T when not SPLIT)
+    tokens_per_split,  # positions per program along T (T when not split)
     n_splits,
     stride_hb,
     stride_ht,
@@ -104,11 +130,13 @@ def pool_forward_kernel(
     col_max,
     col_first,  # -1 when not requested
     col_last,  # -1 when not requested
+    col_sqrt,  # mean_sqrt_len, -1 when not requested
+    col_weighted,  # weighted_mean, -1 when not requested
     MASK_BITS,  # bits of a mask element that make it nonzero (sign bit cleared for float masks)
     HAS_MASK: tl.constexpr,
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
-    SPLIT: tl.constexpr,
+    DO_WEIGHTED: tl.constexpr,  # needs DO_MEAN (the T-split fold uses the plain sum)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -129,6 +157,8 @@ def pool_forward_kernel(
     total = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
     best = tl.full((BLOCK_T, BLOCK_D), float("-inf"), ACC_DTYPE)
     best_pos = tl.full((BLOCK_T, BLOCK_D), NO_TOKEN, tl.int32)
+    wtotal = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
+    seen = tl.full((), 0, tl.int32)  # real tokens before the current chunk, within this range
     if DO_MEAN or DO_MAX:
         lanes = tl.arange(0, BLOCK_T)
         col_ptrs = hidden_ptr + row * stride_hb + (d_offs.to(tl.int64) * stride_hd)[None, :]
@@ -145,6 +175,13 @@ def pool_forward_kernel(
             x = x.to(ACC_DTYPE)
             if DO_MEAN:
                 total += x  # padded lanes were never loaded and hold exactly 0
+            if DO_WEIGHTED:
+                # Rank of each real token in its row (1, 2, ...), computed in float32: exact
+                # integers up to 2**24, no fp16 overflow, no bf16 rounding of the weights.
+                real_i = real.to(tl.int32)
+                rank = seen + tl.cumsum(real_i, axis=0)
+                wtotal += x * tl.where(real, rank, 0).to(ACC_DTYPE)[:, None]
+                seen += tl.sum(real_i, axis=0)
             if DO_MAX:
                 pos = tl.where(load, t[:, None], NO_TOKEN)
                 take = better_max(x, pos, best, best_pos)
@@ -152,11 +189,15 @@ def pool_forward_kernel(
                 best_pos = tl.where(take, pos, best_pos)
 
     row_total = tl.sum(total, axis=0)
+    row_weighted = tl.sum(wtotal, axis=0)
     max_value, max_pos = lanes_argmax(best, best_pos)
-    if SPLIT:
+    # A runtime branch (n_splits is not specialized): one compiled kernel serves both launch shapes.
+    if n_splits > 1:
         part = row * n_splits + split
         if DO_MEAN:
             tl.store(part_sum_ptr + part * d + d_offs, row_total, mask=d_in)
+        if DO_WEIGHTED:
+            tl.store(part_wsum_ptr + part * d + d_offs, row_weighted, mask=d_in)
         if DO_MAX:
             tl.store(part_max_ptr + part * d + d_offs, max_value, mask=d_in)
             tl.store(part_pos_ptr + part * d + d_offs, max_pos, mask=d_in)
@@ -168,13 +209,13 @@ def pool_forward_kernel(
         _write_results(
             hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
             stride_hb, stride_ht, stride_hd, stride_ob,
-            row_total, count, max_value, max_pos, first, last,
-            col_mean, col_max, col_first, col_last,
-            DO_MEAN, DO_MAX,
+            row_total, row_weighted, count, max_value, max_pos, first, last,
+            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+            DO_MEAN, DO_MAX, DO_WEIGHTED,
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last"])
+@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "col_sqrt", "col_weighted"])
 def pool_combine_kernel(
     hidden_ptr,  # (B, T, d) any strides: read only for the first/last-token gather
     out_ptr,  # (B, n_modes * d) hidden dtype
@@ -184,6 +225,7 @@ def pool_combine_kernel(
     part_max_ptr,  # (B, n_splits, d) acc dtype
     part_pos_ptr,  # (B, n_splits, d) int32
     part_stats_ptr,  # (B, n_splits, 3) int32
+    part_wsum_ptr,  # (B, n_splits, d) acc dtype; DO_WEIGHTED only
     B,
     d,
     n_splits,
@@ -195,8 +237,11 @@ def pool_combine_kernel(
     col_max,
     col_first,  # -1 when not requested
     col_last,  # -1 when not requested
+    col_sqrt,  # mean_sqrt_len, -1 when not requested
+    col_weighted,  # weighted_mean, -1 when not requested
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
+    DO_WEIGHTED: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -206,6 +251,7 @@ def pool_combine_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d_offs < d
     total = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    weighted = tl.zeros((BLOCK_D,), ACC_DTYPE)
     best = tl.full((BLOCK_D,), float("-inf"), ACC_DTYPE)
     best_pos = tl.full((BLOCK_D,), NO_TOKEN, tl.int32)
     count = tl.full((), 0, tl.int32)
@@ -213,6 +259,13 @@ def pool_combine_kernel(
     last = tl.full((), -1, tl.int32)
     for s in range(0, n_splits):
         part = row * n_splits + s
+        if DO_WEIGHTED:
+            # Ranks in split s were counted from 1: shift them by the real tokens before it,
+            # sum_k (k + offset) x_k = partial weighted sum + offset * partial sum.
+            offset = count.to(ACC_DTYPE)
+            w_part = tl.load(part_wsum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+            s_part = tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+            weighted += w_part + offset * s_part
         count += tl.load(part_stats_ptr + part * 3)
         first = tl.minimum(first, tl.load(part_stats_ptr + part * 3 + 1))
         last = tl.maximum(last, tl.load(part_stats_ptr + part * 3 + 2))
@@ -227,7 +280,7 @@ def pool_combine_kernel(
     _write_results(
         hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
         stride_hb, stride_ht, stride_hd, stride_ob,
-        total, count, best, best_pos, first, last,
-        col_mean, col_max, col_first, col_last,
-        DO_MEAN, DO_MAX,
+        total, weighted, count, best, best_pos, first, last,
+        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+        DO_MEAN, DO_MAX, DO_WEIGHTED,
     )  # fmt: skip

@@ -18,7 +18,9 @@ DEVICE = "cuda"
 
 
 def cases(quick: bool, tiny: bool):
-    dtypes = [torch.bfloat16] if (quick or tiny) else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    dtypes = (
+        [torch.bfloat16] if (quick or tiny) else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    )
     shapes = [(3, 37, 300), (1, 2048, 520), (0, 4, 8), (2, 0, 8), (2, 5, 0), (1, 1, 1)]
     layouts = ["none", "right", "left", "holes", "empty"]
     mode_sets = (["mean"], ["max"], ["cls", "last"], ["last", "max", "mean", "cls"])
@@ -33,8 +35,10 @@ def cases(quick: bool, tiny: bool):
 
 def make(dtype, shape, layout, gen):
     B, T, d = shape
-    hidden = torch.randn(B, d, T, generator=gen).to(dtype).transpose(1, 2).to(DEVICE) if B == 3 else (
-        torch.randn(B, T, d, generator=gen).to(dtype).to(DEVICE)
+    hidden = (
+        torch.randn(B, d, T, generator=gen).to(dtype).transpose(1, 2).to(DEVICE)
+        if B == 3
+        else (torch.randn(B, T, d, generator=gen).to(dtype).to(DEVICE))
     )
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
     pos = torch.arange(T)

@@ -49,12 +49,14 @@ def make_mask(kind: str, B: int, T: int, generator: torch.Generator) -> torch.Te
 
 
 def to_numpy(x: torch.Tensor | None):
-    return None if x is None else x.detach().cpu().to(torch.float64 if x.is_floating_point() else x.dtype).numpy()
+    return (
+        None
+        if x is None
+        else x.detach().cpu().to(torch.float64 if x.is_floating_point() else x.dtype).numpy()
+    )
 
 
 def np_mask(mask: torch.Tensor | None):
     if mask is None:
         return None
     return mask.detach().cpu().to(torch.float64).numpy()
-
-

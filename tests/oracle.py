@@ -91,6 +91,18 @@ def pool(hidden: np.ndarray, mask: np.ndarray | None, mode: str) -> np.ndarray:
     B, T, _ = hidden.shape
     if mode == "mean":
         return mean(hidden, mask)
+    if mode == "mean_sqrt_len":
+        counts = np.array([len(real_positions(mask, b, T)) for b in range(B)], dtype=np.float64)
+        return mean(hidden, mask) * np.sqrt(counts)[:, None]
+    if mode == "weighted_mean":
+        out = np.zeros((B, hidden.shape[2]), dtype=np.float64)
+        for b in range(B):
+            real = real_positions(mask, b, T)
+            if real:
+                weights = np.arange(1, len(real) + 1, dtype=np.float64)
+                rows = hidden[b, real].astype(np.float64)
+                out[b] = (weights[:, None] * rows).sum(0) / weights.sum()
+        return out
     if mode == "max":
         return max_with_index(hidden, mask)[0]
     if mode == "cls":
@@ -104,11 +116,18 @@ def pool_grad(hidden: np.ndarray, mask: np.ndarray | None, mode: str, grad_out: 
     """(B, T, d) float64 gradient of sum(pool(hidden) * grad_out) with respect to hidden."""
     B, T, d = hidden.shape
     grad = np.zeros((B, T, d), dtype=np.float64)
-    if mode == "mean":
+    if mode in ("mean", "mean_sqrt_len"):
         for b in range(B):
             real = real_positions(mask, b, T)
             for t in real:
-                grad[b, t] += grad_out[b] / len(real)
+                scale = len(real) if mode == "mean" else math.sqrt(len(real))
+                grad[b, t] += grad_out[b] / scale
+    elif mode == "weighted_mean":
+        for b in range(B):
+            real = real_positions(mask, b, T)
+            total = len(real) * (len(real) + 1) / 2
+            for k, t in enumerate(real, start=1):
+                grad[b, t] += grad_out[b] * k / total
     elif mode == "max":
         _, index = max_with_index(hidden, mask)
         for b in range(B):

@@ -14,7 +14,10 @@ from fastpool import aot, launchers
 
 
 def test_launcher_choices_are_all_enumerated():
-    specs = {(s.kernel, s.label.split()[1], s.constexprs.get("BLOCK_T"), s.constexprs["BLOCK_D"]) for s in aot.specializations()}
+    specs = {
+        (s.kernel, s.label.split()[1], s.constexprs.get("BLOCK_T"), s.constexprs["BLOCK_D"])
+        for s in aot.specializations()
+    }
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
     for dtype, name in names.items():
         size = torch.empty((), dtype=dtype).element_size()
@@ -46,4 +49,7 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     assert int(summary.group(2)) == 0 and result.returncode == 0, "\n".join(failures)
     assert int(summary.group(1)) == 2 * len(aot.specializations())
     # The contiguous mean kernels must use 16-byte vector loads.
-    assert re.search(r"fwd bf16 mask=i8 mean=1 max=0 split=0 contiguous: regs=\d+ stack=0 local=0 v_loads=[1-9]", result.stdout)
+    assert re.search(
+        r"fwd bf16 mask=i8 mean=1 max=0 weighted=0 contiguous: regs=\d+ stack=0 local=0 v_loads=[1-9]",
+        result.stdout,
+    )

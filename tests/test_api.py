@@ -35,7 +35,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("argument,error,call", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "argument,error,call", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD_INPUTS)]
+)
 def test_bad_input_gets_a_clear_error(argument, error, call):
     with pytest.raises(error) as info:
         call()
@@ -122,4 +124,4 @@ def test_import_and_cpu_pooling_work_without_triton():
 def test_public_names():
     for name in ("pool", "mean_pool", "max_pool", "cls_pool", "last_token_pool", "use_backend", "MODES"):
         assert hasattr(fastpool, name)
-    assert fastpool.MODES == ("mean", "max", "cls", "last")
+    assert fastpool.MODES == ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")

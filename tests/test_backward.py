@@ -8,7 +8,7 @@ from tolerances import REDUCTION
 
 import fastpool
 
-ALL_MODES = ("mean", "max", "cls", "last")
+ALL_MODES = ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")
 
 
 def oracle_grad(hidden, mask, modes, grad_out):
@@ -20,12 +20,15 @@ def oracle_grad(hidden, mask, modes, grad_out):
     return torch.from_numpy(total)
 
 
+FUSED = ("last", "max", "mean_sqrt_len", "weighted_mean", "cls", "mean")
+
+
 def grad_cases():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for mask_kind in MASK_KINDS:
-            for modes in [(m,) for m in ALL_MODES] + [("last", "max", "cls", "mean")]:
+            for modes in [(m,) for m in ALL_MODES] + [FUSED]:
                 yield "torch", dtype, mask_kind, modes
-                if dtype in (torch.float32, torch.bfloat16) or modes == ("last", "max", "cls", "mean"):
+                if dtype in (torch.float32, torch.bfloat16) or modes == FUSED:
                     yield "triton", dtype, mask_kind, modes
 
 
@@ -40,7 +43,10 @@ def test_grad_matches_oracle(device, backend_name, dtype, mask_kind, modes):
     mask = make_mask(mask_kind, B, T, gen)
     mask = None if mask is None else mask.to(device)
     grad_out = torch.randn(B, len(modes) * d, generator=gen).to(dtype).to(device)
-    with fastpool.use_backend(backend_name), kernel_config("small-blocks" if backend_name == "triton" else "default"):
+    with (
+        fastpool.use_backend(backend_name),
+        kernel_config("small-blocks" if backend_name == "triton" else "default"),
+    ):
         out = fastpool.pool(hidden, mask, mode=list(modes))
         (grad,) = torch.autograd.grad(out, hidden, grad_out)
     assert grad.shape == hidden.shape and grad.dtype == dtype
@@ -56,7 +62,10 @@ def test_gradcheck_float64(device, backend_name, modes):
     gen = torch.Generator().manual_seed(11)
     hidden = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], device=device)
-    with fastpool.use_backend(backend_name), kernel_config("small-blocks" if backend_name == "triton" else "default"):
+    with (
+        fastpool.use_backend(backend_name),
+        kernel_config("small-blocks" if backend_name == "triton" else "default"),
+    ):
         # fast_mode checks a random projection of the Jacobian: far fewer interpreter launches.
         assert torch.autograd.gradcheck(
             lambda h: fastpool.pool(h, mask, mode=modes), (hidden,), eps=1e-6, atol=1e-8, fast_mode=True
@@ -76,7 +85,7 @@ def test_empty_rows_and_garbage_padding_pass_zero_gradient(backend, device):
     hidden.requires_grad_()
     mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], device=device)
     with kernel_config("split-T" if backend == "triton" else "default"):
-        out = fastpool.pool(hidden, mask, mode=list(ALL_MODES))
+        out = fastpool.pool(hidden, mask, mode=["mean", "max", "cls", "last"])
         out.backward(torch.ones_like(out))
     assert torch.isfinite(out).all()
     assert torch.isfinite(hidden.grad).all()

@@ -116,7 +116,8 @@ def test_gpu_preset_grid_is_sized_for_minutes(bench_modules):
     shapes, _, _ = bench_modules
     cases = shapes.PRESETS["gpu"].cases()
     assert 60 <= len(cases) <= 200
-    assert len(shapes.serving_shapes()) == 40
+    assert len(shapes.serving_shapes()) == 55
+    assert {d for _, _, d in shapes.serving_shapes()} == {384, 768, 1024, 4096}
     keys = {(c.op, c.pass_, c.B, c.T, c.d, c.dtype, c.padding, c.layout) for c in cases}
     assert ("mean", "fwd", 64, 512, 1024, "bfloat16", 0.5, "right") in keys  # the shape
     assert len(keys) == len(cases)  # overlapping blocks are measured once

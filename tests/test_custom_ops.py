@@ -7,11 +7,13 @@ from torch._dynamo.testing import CompileCounter
 
 import fastpool
 
-ALL_MODES = ["mean", "max", "cls", "last"]
+ALL_MODES = ["mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean"]
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
-@pytest.mark.parametrize("modes", ["mean", "max", "cls,last", "last,max,mean,cls"])
+@pytest.mark.parametrize(
+    "modes", ["mean", "max", "cls,last", "last,max,mean_sqrt_len,mean,cls", "weighted_mean,max"]
+)
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
 def test_opcheck(device, backend_name, modes, with_mask):
     gen = torch.Generator().manual_seed(21)
@@ -37,7 +39,10 @@ def test_fullgraph_compile_matches_eager_without_recompiling_per_shape(device, b
     counter = CompileCounter()
     compiled = torch.compile(pool_loss, fullgraph=True, backend=counter)
     gen = torch.Generator().manual_seed(22)
-    with fastpool.use_backend(backend_name), kernel_config("small-blocks" if backend_name == "triton" else "default"):
+    with (
+        fastpool.use_backend(backend_name),
+        kernel_config("small-blocks" if backend_name == "triton" else "default"),
+    ):
         for B, T in [(2, 5), (3, 7), (4, 9), (5, 12)]:
             hidden = torch.randn(B, T, 6, generator=gen).to(device).requires_grad_()
             mask = make_mask("holes", B, T, gen).to(device)

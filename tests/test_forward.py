@@ -10,7 +10,7 @@ from tolerances import for_mode
 import fastpool
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SINGLE_MODES = ("mean", "max", "cls", "last")
+SINGLE_MODES = ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")
 
 
 def check_against_oracle(hidden, mask, modes, out):
@@ -23,7 +23,7 @@ def check_against_oracle(hidden, mask, modes, out):
         torch.testing.assert_close(got, expected, equal_nan=True, **for_mode(mode, hidden.dtype))
 
 
-ALL_MODES = ("max", "last", "mean", "cls")
+ALL_MODES = ("max", "last", "weighted_mean", "mean_sqrt_len", "mean", "cls")
 
 
 def oracle_cases():
@@ -41,7 +41,7 @@ def oracle_cases():
                 yield "triton", "small-blocks", dtype, mask_kind, modes
     for dtype in (torch.float32, torch.bfloat16):
         for mask_kind in MASK_KINDS:
-            for modes in [("mean",), ("max",), ALL_MODES]:
+            for modes in [("mean",), ("max",), ("weighted_mean",), ALL_MODES]:
                 yield "triton", "split-T", dtype, mask_kind, modes
     for dtype in DTYPES:
         for mask_kind in ("none", "holes"):
@@ -67,7 +67,18 @@ def test_matches_oracle(device, backend_name, config, dtype, mask_kind, modes):
 
 @pytest.mark.parametrize(
     "shape",
-    [(1, 1, 1), (1, 1, 7), (2, 13, 1), (1, 31, 3), (7, 2, 5), (3, 17, 67), (0, 5, 4), (3, 0, 4), (3, 5, 0), (0, 0, 0)],
+    [
+        (1, 1, 1),
+        (1, 1, 7),
+        (2, 13, 1),
+        (1, 31, 3),
+        (7, 2, 5),
+        (3, 17, 67),
+        (0, 5, 4),
+        (3, 0, 4),
+        (3, 5, 0),
+        (0, 0, 0),
+    ],
     ids=str,
 )
 def test_shapes_including_empty_dimensions(backend, device, shape):
@@ -81,7 +92,9 @@ def test_shapes_including_empty_dimensions(backend, device, shape):
         _, index = fastpool.max_pool(hidden, mask, return_indices=True)
     assert out.shape == (B, 4 * d)
     check_against_oracle(hidden, mask, modes, out)
-    assert torch.equal(index.cpu(), torch.from_numpy(oracle.max_with_index(to_numpy(hidden), np_mask(mask))[1]))
+    assert torch.equal(
+        index.cpu(), torch.from_numpy(oracle.max_with_index(to_numpy(hidden), np_mask(mask))[1])
+    )
     if T == 0:
         assert torch.count_nonzero(out) == 0 and bool((index == -1).all())
 
@@ -219,9 +232,10 @@ def test_backends_agree_bit_for_bit_on_selections(device):
     results = {}
     for name in ("torch", "triton"):
         with fastpool.use_backend(name), kernel_config("split-T" if name == "triton" else "default"):
-            results[name] = fastpool.pool(hidden, mask, mode=["max", "cls", "last"]), fastpool.max_pool(
-                hidden, mask, return_indices=True
-            )[1]
+            results[name] = (
+                fastpool.pool(hidden, mask, mode=["max", "cls", "last"]),
+                fastpool.max_pool(hidden, mask, return_indices=True)[1],
+            )
     assert torch.equal(results["torch"][0], results["triton"][0])
     assert torch.equal(results["torch"][1], results["triton"][1])
 

@@ -37,7 +37,9 @@ def check(hidden, mask, modes, device):
     d = hidden.shape[2]
     for i, mode in enumerate(modes):
         expected = torch.from_numpy(oracle.pool(to_numpy(hidden), np_mask(mask), mode)).to(hidden.dtype)
-        torch.testing.assert_close(out[:, i * d : (i + 1) * d].cpu(), expected, **for_mode(mode, hidden.dtype))
+        torch.testing.assert_close(
+            out[:, i * d : (i + 1) * d].cpu(), expected, **for_mode(mode, hidden.dtype)
+        )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,7 +49,11 @@ def test_eager_backend_matches_oracle(device, case):
         check(*case, device)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(case=cases(), split=st.sampled_from([1, 2, 3]))
 def test_triton_backend_matches_oracle(device, case, split):
     with fastpool.use_backend("triton"), kernel_config("small-blocks"):

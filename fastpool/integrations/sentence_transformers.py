@@ -1,0 +1,237 @@
+"""sentence-transformers integration: ``FastPooling``, a drop-in for its ``Pooling`` module.
+
+    from sentence_transformers import SentenceTransformer
+    from fastpool.integrations.sentence_transformers import replace_pooling
+
+    model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+    replace_pooling(model)          # 1: the model's Pooling module now pools with fastpool
+    model.encode(["a sentence", "another one"])
+
+sentence-transformers is an optional dependency: ``import fastpool`` never imports it, and importing
+this module without it raises an ``ImportError`` that says so. Written against the ``Pooling`` of
+sentence-transformers 6.2 (configured by ``pooling_mode``; tested with 6.2.0).
+
+``FastPooling`` is a subclass of sentence-transformers' ``Pooling``: same constructor, same
+configuration keys, same ``save`` / ``load`` / ``get_embedding_dimension``, and the library's own
+``isinstance(module, Pooling)`` checks (``set_pooling_include_prompt``, ...) still find it. Only
+``forward`` changes: it reads ``features["token_embeddings"]`` (B, T, d) and
+``features["attention_mask"]`` (B, T), honours ``include_prompt=False`` with
+``features["prompt_length"]``, and writes ``features["sentence_embedding"]`` (B, n_modes * d),
+computed by one ``fastpool.pool`` call with the modes concatenated in ``pooling_mode`` order. Every
+other key of ``features`` is left as it is, and the caller's attention mask is never modified.
+
+Where sentence-transformers' output is correct the result is the same up to float rounding. It
+differs where fastpool's documented semantics differ (see the fastpool README): a row with no real
+token pools to zeros (sentence-transformers: ``-inf`` for max, the token at position 0 for cls),
+padding that holds NaN or inf never reaches the output, and the mask is read as "nonzero = real
+token" (sentence-transformers uses a non-binary mask as weights in mean). ``weightedmean`` maps to
+fastpool's ``weighted_mean``: the k-th pooled token of a row has weight k. sentence-transformers
+agrees for left and right padding, but weighs by position after the first real token, so it differs
+for a mask with holes, and with ``include_prompt=False`` it keeps the pooled tokens' original
+positions (the first token after the prompt weighs ``prompt_length + 1``; fastpool: 1).
+
+Inputs that fastpool does not model are pooled by sentence-transformers' own implementation,
+unchanged: flattened (unpadded, ``cu_seq_lens_q``) batches, ``token_weights_sum`` (from
+``WordWeights``) with a mean mode, and ``cls_token_embeddings`` with the cls mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import fastpool
+
+try:
+    import sentence_transformers
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
+    if exc.name == "sentence_transformers":
+        message = (
+            "fastpool.integrations.sentence_transformers needs the optional dependency "
+            "sentence-transformers, which is not installed: pip install sentence-transformers"
+        )
+    else:
+        message = (
+            f"fastpool.integrations.sentence_transformers: importing sentence-transformers failed: {exc}"
+        )
+    raise ImportError(message) from exc
+
+try:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+except ImportError as exc:  # pragma: no cover - older sentence-transformers layouts
+    raise ImportError(
+        "fastpool.integrations.sentence_transformers needs a sentence-transformers whose Pooling lives in "
+        "sentence_transformers.sentence_transformer.modules and is configured by `pooling_mode` "
+        f"(tested with 6.2.0); found {getattr(sentence_transformers, '__version__', 'unknown')}"
+    ) from exc
+if "pooling_mode" not in getattr(Pooling, "config_keys", ()):  # pragma: no cover
+    raise ImportError(
+        "fastpool.integrations.sentence_transformers needs a sentence-transformers whose Pooling is "
+        "configured by `pooling_mode` (tested with 6.2.0); "
+        f"found {getattr(sentence_transformers, '__version__', 'unknown')}"
+    )
+
+__all__ = ["MODE_NAMES", "FastPooling", "fastpool_modes", "replace_pooling", "restore_pooling"]
+
+#: sentence-transformers' pooling mode names -> fastpool's.
+MODE_NAMES: dict[str, str] = {
+    "cls": "cls",
+    "max": "max",
+    "mean": "mean",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weighted_mean",
+    "lasttoken": "last",
+}
+_MEAN_MODES = ("mean", "mean_sqrt_len_tokens", "weightedmean")
+
+
+def _st_modes(pooling: Pooling) -> tuple[str, ...]:
+    """The sentence-transformers modes of ``pooling``, in its concatenation order."""
+    mode = pooling.pooling_mode
+    return (mode,) if isinstance(mode, str) else tuple(mode)
+
+
+def fastpool_modes(st_modes: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Map sentence-transformers pooling mode name(s) to fastpool's, keeping the order.
+
+    Raises ``NotImplementedError`` for a mode this fastpool cannot compute (``weightedmean`` before
+    fastpool has ``weighted_mean``, or a mode name it does not know).
+    """
+    names = (st_modes,) if isinstance(st_modes, str) else tuple(st_modes)
+    out = []
+    for name in names:
+        target = MODE_NAMES.get(name)
+        if target is None or target not in fastpool.MODES:
+            have = f"fastpool's {target!r} mode" if target else "a fastpool equivalent"
+            raise NotImplementedError(
+                f"FastPooling: sentence-transformers pooling mode {name!r} needs {have}, which fastpool "
+                f"{fastpool.__version__} does not have (its modes: {fastpool.MODES}); keep "
+                "sentence-transformers' Pooling for this model"
+            )
+        out.append(target)
+    return tuple(out)
+
+
+def _exclude_prompt(mask: torch.Tensor | None, prompt_length: int, hidden: torch.Tensor) -> torch.Tensor:
+    """A new bool mask without the prompt: positions before (first real position + prompt_length).
+
+    The same positions sentence-transformers excludes (``Pooling._exclude_prompt_from_mask``): the
+    prompt starts at each row's first real token, after any left padding.
+    """
+    B, T = hidden.shape[:2]
+    real = torch.ones(B, T, dtype=torch.bool, device=hidden.device) if mask is None else mask != 0
+    if T == 0:
+        return real
+    first = real.to(torch.int32).argmax(dim=1)  # 0 for an empty row, as in sentence-transformers
+    positions = torch.arange(T, device=hidden.device)
+    return real & (positions[None, :] >= (first + prompt_length)[:, None])
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, modes: tuple[str, ...]) -> torch.Tensor:
+    """``fastpool.pool`` over ``modes`` in order; a mode listed twice is computed once and repeated."""
+    unique = tuple(dict.fromkeys(modes))
+    out = fastpool.pool(hidden, mask, mode=unique)
+    if len(unique) == len(modes):
+        return out
+    d = hidden.shape[-1]
+    block = {name: out[:, i * d : (i + 1) * d] for i, name in enumerate(unique)}
+    return torch.cat([block[name] for name in modes], dim=-1)
+
+
+class FastPooling(Pooling):
+    """sentence-transformers' ``Pooling``, computed by ``fastpool.pool`` (see the module docstring).
+
+    Constructed like ``Pooling`` (``embedding_dimension``, ``pooling_mode``, ``include_prompt``), or
+    from an existing one with ``FastPooling.from_pooling(pooling)``. Raises ``NotImplementedError``
+    for a pooling mode fastpool cannot compute.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        fastpool_modes(_st_modes(self))  # fail here, not at the first forward
+
+    @classmethod
+    def from_pooling(cls, pooling: Pooling) -> FastPooling:
+        """A ``FastPooling`` with ``pooling``'s configuration and train/eval state."""
+        if not isinstance(pooling, Pooling):
+            raise TypeError(
+                f"pooling: expected a sentence_transformers Pooling module, got {type(pooling).__name__}"
+            )
+        module = cls(**pooling.get_config_dict())
+        module.train(pooling.training)
+        return module
+
+    def _prompt_length(self, features: dict[str, Any]) -> int:
+        if self.include_prompt or "prompt_length" not in features:
+            return 0
+        # An int at inference; a tensor of equal values in training (sentence-transformers reads the first).
+        value = features["prompt_length"]
+        return int(value.reshape(-1)[0].item()) if isinstance(value, torch.Tensor) else int(value)
+
+    def forward(
+        self, features: dict[str, torch.Tensor | Any], **kwargs: Any
+    ) -> dict[str, torch.Tensor | Any]:
+        st_modes = _st_modes(self)
+        if (
+            "cu_seq_lens_q" in features
+            or ("token_weights_sum" in features and any(m in _MEAN_MODES for m in st_modes))
+            or ("cls_token_embeddings" in features and "cls" in st_modes)
+        ):
+            return super().forward(features, **kwargs)
+        modes = fastpool_modes(st_modes)
+        hidden = features["token_embeddings"]
+        mask = features.get("attention_mask")
+        if mask is not None and mask.size(-1) != hidden.size(1):
+            mask = None  # as sentence-transformers: a mask of another length means "every token is real"
+        prompt_length = self._prompt_length(features)
+        if prompt_length > 0:
+            mask = _exclude_prompt(mask, prompt_length, hidden)
+        features["sentence_embedding"] = _pool(hidden, mask, modes)
+        return features
+
+
+def _swap(model: torch.nn.Module, match, make) -> int:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model: expected a torch.nn.Module (e.g. a SentenceTransformer), got {type(model).__name__}"
+        )
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if match(child)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, make(child))
+    return len(swaps)
+
+
+def replace_pooling(model: torch.nn.Module) -> int:
+    """Swap every sentence-transformers ``Pooling`` inside ``model`` for a ``FastPooling``; return how many.
+
+    Walks all submodules (a ``Router``'s routes included). Only modules whose type is exactly
+    ``Pooling`` are replaced: a subclass may override ``forward``, so it is left alone. Raises
+    ``NotImplementedError`` (before swapping anything) when a Pooling uses a mode fastpool cannot
+    compute.
+    """
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        if type(module) is Pooling:
+            fastpool_modes(_st_modes(module))
+    return _swap(model, lambda m: type(m) is Pooling, FastPooling.from_pooling)
+
+
+def restore_pooling(model: torch.nn.Module) -> int:
+    """Undo ``replace_pooling``: swap every ``FastPooling`` back to a plain ``Pooling``; return how many.
+
+    Useful before ``model.save(...)`` when the saved model must load without fastpool (a saved
+    ``FastPooling`` is referenced by its class path, which sentence-transformers imports only with
+    ``trust_remote_code=True``).
+    """
+
+    def make(module: FastPooling) -> Pooling:
+        plain = Pooling(**module.get_config_dict())
+        plain.train(module.training)
+        return plain
+
+    return _swap(model, lambda m: isinstance(m, FastPooling), make)

