@@ -6,6 +6,8 @@ These are ``@triton.jit`` device functions only; they are inlined into the kerne
 import triton
 import triton.language as tl
 
+# Per-mode column offsets (-1 = mode not requested): uniform runtime flags, never specialized on.
+COLUMN_ARGS = ["col_mean", "col_max", "col_first", "col_last", "col_sqrt", "col_weighted"]
 # Sentinel position for "no real token seen": larger than any T we accept (T < 2**31 - 1).
 NO_TOKEN = tl.constexpr(2147483647)
 

@@ -12,7 +12,7 @@ float64) and cast once.
 import triton
 import triton.language as tl
 
-from .mask_scan import _div, exact_sqrt
+from .mask_scan import COLUMN_ARGS, _div, exact_sqrt
 
 
 @triton.jit
@@ -28,17 +28,7 @@ def _mode_grad(
     return g.to(ACC_DTYPE)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "col_mean",
-        "col_max",
-        "col_first",
-        "col_last",
-        "col_sqrt",
-        "col_weighted",
-        "MASK_BITS",
-    ]
-)
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS"])
 def pool_backward_kernel(
     grad_out_ptr,  # (B, n_modes * d) any strides, any float dtype
     mask_ptr,  # (B, T) integer view of the mask, any strides; unused unless HAS_MASK

@@ -19,7 +19,7 @@ split order. No atomics: the result is bit-for-bit deterministic.
 import triton
 import triton.language as tl
 
-from .mask_scan import NO_TOKEN, _div, better_max, exact_sqrt, lanes_argmax, row_span
+from .mask_scan import COLUMN_ARGS, NO_TOKEN, _div, better_max, exact_sqrt, lanes_argmax, row_span
 
 
 @triton.jit
@@ -92,18 +92,7 @@ def _write_results(
     tl.store(stats_ptr + 2 * B + row, tl.where(has_tokens, last, -1), mask=owner)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "col_mean",
-        "col_max",
-        "col_first",
-        "col_last",
-        "col_sqrt",
-        "col_weighted",
-        "MASK_BITS",
-        "n_splits",
-    ]
-)
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_splits"])
 def pool_forward_kernel(
     hidden_ptr,  # (B, T, d) fp16/bf16/fp32/fp64, any strides
     mask_ptr,  # (B, T) integer view of the mask, any strides, nonzero = real; unused unless HAS_MASK
@@ -215,7 +204,7 @@ def pool_forward_kernel(
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["col_mean", "col_max", "col_first", "col_last", "col_sqrt", "col_weighted"])
+@triton.jit(do_not_specialize=COLUMN_ARGS)
 def pool_combine_kernel(
     hidden_ptr,  # (B, T, d) any strides: read only for the first/last-token gather
     out_ptr,  # (B, n_modes * d) hidden dtype

@@ -34,6 +34,15 @@ def pool_loss(hidden, mask):
     return (out * out).sum()
 
 
+def check_compiled_matches_eager(compiled, hidden, mask):
+    loss = compiled(hidden, mask)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    ref_loss = pool_loss(hidden, mask)
+    (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_fullgraph_compile_matches_eager_without_recompiling_per_shape(device, backend_name):
     counter = CompileCounter()
@@ -46,12 +55,7 @@ def test_fullgraph_compile_matches_eager_without_recompiling_per_shape(device, b
         for B, T in [(2, 5), (3, 7), (4, 9), (5, 12)]:
             hidden = torch.randn(B, T, 6, generator=gen).to(device).requires_grad_()
             mask = make_mask("holes", B, T, gen).to(device)
-            loss = compiled(hidden, mask)
-            (grad,) = torch.autograd.grad(loss, hidden)
-            ref_loss = pool_loss(hidden, mask)
-            (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
-            torch.testing.assert_close(loss, ref_loss)
-            torch.testing.assert_close(grad, ref_grad)
+            check_compiled_matches_eager(compiled, hidden, mask)
     # One static graph for the first shape, one dynamic graph for all the others.
     assert counter.frame_count <= 2
 
@@ -62,9 +66,4 @@ def test_inductor_fullgraph_compile(device):
     hidden = torch.randn(3, 6, 4, generator=gen).to(device).requires_grad_()
     mask = make_mask("right", 3, 6, gen).to(device)
     with fastpool.use_backend("torch"):
-        loss = compiled(hidden, mask)
-        (grad,) = torch.autograd.grad(loss, hidden)
-        ref_loss = pool_loss(hidden, mask)
-        (ref_grad,) = torch.autograd.grad(ref_loss, hidden)
-    torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(grad, ref_grad)
+        check_compiled_matches_eager(compiled, hidden, mask)
