@@ -23,7 +23,10 @@ def cases(quick: bool, tiny: bool):
     )
     shapes = [(3, 37, 300), (1, 2048, 520), (0, 4, 8), (2, 0, 8), (2, 5, 0), (1, 1, 1)]
     layouts = ["none", "right", "left", "holes", "empty"]
-    mode_sets = (["mean"], ["max"], ["cls", "last"], ["last", "max", "mean", "cls"])
+    mode_sets = (
+        ["mean"], ["max"], ["cls", "last"], ["weighted_mean"],
+        ["last", "max", "mean_sqrt_len", "weighted_mean", "mean", "cls"],
+    )  # fmt: skip
     if tiny:
         shapes, layouts, mode_sets = shapes[:2], ["right", "holes", "empty"], mode_sets[-1:]
     for dtype in dtypes:
