@@ -111,7 +111,7 @@ def specializations() -> list[Specialization]:
                     "stats_ptr": "*i32", "ranks_ptr": "*i32", "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
                 }  # fmt: skip
                 constexprs = {
-                    "HAS_MASK": has_mask, "ACC_DTYPE": acc, "BLOCK_T": launchers.backward_block_t(size),
+                    "HAS_MASK": has_mask, "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size),
                     "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
                     **fixed_m,
                 }  # fmt: skip

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .masks import real_tokens
 from .modes import mode_columns
 
 # Rows per chunk when half-precision rows are widened to float32 for the mean: bounds the
@@ -21,26 +22,6 @@ _WIDEN_CHUNK_BYTES = 32 * 2**20
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 input, float32 for every other float dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def real_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool: nonzero mask entries (``None`` stays ``None``: every token is real).
-
-    Float masks are tested on their bits with the sign cleared, exactly as the kernels do: -0.0 is
-    zero, NaN and denormals are nonzero whatever the flush-denormal setting.
-    """
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.dtype.is_floating_point:
-        width = mask.element_size()
-        magnitude = (1 << (8 * width - 1)) - 1
-        return (mask.view(_INT_OF_WIDTH[width]) & magnitude) != 0
-    return mask != 0
 
 
 def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import eager
+from .masks import integer_view, real_tokens
 from .modes import MODES, mode_columns
 
 # A T-split program must stream at least this many tokens: its partial results cost
@@ -76,26 +78,24 @@ def feature_block(element_size: int) -> int:
     return ROW_BYTES // element_size
 
 
-def token_block(element_size: int, with_max: bool) -> int:
-    """BLOCK_T of the forward loop: 16 tokens (8 when a second accumulator tile is kept: max, weighted)."""
-    tile = TILE_BYTES_WITH_MAX if with_max else TILE_BYTES
+def token_block(element_size: int, second_accumulator: bool = False) -> int:
+    """BLOCK_T: 16 tokens (8 KB tiles), 8 when the forward keeps a second accumulator tile (max, weighted).
+
+    The backward tile is the plain one: ``token_block(element_size)``.
+    """
+    tile = TILE_BYTES_WITH_MAX if second_accumulator else TILE_BYTES
     return tile // (feature_block(element_size) * element_size)
 
 
-def backward_block_t(element_size: int) -> int:
-    """BLOCK_T of the backward tile: 16 tokens (an 8 KB tile)."""
-    return TILE_BYTES // (feature_block(element_size) * element_size)
-
-
 def forward_config(
-    B: int, T: int, d: int, element_size: int, needs_loop: bool, with_max: bool, sm_count: int
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int
 ) -> LaunchConfig:
     """Block sizes and T-split for the forward kernel (see ``_forward_config``); cached per shape."""
     if _overrides:
         return _forward_config(
-            B, T, d, element_size, needs_loop, with_max, sm_count, tuple(_overrides.items())
+            B, T, d, element_size, needs_loop, second_accumulator, sm_count, tuple(_overrides.items())
         )
-    return _cached_forward_config(B, T, d, element_size, needs_loop, with_max, sm_count)
+    return _cached_forward_config(B, T, d, element_size, needs_loop, second_accumulator, sm_count)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -104,7 +104,7 @@ def _cached_forward_config(*key) -> LaunchConfig:
 
 
 def _forward_config(
-    B: int, T: int, d: int, element_size: int, needs_loop: bool, with_max: bool, sm_count: int,
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int,
     overrides: tuple,
 ) -> LaunchConfig:  # fmt: skip
     """Pick block sizes and the T-split for the forward kernel.
@@ -115,7 +115,7 @@ def _forward_config(
     GPU, never into ranges shorter than MIN_TOKENS_PER_SPLIT.
     """
     block_d = feature_block(element_size)
-    block_t = token_block(element_size, with_max)
+    block_t = token_block(element_size, second_accumulator)
     n_splits = 1
     programs = B * triton_cdiv(d, block_d)
     target = PROGRAMS_PER_SM * sm_count
@@ -130,7 +130,7 @@ def _forward_config(
 
 def backward_config(T: int, d: int, element_size: int) -> LaunchConfig:
     """Block sizes for the backward kernel: one (BLOCK_T, BLOCK_D) output tile per program."""
-    config = LaunchConfig(block_t=backward_block_t(element_size), block_d=feature_block(element_size))
+    config = LaunchConfig(block_t=token_block(element_size), block_d=feature_block(element_size))
     return replace(
         config, **{k: v for k, v in _overrides.items() if k in ("block_t", "block_d", "num_warps")}
     )
@@ -150,22 +150,6 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_SM_COUNT
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-_MASK_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def mask_as_integers(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Reinterpret a mask of any dtype as signed integers of its width, without a copy.
-
-    Returns the view and the bits that make an element nonzero: all of them for integer and bool
-    masks, all but the sign bit for float masks (so -0.0 counts as zero, NaN as nonzero).
-    """
-    width = mask.element_size()
-    view = mask.view(_MASK_VIEW[width]) if mask.dtype != _MASK_VIEW[width] else mask
-    if mask.dtype.is_floating_point:
-        return view, (1 << (8 * width - 1)) - 1
-    return view, -1
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -241,9 +225,7 @@ def pool_forward(
         return out, argmax, stats
     if d == 0:
         # Nothing to pool, but backward still needs the per-row sizes.
-        from . import eager
-
-        return out, argmax, eager.row_stats(eager.real_tokens(mask), B, T, device)
+        return out, argmax, eager.row_stats(real_tokens(mask), B, T, device)
 
     # The weighted sum adds a second accumulator tile: it takes the smaller tile, like the max.
     config = forward_config(
@@ -252,7 +234,7 @@ def pool_forward(
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
     else:
-        mask_view, mask_bits = mask_as_integers(mask)
+        mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     split = config.n_splits > 1
@@ -326,12 +308,11 @@ def pool_backward(
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
     else:
-        mask_view, mask_bits = mask_as_integers(mask)
+        mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
     if cols["weighted_mean"] >= 0 and mask is not None:
         # A tiny pre-pass over the mask only: the rank of each real token, 0 at padding.
-        real = mask != 0 if not mask.dtype.is_floating_point else (mask_view & mask_bits) != 0
-        ranks = (torch.cumsum(real, dim=1, dtype=torch.int32) * real).contiguous()
+        ranks = eager.token_ranks(real_tokens(mask), B, T, grad.device).to(torch.int32).contiguous()
     else:
         ranks = _placeholder(grad.device, torch.int32)
     n_tblocks = triton_cdiv(T, config.block_t)

@@ -90,10 +90,3 @@ def exact_sqrt(x):
         return tl.sqrt(x)
     else:
         return tl.sqrt_rn(x)
-
-
-@triton.jit
-def _div(x, y):
-    """x / y. Float32 division compiles to the fast (<= 2 ulp) form: the correctly rounded one calls a
-    slow-path subroutine with a stack frame on sm_80, which the no-spill AOT check rejects."""
-    return x / y

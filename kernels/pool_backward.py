@@ -12,7 +12,7 @@ float64) and cast once.
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, _div, exact_sqrt
+from .mask_scan import COLUMN_ARGS, exact_sqrt
 
 
 @triton.jit
@@ -74,9 +74,9 @@ def pool_backward_kernel(
         n = tl.maximum(count, 1).to(ACC_DTYPE)
         share = tl.zeros((BLOCK_D,), ACC_DTYPE)
         if col_mean >= 0:
-            share += _div(_mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE), n)
+            share += _mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE) / n
         if col_sqrt >= 0:
-            share += _div(_mode_grad(grad_row, col_sqrt, d_offs, d_in, stride_god, ACC_DTYPE), exact_sqrt(n))
+            share += _mode_grad(grad_row, col_sqrt, d_offs, d_in, stride_god, ACC_DTYPE) / exact_sqrt(n)
         real = t_in & (count > 0)
         if HAS_MASK:
             m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)
@@ -85,7 +85,7 @@ def pool_backward_kernel(
     if col_weighted >= 0:
         c = count.to(ACC_DTYPE)
         total_weight = tl.maximum(c * (c + 1.0) * 0.5, 1.0)  # 1..n summed; an empty row gets weight 0 below
-        g = _div(_mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE), total_weight)
+        g = _mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE) / total_weight
         if HAS_MASK:
             rank = tl.load(ranks_ptr + row * T + t, mask=t_in, other=0)
         else:

@@ -19,7 +19,7 @@ split order. No atomics: the result is bit-for-bit deterministic.
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, NO_TOKEN, _div, better_max, exact_sqrt, lanes_argmax, row_span
+from .mask_scan import COLUMN_ARGS, NO_TOKEN, better_max, exact_sqrt, lanes_argmax, row_span
 
 
 @triton.jit
@@ -60,17 +60,19 @@ def _write_results(
     has_tokens = count > 0
     if DO_MEAN:
         # Exact integer count, converted once; an empty row gives 0, never 0/0.
+        # Float32 `/` is the fast division (<= 2 ulp): the IEEE one calls a slow-path subroutine
+        # with a stack frame on sm_80, which the no-spill AOT check rejects.
         n = tl.maximum(count, 1).to(total.dtype)
         if col_mean >= 0:
-            mean = tl.where(has_tokens, _div(total, n), 0.0)
+            mean = tl.where(has_tokens, total / n, 0.0)
             tl.store(out_row + col_mean + d_offs, mean.to(out_ty), mask=d_in)
         if col_sqrt >= 0:
-            scaled = tl.where(has_tokens, _div(total, exact_sqrt(n)), 0.0)
+            scaled = tl.where(has_tokens, total / exact_sqrt(n), 0.0)
             tl.store(out_row + col_sqrt + d_offs, scaled.to(out_ty), mask=d_in)
     if DO_WEIGHTED:
         # Sum of the weights 1..n, in float: exact to n = 5791 in float32, rounded once beyond.
         c = count.to(weighted.dtype)
-        w_mean = tl.where(has_tokens, _div(weighted, tl.maximum(c * (c + 1.0) * 0.5, 1.0)), 0.0)
+        w_mean = tl.where(has_tokens, weighted / tl.maximum(c * (c + 1.0) * 0.5, 1.0), 0.0)
         tl.store(out_row + col_weighted + d_offs, w_mean.to(out_ty), mask=d_in & (col_weighted >= 0))
     if DO_MAX:
         empty = max_pos == NO_TOKEN
