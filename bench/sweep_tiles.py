@@ -48,11 +48,11 @@ def main() -> None:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50)
             print(f"fwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
     for op in ("mean", "max"):
-        _, argmax, stats = torch.ops.fastpool.pool_fwd(hidden, mask, op, "triton")
+        _, argmax, stats = torch.ops.fastpool.pool_fwd(hidden, mask, None, op, "triton")
         for cfg in BWD_CONFIGS:
             with launchers.config_override(**cfg):
                 run = functools.partial(
-                    torch.ops.fastpool.pool_bwd, grad_out, mask, argmax, stats, T, dtype, op, "triton"
+                    torch.ops.fastpool.pool_bwd, grad_out, mask, None, argmax, stats, T, dtype, op, "triton"
                 )
                 ms = triton.testing.do_bench(run, warmup=10, rep=50)
             print(f"bwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))

@@ -6,7 +6,7 @@ everything else eager PyTorch with the same semantics (see ``fastpool.functional
 
 from . import nn
 from .backend import use_backend
-from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool
+from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool, weighted_mean_pool
 from .modes import MODES
 
 __version__ = "0.1.0"
@@ -21,4 +21,5 @@ __all__ = [
     "nn",
     "pool",
     "use_backend",
+    "weighted_mean_pool",
 ]

@@ -45,6 +45,10 @@ STRIDED_MASK_KINDS = ("none", "i8")
 LOOP_VARIANTS = (
     (True, False, False), (False, True, False), (True, True, False), (True, False, True), (True, True, True),
 )  # fmt: skip
+# (DO_MEAN, DO_MAX) of weighted_mean with user weights (HAS_WEIGHTS), which needs no plain sum. User
+# weights are compiled in hidden's dtype and with the mask kinds of STRIDED_MASK_KINDS: the mask
+# width and the weights' dtype only change one load each.
+USER_WEIGHT_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
 
 
 @dataclass(frozen=True)
@@ -88,48 +92,59 @@ def specializations() -> list[Specialization]:
                     continue
                 has_mask = mask_name != "none"
                 fixed_m = {"stride_mt": 1} if (contiguous and has_mask) else {}
-                for do_mean, do_max, do_weighted in LOOP_VARIANTS + ((False, False, False),):
+                variants = [(*v, False) for v in LOOP_VARIANTS + ((False, False, False),)]
+                if mask_name in STRIDED_MASK_KINDS:
+                    variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
+                for do_mean, do_max, do_weighted, has_weights in variants:
+                    weights_ty = f"*{dtype}" if has_weights else f"*{acc}"
                     types = {
                         "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}",
                         "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
                         "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
-                        "part_wsum_ptr": f"*{acc}", "MASK_BITS": bits_ty,
+                        "part_wsum_ptr": f"*{acc}", "weights_ptr": weights_ty, "wsum_ptr": f"*{acc}",
+                        "MASK_BITS": bits_ty,
                     }  # fmt: skip
                     constexprs = {
                         "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max,
-                        "DO_WEIGHTED": do_weighted,
+                        "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights,
                         "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max or do_weighted),
                         "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
                     }  # fmt: skip
                     label = (
                         f"fwd {dtype} mask={mask_name} mean={int(do_mean)} max={int(do_max)} "
-                        f"weighted={int(do_weighted)} {layout}"
+                        f"weighted={int(do_weighted)} user_weights={int(has_weights)} {layout}"
                     )
                     specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
-                types = {
-                    "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
-                    "stats_ptr": "*i32", "ranks_ptr": "*i32", "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
-                }  # fmt: skip
-                constexprs = {
-                    "HAS_MASK": has_mask, "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size),
-                    "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
-                    **fixed_m,
-                }  # fmt: skip
-                div_g = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
-                label = f"bwd {dtype} mask={mask_name} {layout}"
-                specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
-            for do_mean, do_max, do_weighted in LOOP_VARIANTS:
+                for has_weights in (False, True) if mask_name in STRIDED_MASK_KINDS else (False,):
+                    types = {
+                        "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
+                        "stats_ptr": "*i32", "ranks_ptr": "*i32",
+                        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
+                        "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
+                    }  # fmt: skip
+                    constexprs = {
+                        "HAS_MASK": has_mask, "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc,
+                        "BLOCK_T": launchers.token_block(size), "BLOCK_D": block_d,
+                        **({"stride_god": 1, "stride_gd": 1} if contiguous else {}), **fixed_m,
+                    }  # fmt: skip
+                    div_g = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
+                    label = f"bwd {dtype} mask={mask_name} user_weights={int(has_weights)} {layout}"
+                    specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
+            combine_variants = [(*v, False) for v in LOOP_VARIANTS]
+            combine_variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
+            for do_mean, do_max, do_weighted, has_weights in combine_variants:
                 types = {
                     "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
                     "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
                     "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
+                    "wsum_ptr": f"*{acc}",
                 }  # fmt: skip
                 constexprs = {
-                    "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted, "ACC_DTYPE": acc,
-                    "BLOCK_D": block_d, **fixed_h,
+                    "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
+                    "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "BLOCK_D": block_d, **fixed_h,
                 }  # fmt: skip
                 flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
-                label = f"combine {dtype} {flags} {layout}"
+                label = f"combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
                 specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
     return specs
 

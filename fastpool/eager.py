@@ -53,44 +53,95 @@ def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device)
     return torch.cumsum(real, dim=1) * real
 
 
-def _masked_sum(
-    hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype, ranks: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(B, d) sum over real tokens in ``acc`` precision (rank-weighted when ``ranks`` is given).
+def user_weights(
+    weights: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weighted_mean's user weights: ((B, T) weights in ``acc``, 0 at padding; (B,) their sum per row).
 
-    Padding never reaches the result.
+    Both backends take the row sums from here, so they divide by the same bits.
     """
-    if ranks is not None:
-        weights = ranks.to(acc)  # exact integers in float32 up to 2**24
-        if not _full_precision_matmul(hidden.device):
-            scaled = torch.where(weights.unsqueeze(-1) > 0, hidden.to(acc) * weights.unsqueeze(-1), 0)
-            return scaled.sum(1)
-        real = ranks > 0
-    elif real is None:
-        return hidden.sum(1, dtype=acc)
-    elif not _full_precision_matmul(hidden.device):
-        # TF32 / reduced-precision matmuls would round the inputs: select and sum instead.
-        return torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype)).sum(1, dtype=acc)
-    else:
-        weights = real.to(acc)
+    w = weights.to(acc)
+    if real is not None:
+        w = torch.where(real, w, torch.zeros((), dtype=acc, device=w.device))
+    return w, w.sum(1)
+
+
+def _rows_in_chunks(hidden: torch.Tensor, acc: torch.dtype):
+    """(row slice, rows of hidden widened to ``acc``): bounds the widened temporary to a chunk."""
     B, T, d = hidden.shape
-    weights = weights.unsqueeze(1)  # (B, 1, T): selection (or rank) weights
-    if hidden.dtype == acc:
-        total = torch.bmm(weights, hidden).squeeze(1)
-    else:
-        rows = max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
-        total = torch.cat(
-            [torch.bmm(w, h.to(acc)) for w, h in zip(weights.split(rows), hidden.split(rows), strict=True)]
-        ).squeeze(1)
+    rows = B if hidden.dtype == acc else max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
+    for start in range(0, B, rows):
+        yield slice(start, start + rows), hidden[start : start + rows].to(acc)
+
+
+def _masked_sum(
+    hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, d) sum over real tokens in ``acc`` precision, of ``weights * hidden`` when weights
+    ((B, T) in ``acc``, 0 at padding) are given. Padding never reaches the result.
+    """
+    exact_matmul = _full_precision_matmul(hidden.device)
+    if weights is None:
+        if real is None:
+            return hidden.sum(1, dtype=acc)
+        if not exact_matmul:
+            # TF32 / reduced-precision matmuls would round the inputs: select and sum instead.
+            zero = torch.zeros((), dtype=hidden.dtype)
+            return torch.where(real.unsqueeze(-1), hidden, zero).sum(1, dtype=acc)
+        weights = real.to(acc)
+    elif not exact_matmul:
+        scaled = hidden.to(acc) * weights.unsqueeze(-1)
+        return (scaled if real is None else torch.where(real.unsqueeze(-1), scaled, 0)).sum(1)
+    w = weights.unsqueeze(1)  # (B, 1, T): selection (or token) weights
+    total = torch.cat([torch.bmm(w[rows], h) for rows, h in _rows_in_chunks(hidden, acc)]).squeeze(1)
     # A weight of 0 times NaN/inf padding is NaN: the product form is exact only for finite rows.
     # Redo the (rare) non-finite rows by selection, so padding can never leak into the result.
     bad = ~torch.isfinite(total).all(1)
     if bool(bad.any()):
         rows_idx = bad.nonzero().squeeze(1)
-        picked = hidden.index_select(0, rows_idx)
-        w = weights.index_select(0, rows_idx).squeeze(1).unsqueeze(-1)  # (rows, T, 1)
-        total[rows_idx] = torch.where(w > 0, picked.to(acc) * w, 0).sum(1)
+        picked = hidden.index_select(0, rows_idx).to(acc) * weights.index_select(0, rows_idx).unsqueeze(-1)
+        if real is not None:
+            picked = torch.where(real.index_select(0, rows_idx).unsqueeze(-1), picked, 0)
+        total[rows_idx] = picked.sum(1)
     return total
+
+
+def token_dots(hidden: torch.Tensor, vectors: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(B, T) in ``acc``: the dot product of every token hidden[b, t] with vectors[b] (B, d)."""
+    v = vectors.to(acc).unsqueeze(-1)  # (B, d, 1)
+    exact_matmul = _full_precision_matmul(hidden.device)
+    pieces = [
+        (torch.bmm(h, v[rows]) if exact_matmul else (h * v[rows].transpose(1, 2)).sum(-1, keepdim=True))
+        for rows, h in _rows_in_chunks(hidden, acc)
+    ]
+    B, T, _ = hidden.shape
+    return torch.cat(pieces).squeeze(-1) if pieces else torch.zeros((B, T), dtype=acc, device=hidden.device)
+
+
+def weights_grad(
+    grad_block: torch.Tensor,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """(B, T) gradient of weighted_mean with user weights with respect to the weights, in their dtype.
+
+    grad_block (B, d) is the gradient of the weighted_mean output. d/dw_t of sum_s w_s x_s / W is
+    (x_t - out) / W, so the gradient is (g . x_t - g . out) / W at real tokens, with
+    g . out = sum_s w_s (g . x_s) / W; 0 at padding and in rows whose weights sum to 0.
+    Reads hidden once (a batched matrix-vector product).
+    """
+    acc = accumulation_dtype(hidden.dtype)
+    real = real_tokens(mask)
+    w, total = user_weights(weights, real, acc)
+    dots = token_dots(hidden, grad_block, acc)
+    nonzero = total != 0
+    keep = nonzero.unsqueeze(1) if real is None else real & nonzero.unsqueeze(1)
+    zero = torch.zeros((), dtype=acc, device=dots.device)
+    dots = torch.where(keep, dots, zero)  # padding may hold NaN: its dot products never count
+    W = torch.where(nonzero, total, 1).unsqueeze(1)
+    mean_dot = (w * dots).sum(1, keepdim=True) / W
+    return torch.where(keep, (dots - mean_dot) / W, zero).to(weights.dtype)
 
 
 def _masked_max(
@@ -132,9 +183,10 @@ def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str], weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None.
+    """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None; weights (B, T) float or
+    None (weighted_mean's token weights; None: the rank of each real token).
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 (or (B, 0) without
     "max") and stats (3, B) int32. Memory traffic: the mean reads hidden once through a batched
@@ -157,10 +209,16 @@ def pool_forward(
             mean = torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc))
             pieces.append(mean.to(hidden.dtype))
         elif name == "weighted_mean":
-            ranks = token_ranks(real, B, T, hidden.device)
-            weighted = _masked_sum(hidden, real, acc, ranks)
-            c = count.to(acc).unsqueeze(1)
-            w_mean = torch.where(c > 0, weighted / (c * (c + 1) / 2).clamp(min=1), torch.zeros((), dtype=acc))
+            if weights is None:
+                w = token_ranks(real, B, T, hidden.device).to(acc)  # exact integers in float32 to 2**24
+                c = count.to(acc)
+                w_total = c * (c + 1) / 2
+            else:
+                w, w_total = user_weights(weights, real, acc)
+            weighted = _masked_sum(hidden, real, acc, w)
+            nonzero = (w_total != 0).unsqueeze(1)
+            w_total = torch.where(nonzero, w_total.unsqueeze(1), 1)
+            w_mean = torch.where(nonzero, weighted / w_total, torch.zeros((), dtype=acc))
             pieces.append(w_mean.to(hidden.dtype))
         elif name == "max":
             values, argmax = _masked_max(hidden, real, count)
@@ -183,6 +241,7 @@ def pool_backward(
     T: int,
     dtype: torch.dtype,
     modes: Sequence[str],
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager backward: (B, T, d) gradient of hidden in ``dtype`` from grad_out (B, n_modes * d).
 
@@ -217,10 +276,17 @@ def pool_backward(
     else:
         grad = torch.zeros((B, T, d), dtype=acc, device=device)
     if "weighted_mean" in modes:
-        c = count.to(acc).unsqueeze(1)
-        g = block("weighted_mean") / (c * (c + 1) / 2).clamp(min=1)
-        ranks = token_ranks(real, B, T, device).to(acc) * (count > 0).unsqueeze(1)
-        grad = grad + ranks.unsqueeze(-1) * g.unsqueeze(1)
+        if weights is None:
+            c = count.to(acc).unsqueeze(1)
+            g = block("weighted_mean") / (c * (c + 1) / 2).clamp(min=1)
+            w = token_ranks(real, B, T, device).to(acc) * (count > 0).unsqueeze(1)
+        else:
+            w, w_total = user_weights(weights, real, acc)
+            nonzero = (w_total != 0).unsqueeze(1)
+            g = torch.where(
+                nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), 0
+            )
+        grad = grad + w.unsqueeze(-1) * g.unsqueeze(1)
     if "max" in modes:
         g = block("max")
         hit = argmax >= 0

@@ -66,18 +66,47 @@ def _validate(hidden: object, mask: object) -> None:
         raise ValueError(f"mask: expected device {hidden.device} (hidden's device), got {mask.device}")
 
 
+def _validate_weights(hidden: torch.Tensor, weights: object, modes: tuple[str, ...]) -> None:
+    if weights is None:
+        return
+    if "weighted_mean" not in modes:
+        raise ValueError(
+            f"weights: expected mode 'weighted_mean' among the modes (they weight it), got {list(modes)}"
+        )
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(
+            f"weights: expected a torch.Tensor of shape (B, T) or None, got {type(weights).__name__}"
+        )
+    if weights.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
+    expected = tuple(hidden.shape[:2])
+    if tuple(weights.shape) != expected:
+        raise ValueError(
+            f"weights: expected shape (B, T) = {expected} to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(weights.shape)}"
+        )
+    if weights.device != hidden.device:
+        raise ValueError(f"weights: expected device {hidden.device} (hidden's device), got {weights.device}")
+
+
 def _pool(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: tuple[str, ...]
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    modes: tuple[str, ...],
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _validate(hidden, mask)
+    _validate_weights(hidden, weights, modes)
     backend = resolve_backend(hidden.device)
-    return ops.pool_forward(hidden, mask, ",".join(modes), backend)
+    return ops.pool_forward(hidden, mask, weights, ",".join(modes), backend)
 
 
 def pool(
     hidden: torch.Tensor,
     mask: torch.Tensor | None = None,
     mode: str | Sequence[str] = "mean",
+    *,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool (B, T, d) hidden states to (B, d) vectors in one pass over hidden.
 
@@ -85,16 +114,19 @@ def pool(
     ----------
     hidden : Tensor (B, T, d), float16 / bfloat16 / float32 / float64, any strides.
     mask : Tensor (B, T) of bool, integer or float dtype (nonzero = real token), or None.
-    mode : "mean", "max", "cls", "last" or "mean_sqrt_len" (the sum over real tokens divided by
-        the square root of their number), or a sequence of them. With a sequence the outputs
-        are concatenated along the feature dimension in that order, (B, len(mode) * d), and hidden
-        is still read once.
+    mode : "mean", "max", "cls", "last", "mean_sqrt_len" (the sum over real tokens divided by
+        the square root of their number) or "weighted_mean" (see ``weighted_mean_pool``), or a
+        sequence of them. With a sequence the outputs are concatenated along the feature
+        dimension in that order, (B, len(mode) * d), and hidden is still read once.
+    weights : Tensor (B, T) float16 / bfloat16 / float32 / float64, or None. Token weights of
+        "weighted_mean" (only allowed when that mode is requested); None means position weights.
 
     Returns
     -------
-    Tensor (B, d) or (B, len(mode) * d) in hidden's dtype. Differentiable with respect to hidden.
+    Tensor (B, d) or (B, len(mode) * d) in hidden's dtype. Differentiable with respect to hidden
+    and to ``weights``.
     """
-    return _pool(hidden, mask, normalize_modes(mode))[0]
+    return _pool(hidden, mask, normalize_modes(mode), weights)[0]
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,3 +180,22 @@ def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> t
     Gradient goes to that one token.
     """
     return _pool(hidden, mask, ("last",))[0]
+
+
+def weighted_mean_pool(
+    hidden: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted mean over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
+
+    ``sum_t w_t * hidden[b, t] / sum_t w_t`` over the real tokens of each row, accumulated in
+    float32 (float64 for float64 input). With ``weights=None`` the weight of a real token is its
+    rank in the row (1, 2, 3, ... counting real tokens only, whatever the padding side), computed
+    in float32 so it neither overflows in float16 nor rounds in bfloat16 (exact to 2**24 tokens).
+    With ``weights`` (B, T) float, those are the weights; their values at padding are ignored
+    (NaN included), and they may be negative. A row with no real token, or whose weights sum to
+    exactly 0, gives zeros and passes zero gradient.
+
+    Gradient: ``grad * w_t / W`` to hidden at real tokens; ``(grad . (hidden[b, t] - out[b])) / W``
+    to the weights at real tokens (0 at padding).
+    """
+    return _pool(hidden, mask, ("weighted_mean",), weights)[0]

@@ -193,12 +193,24 @@ def _check_feature_blocks(d: int, block_d: int) -> int:
     return blocks
 
 
+def _user_weights(
+    weights: torch.Tensor | None, mask: torch.Tensor | None, acc: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(weights, their (B,) sums over real tokens, stride_wb, stride_wt), or placeholders without weights."""
+    if weights is None:
+        return _placeholder(device, acc), _placeholder(device, acc), 0, 0
+    # The same row sums as the eager backend (one small (B, T) reduction), so both divide alike.
+    _, sums = eager.user_weights(weights, real_tokens(mask), acc)
+    return weights, sums, *weights.stride()
+
+
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str]
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str], weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused masked pooling forward on the Triton kernels.
 
-    hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None.
+    hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None;
+    weights (B, T) float, any strides, or None (weighted_mean's user weights).
     Returns out (B, len(modes) * d) hidden dtype, argmax (B, d) int32 when "max" is among ``modes``
     (else (B, 0)), stats (3, B) int32 (count, first, last; -1 when a row is empty).
 
@@ -207,6 +219,7 @@ def pool_forward(
     (``B * T * mask element size`` per feature block, L2-resident), plus 2 * d elements per row for
     cls/last gathers; writes ``B * len(modes) * d * element_size`` bytes, ``4 * B * d`` for argmax and
     ``12 * B`` for stats. T-split launches add ``12 * B * n_splits * d`` bytes written and read.
+    User weights add their real-token elements (read once per feature block, L2-resident).
     """
     from .kernels.pool_forward import pool_combine_kernel, pool_forward_kernel
 
@@ -215,8 +228,9 @@ def pool_forward(
     cols = mode_columns(modes, d)
     col_args = kernel_columns(cols)
     do_weighted = cols["weighted_mean"] >= 0
-    # The weighted path keeps the plain sum too: the T-split fold shifts ranks with it.
-    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or do_weighted
+    has_weights = weights is not None
+    # The rank-weighted path keeps the plain sum too: the T-split fold shifts ranks with it.
+    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or (do_weighted and not has_weights)
     do_max = cols["max"] >= 0
     out = torch.empty((B, len(modes) * d), dtype=hidden.dtype, device=device)
     argmax = torch.empty((B, d if do_max else 0), dtype=torch.int32, device=device)
@@ -229,7 +243,13 @@ def pool_forward(
 
     # The weighted sum adds a second accumulator tile: it takes the smaller tile, like the max.
     config = forward_config(
-        B, T, d, hidden.element_size(), do_mean or do_max, do_max or do_weighted, sm_count(device)
+        B,
+        T,
+        d,
+        hidden.element_size(),
+        do_mean or do_max or do_weighted,
+        do_max or do_weighted,
+        sm_count(device),
     )
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
@@ -237,6 +257,7 @@ def pool_forward(
         mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights_arg, wsum, stride_wb, stride_wt = _user_weights(weights, mask, acc, device)
     split = config.n_splits > 1
     if split:
         parts = (B, config.n_splits, d)
@@ -259,21 +280,22 @@ def pool_forward(
     with _on_device(device):
         pool_forward_kernel[grid](
             hidden, mask_view, out, argmax_arg, stats,
-            part_sum, part_max, part_pos, part_stats, part_wsum,
+            part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
             B, T, d, config.tokens_per_split, config.n_splits,
-            *hidden.stride(), stride_mb, stride_mt, out.stride(0),
+            *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
             *col_args,
             mask_bits,
             HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
-            ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
+            HAS_WEIGHTS=has_weights, ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
             SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
         )  # fmt: skip
         if split:
             pool_combine_kernel[(B, n_dblocks)](
                 hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                B, d, config.n_splits, *hidden.stride(), out.stride(0),
+                wsum, B, d, config.n_splits, *hidden.stride(), out.stride(0),
                 *col_args,
-                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, ACC_DTYPE=acc_tl,
+                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
+                ACC_DTYPE=acc_tl,
                 BLOCK_D=config.block_d,
                 num_warps=config.num_warps,
             )  # fmt: skip
@@ -288,6 +310,7 @@ def pool_backward(
     T: int,
     dtype: torch.dtype,
     modes: Sequence[str],
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, len(modes) * d), any strides.
 
@@ -310,7 +333,9 @@ def pool_backward(
     else:
         mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
-    if cols["weighted_mean"] >= 0 and mask is not None:
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights_arg, wsum, stride_wb, stride_wt = _user_weights(weights, mask, acc, grad.device)
+    if cols["weighted_mean"] >= 0 and mask is not None and weights is None:
         # A tiny pre-pass over the mask only: the rank of each real token, 0 at padding.
         ranks = eager.token_ranks(real_tokens(mask), B, T, grad.device).to(torch.int32).contiguous()
     else:
@@ -319,11 +344,12 @@ def pool_backward(
     grid = (B * n_tblocks, _check_feature_blocks(d, config.block_d))
     with _on_device(grad.device):
         pool_backward_kernel[grid](
-            grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats, ranks, grad,
-            B, T, d, n_tblocks, *grad_out.stride(), stride_mb, stride_mt, *grad.stride(),
+            grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats, ranks, weights_arg, wsum, grad,
+            B, T, d, n_tblocks, *grad_out.stride(), stride_mb, stride_mt, stride_wb, stride_wt,
+            *grad.stride(),
             *col_args,
             mask_bits,
-            HAS_MASK=mask is not None, ACC_DTYPE=_acc_dtype(grad.dtype),
+            HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(grad.dtype),
             BLOCK_T=config.block_t, BLOCK_D=config.block_d, num_warps=config.num_warps,
         )  # fmt: skip
     return grad

@@ -32,26 +32,27 @@ def _impl(backend: str):
 
 
 def forward_impl(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats)."""
-    return _impl(backend).pool_forward(hidden, mask, modes.split(","))
+    return _impl(backend).pool_forward(hidden, mask, modes.split(","), weights)
 
 
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
 def pool_fwd(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused masked pooling. hidden (B, T, d); mask (B, T) or None; modes comma-separated, e.g. "mean,max".
+    """Fused masked pooling. hidden (B, T, d); mask (B, T) or None; weights (B, T) float or None
+    (weighted_mean's token weights); modes comma-separated, e.g. "mean,max".
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 when "max" is requested
     (else (B, 0)), and stats (3, B) int32: real-token count, first and last real position (-1 if none).
     """
-    return forward_impl(hidden, mask, modes, backend)
+    return forward_impl(hidden, mask, weights, modes, backend)
 
 
 @pool_fwd.register_fake
-def _pool_fwd_fake(hidden, mask, modes, backend):
+def _pool_fwd_fake(hidden, mask, weights, modes, backend):
     B, _, d = hidden.shape
     names = modes.split(",")
     out = hidden.new_empty((B, len(names) * d))
@@ -64,6 +65,7 @@ def _pool_fwd_fake(hidden, mask, modes, backend):
 def pool_bwd(
     grad_out: torch.Tensor,
     mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
     argmax: torch.Tensor,
     stats: torch.Tensor,
     T: int,
@@ -72,21 +74,23 @@ def pool_bwd(
     backend: str,
 ) -> torch.Tensor:
     """Gradient of hidden, (B, T, d) in ``dtype``, from grad_out (B, len(modes) * d)."""
-    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes.split(","))
+    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes.split(","), weights)
 
 
 @pool_bwd.register_fake
-def _pool_bwd_fake(grad_out, mask, argmax, stats, T, dtype, modes, backend):
+def _pool_bwd_fake(grad_out, mask, weights, argmax, stats, T, dtype, modes, backend):
     B = stats.shape[1]
     return grad_out.new_empty((B, T, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, mask, modes, backend = inputs
+    hidden, mask, weights, modes, backend = inputs
     _, argmax, stats = output
     # The integer outputs never carry gradient: no zero tensors materialised for them.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(mask, argmax, stats)
+    # hidden is kept only for the gradient of user weights (the hidden gradient never reads it).
+    weights_need_grad = weights is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(mask, weights, argmax, stats, hidden if weights_need_grad else None)
     ctx.T = hidden.shape[1]
     ctx.dtype = hidden.dtype
     ctx.modes = modes
@@ -95,20 +99,28 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
-    mask, argmax, stats = ctx.saved_tensors
-    grad_hidden = None
-    if ctx.needs_input_grad[0] and grad_out is not None:
+    mask, weights, argmax, stats, hidden = ctx.saved_tensors
+    grad_hidden = grad_weights = None
+    if grad_out is None:
+        return None, None, None, None, None
+    modes = ctx.modes.split(",")
+    if ctx.needs_input_grad[0]:
         if ctx.direct:
             # create_graph=True needs a differentiable backward: the eager one is built from
             # torch ops (same semantics, any device); the kernel's output has no graph.
             impl = eager if torch.is_grad_enabled() else _impl(ctx.backend)
-            grad_hidden = impl.pool_backward(
-                grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes.split(",")
-            )
+            grad_hidden = impl.pool_backward(grad_out, mask, argmax, stats, ctx.T, ctx.dtype, modes, weights)
         else:
             # Through the op: under torch.compile / AOT tracing this sees fake tensors.
-            grad_hidden = pool_bwd(grad_out, mask, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
-    return grad_hidden, None, None, None
+            grad_hidden = pool_bwd(
+                grad_out, mask, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend
+            )
+    if weights is not None and ctx.needs_input_grad[2]:
+        # Small (B, T) result from one read of hidden: torch ops on every backend (traceable).
+        d = grad_out.shape[1] // len(modes)
+        col = modes.index("weighted_mean") * d
+        grad_weights = eager.weights_grad(grad_out[:, col : col + d], hidden, mask, weights)
+    return grad_hidden, None, grad_weights, None, None
 
 
 pool_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -118,10 +130,10 @@ class PoolFunction(torch.autograd.Function):
     """Eager fast path: the same implementation and backward as ``pool_fwd``, without custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, hidden, mask, modes, backend):
-        output = forward_impl(hidden, mask, modes, backend)
+    def forward(ctx, hidden, mask, weights, modes, backend):
+        output = forward_impl(hidden, mask, weights, modes, backend)
         ctx.mark_non_differentiable(output[1], output[2])
-        _setup_context(ctx, (hidden, mask, modes, backend), output)
+        _setup_context(ctx, (hidden, mask, weights, modes, backend), output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
         return output
 
@@ -131,14 +143,15 @@ class PoolFunction(torch.autograd.Function):
 
 
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, backend: str
+    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     if torch.compiler.is_compiling():
-        return pool_fwd(hidden, mask, modes, backend)
+        return pool_fwd(hidden, mask, weights, modes, backend)
     # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
     # (no jvp) instead of silently dropping the tangent.
     dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
-    if (hidden.requires_grad and torch.is_grad_enabled()) or dual:
-        return PoolFunction.apply(hidden, mask, modes, backend)
-    return forward_impl(hidden, mask, modes, backend)
+    wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
+    if (wants_grad and torch.is_grad_enabled()) or dual:
+        return PoolFunction.apply(hidden, mask, weights, modes, backend)
+    return forward_impl(hidden, mask, weights, modes, backend)

@@ -35,6 +35,8 @@ def pool_backward_kernel(
     argmax_ptr,  # (B, d) int32, -1 for empty rows; unused unless col_max >= 0
     stats_ptr,  # (3, B) int32: count, first (-1 if empty), last (-1 if empty)
     ranks_ptr,  # (B, T) int32 rank of each real token (1, 2, ...), 0 at padding; weighted_mean with a mask
+    weights_ptr,  # (B, T) float user weights of weighted_mean, any strides; HAS_WEIGHTS only
+    wsum_ptr,  # (B,) acc dtype: their sum over real tokens; HAS_WEIGHTS only
     grad_ptr,  # (B, T, d) output, hidden dtype, any strides
     B,
     T,
@@ -44,6 +46,8 @@ def pool_backward_kernel(
     stride_god,
     stride_mb,
     stride_mt,
+    stride_wb,
+    stride_wt,
     stride_gb,
     stride_gt,
     stride_gd,
@@ -55,6 +59,7 @@ def pool_backward_kernel(
     col_weighted,  # weighted_mean
     MASK_BITS,  # bits that make a mask element nonzero (float masks: all but the sign)
     HAS_MASK: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -70,6 +75,11 @@ def pool_backward_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
     # Mode flags are uniform runtime branches: the tile is written once whatever the mix of modes.
     count = tl.load(stats_ptr + row)
+    real = t_in & (count > 0)
+    if HAS_MASK:
+        if (col_mean >= 0) | (col_sqrt >= 0) | ((col_weighted >= 0) & HAS_WEIGHTS):
+            m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)
+            real = real & ((m & MASK_BITS) != 0)
     if (col_mean >= 0) | (col_sqrt >= 0):
         n = tl.maximum(count, 1).to(ACC_DTYPE)
         share = tl.zeros((BLOCK_D,), ACC_DTYPE)
@@ -77,20 +87,23 @@ def pool_backward_kernel(
             share += _mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE) / n
         if col_sqrt >= 0:
             share += _mode_grad(grad_row, col_sqrt, d_offs, d_in, stride_god, ACC_DTYPE) / exact_sqrt(n)
-        real = t_in & (count > 0)
-        if HAS_MASK:
-            m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)
-            real = real & ((m & MASK_BITS) != 0)
         acc += tl.where(real[:, None], share[None, :], 0.0)
     if col_weighted >= 0:
-        c = count.to(ACC_DTYPE)
-        total_weight = tl.maximum(c * (c + 1.0) * 0.5, 1.0)  # 1..n summed; an empty row gets weight 0 below
-        g = _mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE) / total_weight
-        if HAS_MASK:
-            rank = tl.load(ranks_ptr + row * T + t, mask=t_in, other=0)
+        if HAS_WEIGHTS:
+            total_weight = tl.load(wsum_ptr + row).to(ACC_DTYPE)
+            w = tl.load(weights_ptr + row * stride_wb + t.to(tl.int64) * stride_wt, mask=real, other=0.0)
+            weight = w.to(ACC_DTYPE)  # 0 at padding (never loaded)
         else:
-            rank = t + 1
-        weight = tl.where(t_in & (count > 0), rank, 0).to(ACC_DTYPE)
+            c = count.to(ACC_DTYPE)
+            total_weight = c * (c + 1.0) * 0.5  # 1..n summed
+            if HAS_MASK:
+                rank = tl.load(ranks_ptr + row * T + t, mask=t_in, other=0)
+            else:
+                rank = t + 1
+            weight = tl.where(real, rank, 0).to(ACC_DTYPE)
+        nonzero = total_weight != 0.0  # an empty row, or user weights summing to 0: no gradient
+        g = _mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE)
+        g = tl.where(nonzero, g / tl.where(nonzero, total_weight, 1.0), 0.0)
         acc += weight[:, None] * g[None, :]
     if col_max >= 0:
         g = _mode_grad(grad_row, col_max, d_offs, d_in, stride_god, ACC_DTYPE)

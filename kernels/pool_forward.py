@@ -51,9 +51,11 @@ def _write_results(
     col_last,  # column offset, or -1 when the mode is not requested
     col_sqrt,  # column offset of mean_sqrt_len, or -1
     col_weighted,  # column offset of weighted_mean, or -1
+    wsum_ptr,  # (B,) acc dtype: sum of the user weights over real tokens; HAS_WEIGHTS only
     DO_MEAN: tl.constexpr,  # the sum was accumulated (mean and/or mean_sqrt_len requested)
     DO_MAX: tl.constexpr,
-    DO_WEIGHTED: tl.constexpr,  # the rank-weighted sum was accumulated
+    DO_WEIGHTED: tl.constexpr,  # the weighted sum was accumulated
+    HAS_WEIGHTS: tl.constexpr,  # user weights (else rank weights 1, 2, ...)
 ):
     out_row = out_ptr + row * stride_ob
     out_ty = out_ptr.dtype.element_ty
@@ -70,9 +72,14 @@ def _write_results(
             scaled = tl.where(has_tokens, total / exact_sqrt(n), 0.0)
             tl.store(out_row + col_sqrt + d_offs, scaled.to(out_ty), mask=d_in)
     if DO_WEIGHTED:
-        # Sum of the weights 1..n, in float: exact to n = 5791 in float32, rounded once beyond.
-        c = count.to(weighted.dtype)
-        w_mean = tl.where(has_tokens, weighted / tl.maximum(c * (c + 1.0) * 0.5, 1.0), 0.0)
+        if HAS_WEIGHTS:
+            w_total = tl.load(wsum_ptr + row).to(weighted.dtype)
+        else:
+            # Sum of the weights 1..n, in float: exact to n = 5791 in float32, rounded once beyond.
+            c = count.to(weighted.dtype)
+            w_total = c * (c + 1.0) * 0.5
+        nonzero = w_total != 0.0  # no real token, or user weights summing to 0: zeros
+        w_mean = tl.where(nonzero, weighted / tl.where(nonzero, w_total, 1.0), 0.0)
         tl.store(out_row + col_weighted + d_offs, w_mean.to(out_ty), mask=d_in & (col_weighted >= 0))
     if DO_MAX:
         empty = max_pos == NO_TOKEN
@@ -106,6 +113,8 @@ def pool_forward_kernel(
     part_pos_ptr,  # (B, n_splits, d) int32; T-split launches only
     part_stats_ptr,  # (B, n_splits, 3) int32; T-split launches only
     part_wsum_ptr,  # (B, n_splits, d) acc dtype; T-split launches with DO_WEIGHTED only
+    weights_ptr,  # (B, T) float user weights, any strides; HAS_WEIGHTS only
+    wsum_ptr,  # (B,) acc dtype: their sum over real tokens; HAS_WEIGHTS only
     B,
     T,
     d,
@@ -116,6 +125,8 @@ def pool_forward_kernel(
     stride_hd,
     stride_mb,
     stride_mt,
+    stride_wb,
+    stride_wt,
     stride_ob,
     col_mean,  # column offset of each mode's block in out
     col_max,
@@ -127,7 +138,8 @@ def pool_forward_kernel(
     HAS_MASK: tl.constexpr,
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
-    DO_WEIGHTED: tl.constexpr,  # needs DO_MEAN (the T-split fold uses the plain sum)
+    DO_WEIGHTED: tl.constexpr,  # rank weights need DO_MEAN (the T-split fold uses the plain sum)
+    HAS_WEIGHTS: tl.constexpr,  # weighted_mean with user weights (else rank weights)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -150,10 +162,11 @@ def pool_forward_kernel(
     best_pos = tl.full((BLOCK_T, BLOCK_D), NO_TOKEN, tl.int32)
     wtotal = tl.zeros((BLOCK_T, BLOCK_D), ACC_DTYPE)
     seen = tl.full((), 0, tl.int32)  # real tokens before the current chunk, within this range
-    if DO_MEAN or DO_MAX:
+    if DO_MEAN or DO_MAX or DO_WEIGHTED:
         lanes = tl.arange(0, BLOCK_T)
         col_ptrs = hidden_ptr + row * stride_hb + (d_offs.to(tl.int64) * stride_hd)[None, :]
         mask_row = mask_ptr + row * stride_mb
+        weights_row = weights_ptr + row * stride_wb
         for t0 in range(first, last + 1, BLOCK_T):
             t = t0 + lanes
             real = t <= last
@@ -167,12 +180,16 @@ def pool_forward_kernel(
             if DO_MEAN:
                 total += x  # padded lanes were never loaded and hold exactly 0
             if DO_WEIGHTED:
-                # Rank of each real token in its row (1, 2, ...), computed in float32: exact
-                # integers up to 2**24, no fp16 overflow, no bf16 rounding of the weights.
-                real_i = real.to(tl.int32)
-                rank = seen + tl.cumsum(real_i, axis=0)
-                wtotal += x * tl.where(real, rank, 0).to(ACC_DTYPE)[:, None]
-                seen += tl.sum(real_i, axis=0)
+                if HAS_WEIGHTS:
+                    w = tl.load(weights_row + t.to(tl.int64) * stride_wt, mask=real, other=0.0)
+                    wtotal += x * w.to(ACC_DTYPE)[:, None]  # w is 0 wherever x was not loaded
+                else:
+                    # Rank of each real token in its row (1, 2, ...), computed in float32: exact
+                    # integers up to 2**24, no fp16 overflow, no bf16 rounding of the weights.
+                    real_i = real.to(tl.int32)
+                    rank = seen + tl.cumsum(real_i, axis=0)
+                    wtotal += x * tl.where(real, rank, 0).to(ACC_DTYPE)[:, None]
+                    seen += tl.sum(real_i, axis=0)
             if DO_MAX:
                 pos = tl.where(load, t[:, None], NO_TOKEN)
                 take = better_max(x, pos, best, best_pos)
@@ -201,8 +218,8 @@ def pool_forward_kernel(
             hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
             stride_hb, stride_ht, stride_hd, stride_ob,
             row_total, row_weighted, count, max_value, max_pos, first, last,
-            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
-            DO_MEAN, DO_MAX, DO_WEIGHTED,
+            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr,
+            DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS,
         )  # fmt: skip
 
 
@@ -217,6 +234,7 @@ def pool_combine_kernel(
     part_pos_ptr,  # (B, n_splits, d) int32
     part_stats_ptr,  # (B, n_splits, 3) int32
     part_wsum_ptr,  # (B, n_splits, d) acc dtype; DO_WEIGHTED only
+    wsum_ptr,  # (B,) acc dtype: sum of the user weights over real tokens; HAS_WEIGHTS only
     B,
     d,
     n_splits,
@@ -233,6 +251,7 @@ def pool_combine_kernel(
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
     DO_WEIGHTED: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -251,12 +270,12 @@ def pool_combine_kernel(
     for s in range(0, n_splits):
         part = row * n_splits + s
         if DO_WEIGHTED:
-            # Ranks in split s were counted from 1: shift them by the real tokens before it,
-            # sum_k (k + offset) x_k = partial weighted sum + offset * partial sum.
-            offset = count.to(ACC_DTYPE)
-            w_part = tl.load(part_wsum_ptr + part * d + d_offs, mask=d_in, other=0.0)
-            s_part = tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
-            weighted += w_part + offset * s_part
+            weighted += tl.load(part_wsum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+            if not HAS_WEIGHTS:
+                # Ranks in split s were counted from 1: shift them by the real tokens before it,
+                # sum_k (k + offset) x_k = partial weighted sum + offset * partial sum.
+                offset = count.to(ACC_DTYPE)
+                weighted += offset * tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
         count += tl.load(part_stats_ptr + part * 3)
         first = tl.minimum(first, tl.load(part_stats_ptr + part * 3 + 1))
         last = tl.maximum(last, tl.load(part_stats_ptr + part * 3 + 2))
@@ -272,6 +291,6 @@ def pool_combine_kernel(
         hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
         stride_hb, stride_ht, stride_hd, stride_ob,
         total, weighted, count, best, best_pos, first, last,
-        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
-        DO_MEAN, DO_MAX, DO_WEIGHTED,
+        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr,
+        DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS,
     )  # fmt: skip

@@ -86,8 +86,23 @@ def gather(hidden: np.ndarray, position: np.ndarray) -> np.ndarray:
     return out
 
 
-def pool(hidden: np.ndarray, mask: np.ndarray | None, mode: str) -> np.ndarray:
-    """(B, d) float64 result of one mode: "mean", "max", "cls" or "last"."""
+def token_weights(mask: np.ndarray | None, weights: np.ndarray | None, b: int, T: int) -> tuple[list, list]:
+    """(real positions, their weights) of row b for weighted_mean: the given weights, else 1, 2, 3, ..."""
+    real = real_positions(mask, b, T)
+    if weights is None:
+        return real, [float(k) for k in range(1, len(real) + 1)]
+    return real, [float(weights[b, t]) for t in real]
+
+
+def pool(
+    hidden: np.ndarray, mask: np.ndarray | None, mode: str, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(B, d) float64 result of one mode.
+
+    weighted_mean: sum_t w_t x_t / sum_t w_t over the real tokens, with w the given (B, T) weights
+    or the rank of each real token (1, 2, ...); zeros when there is no real token or the weights
+    sum to 0.
+    """
     B, T, _ = hidden.shape
     if mode == "mean":
         return mean(hidden, mask)
@@ -97,11 +112,12 @@ def pool(hidden: np.ndarray, mask: np.ndarray | None, mode: str) -> np.ndarray:
     if mode == "weighted_mean":
         out = np.zeros((B, hidden.shape[2]), dtype=np.float64)
         for b in range(B):
-            real = real_positions(mask, b, T)
-            if real:
-                weights = np.arange(1, len(real) + 1, dtype=np.float64)
-                rows = hidden[b, real].astype(np.float64)
-                out[b] = (weights[:, None] * rows).sum(0) / weights.sum()
+            real, w = token_weights(mask, weights, b, T)
+            total = sum(w)
+            if real and total != 0:
+                for t, w_t in zip(real, w, strict=True):
+                    out[b] += w_t * hidden[b, t].astype(np.float64)
+                out[b] /= total
         return out
     if mode == "max":
         return max_with_index(hidden, mask)[0]
@@ -112,7 +128,13 @@ def pool(hidden: np.ndarray, mask: np.ndarray | None, mode: str) -> np.ndarray:
     raise ValueError(mode)
 
 
-def pool_grad(hidden: np.ndarray, mask: np.ndarray | None, mode: str, grad_out: np.ndarray) -> np.ndarray:
+def pool_grad(
+    hidden: np.ndarray,
+    mask: np.ndarray | None,
+    mode: str,
+    grad_out: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
     """(B, T, d) float64 gradient of sum(pool(hidden) * grad_out) with respect to hidden."""
     B, T, d = hidden.shape
     grad = np.zeros((B, T, d), dtype=np.float64)
@@ -124,10 +146,11 @@ def pool_grad(hidden: np.ndarray, mask: np.ndarray | None, mode: str, grad_out: 
                 grad[b, t] += grad_out[b] / scale
     elif mode == "weighted_mean":
         for b in range(B):
-            real = real_positions(mask, b, T)
-            total = len(real) * (len(real) + 1) / 2
-            for k, t in enumerate(real, start=1):
-                grad[b, t] += grad_out[b] * k / total
+            real, w = token_weights(mask, weights, b, T)
+            total = sum(w)
+            if total != 0:
+                for t, w_t in zip(real, w, strict=True):
+                    grad[b, t] += grad_out[b] * w_t / total
     elif mode == "max":
         _, index = max_with_index(hidden, mask)
         for b in range(B):
@@ -139,4 +162,23 @@ def pool_grad(hidden: np.ndarray, mask: np.ndarray | None, mode: str, grad_out: 
         for b in range(B):
             if position[b] >= 0:
                 grad[b, position[b]] += grad_out[b]
+    return grad
+
+
+def weights_grad(
+    hidden: np.ndarray, mask: np.ndarray | None, weights: np.ndarray, grad_out: np.ndarray
+) -> np.ndarray:
+    """(B, T) float64 gradient of sum(weighted_mean(hidden, weights) * grad_out) with respect to weights.
+
+    d/dw_t of sum_s w_s x_s / W is (x_t - out) / W at real tokens; 0 at padding and where W = 0.
+    """
+    B, T, _ = hidden.shape
+    out = pool(hidden, mask, "weighted_mean", weights)
+    grad = np.zeros((B, T), dtype=np.float64)
+    for b in range(B):
+        real, w = token_weights(mask, weights, b, T)
+        total = sum(w)
+        if total != 0:
+            for t in real:
+                grad[b, t] = float(np.dot(grad_out[b], hidden[b, t].astype(np.float64) - out[b])) / total
     return grad

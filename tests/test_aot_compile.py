@@ -50,6 +50,7 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills():
     assert int(summary.group(1)) == 2 * len(aot.specializations())
     # The contiguous mean kernels must use 16-byte vector loads.
     assert re.search(
-        r"fwd bf16 mask=i8 mean=1 max=0 weighted=0 contiguous: regs=\d+ stack=0 local=0 v_loads=[1-9]",
+        r"fwd bf16 mask=i8 mean=1 max=0 weighted=0 user_weights=0 contiguous: "
+        r"regs=\d+ stack=0 local=0 v_loads=[1-9]",
         result.stdout,
     )

@@ -32,6 +32,12 @@ BAD_INPUTS = [
     ("mode", ValueError, lambda: fastpool.pool(H, M, mode=["mean", "mean"])),
     ("mode", TypeError, lambda: fastpool.pool(H, M, mode=3)),
     ("mode", TypeError, lambda: fastpool.pool(H, M, mode=["mean", 1])),
+    ("weights", ValueError, lambda: fastpool.pool(H, M, mode="mean", weights=torch.ones(2, 3))),
+    ("weights", TypeError, lambda: fastpool.weighted_mean_pool(H, M, [[1.0] * 3] * 2)),
+    ("weights", TypeError, lambda: fastpool.weighted_mean_pool(H, M, torch.ones(2, 3, dtype=torch.int64))),
+    ("weights", ValueError, lambda: fastpool.weighted_mean_pool(H, M, torch.ones(2, 4))),
+    ("weights", ValueError, lambda: fastpool.weighted_mean_pool(H, M, torch.ones(2, 3, 1))),
+    ("weights", ValueError, lambda: fastpool.weighted_mean_pool(H, M, torch.ones(2, 3, device="meta"))),
 ]
 
 
@@ -122,6 +128,7 @@ def test_import_and_cpu_pooling_work_without_triton():
 
 
 def test_public_names():
-    for name in ("pool", "mean_pool", "max_pool", "cls_pool", "last_token_pool", "use_backend", "MODES"):
+    names = ("pool", "mean_pool", "max_pool", "cls_pool", "last_token_pool", "weighted_mean_pool")
+    for name in (*names, "use_backend", "MODES"):
         assert hasattr(fastpool, name)
     assert fastpool.MODES == ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")

@@ -20,12 +20,40 @@ def test_opcheck(device, backend_name, modes, with_mask):
     hidden = torch.randn(3, 7, 5, generator=gen).to(device).requires_grad_()
     mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
     with kernel_config("small-blocks" if backend_name == "triton" else "default"):
-        torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, (hidden, mask, modes, backend_name))
-        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, modes, backend_name)
+        fwd_args = (hidden, mask, None, modes, backend_name)
+        torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
+        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, None, modes, backend_name)
         grad_out = torch.randn_like(out)
         torch.library.opcheck(
             torch.ops.fastpool.pool_bwd.default,
-            (grad_out, mask, argmax, stats, 7, hidden.dtype, modes, backend_name),
+            (grad_out, mask, None, argmax, stats, 7, hidden.dtype, modes, backend_name),
+        )
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_opcheck_with_user_weights(device, backend_name):
+    gen = torch.Generator().manual_seed(24)
+    hidden = torch.randn(3, 7, 5, generator=gen).to(device).requires_grad_()
+    weights = torch.rand(3, 7, generator=gen).to(device).requires_grad_()
+    mask = make_mask("holes", 3, 7, gen).to(device)
+    modes = "max,weighted_mean"
+    with kernel_config("small-blocks" if backend_name == "triton" else "default"):
+        fwd_args = (hidden, mask, weights, modes, backend_name)
+        torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
+        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, weights, modes, backend_name)
+        torch.library.opcheck(
+            torch.ops.fastpool.pool_bwd.default,
+            (
+                torch.randn_like(out),
+                mask,
+                weights.detach(),
+                argmax,
+                stats,
+                7,
+                hidden.dtype,
+                modes,
+                backend_name,
+            ),
         )
 
 
@@ -67,3 +95,30 @@ def test_inductor_fullgraph_compile(device):
     mask = make_mask("right", 3, 6, gen).to(device)
     with fastpool.use_backend("torch"):
         check_compiled_matches_eager(compiled, hidden, mask)
+
+
+def weighted_loss(hidden, mask, weights):
+    out = fastpool.pool(hidden, mask, mode=["mean", "weighted_mean"], weights=weights)
+    return (out * out).sum()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fullgraph_compile_with_user_weights(device, backend_name):
+    counter = CompileCounter()
+    compiled = torch.compile(weighted_loss, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(25)
+    with (
+        fastpool.use_backend(backend_name),
+        kernel_config("small-blocks" if backend_name == "triton" else "default"),
+    ):
+        for B, T in [(2, 5), (3, 7), (4, 9)]:
+            hidden = torch.randn(B, T, 6, generator=gen).to(device).requires_grad_()
+            weights = torch.rand(B, T, generator=gen).to(device).requires_grad_()
+            mask = make_mask("holes", B, T, gen).to(device)
+            loss = compiled(hidden, mask, weights)
+            grads = torch.autograd.grad(loss, (hidden, weights))
+            ref = weighted_loss(hidden, mask, weights)
+            ref_grads = torch.autograd.grad(ref, (hidden, weights))
+            torch.testing.assert_close(loss, ref)
+            torch.testing.assert_close(grads, ref_grads)
+    assert counter.frame_count <= 2
