@@ -69,7 +69,7 @@ def user_weights(
 def _rows_in_chunks(hidden: torch.Tensor, acc: torch.dtype):
     """(row slice, rows of hidden widened to ``acc``): bounds the widened temporary to a chunk."""
     B, T, d = hidden.shape
-    rows = B if hidden.dtype == acc else max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
+    rows = max(1, B) if hidden.dtype == acc else max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
     for start in range(0, B, rows):
         yield slice(start, start + rows), hidden[start : start + rows].to(acc)
 
@@ -92,6 +92,8 @@ def _masked_sum(
     elif not exact_matmul:
         scaled = hidden.to(acc) * weights.unsqueeze(-1)
         return (scaled if real is None else torch.where(real.unsqueeze(-1), scaled, 0)).sum(1)
+    if hidden.shape[0] == 0:
+        return torch.zeros((0, hidden.shape[2]), dtype=acc, device=hidden.device)
     w = weights.unsqueeze(1)  # (B, 1, T): selection (or token) weights
     total = torch.cat([torch.bmm(w[rows], h) for rows, h in _rows_in_chunks(hidden, acc)]).squeeze(1)
     # A weight of 0 times NaN/inf padding is NaN: the product form is exact only for finite rows.

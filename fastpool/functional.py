@@ -9,6 +9,18 @@ mask : (B, T) tensor of any real dtype (bool, integer or float) on hidden's devi
 Accumulation is float32 (float64 for float64 input), token counts are exact integers, and the
 output is cast to hidden's dtype once. A row with no real token pools to zeros in every mode and
 passes zero gradient; its max index is -1. Empty dimensions give correctly shaped results.
+
+Packed (variable-length) input
+------------------------------
+Every function also takes a packed batch: ``hidden`` (N, d) or (1, N, d) holding S sequences back
+to back, with ``cu_seqlens`` (S + 1,) int32/int64 offsets (flash-attention's convention; sequence
+s is ``hidden[cu_seqlens[s]:cu_seqlens[s + 1]]``) and optionally ``max_seqlen`` (a Python int,
+an upper bound on the lengths). A ``torch.nested`` jagged tensor (S, j, d) is accepted in place
+of hidden and cu_seqlens. The output is dense, (S, n_modes * d), and equals the padded result of
+the same sequences right-padded; max indices are global token indices into the N axis. Empty
+sequences pool to zeros (index -1). Without ``max_seqlen`` (or on CPU) the offsets are checked
+on the host, one sync; with it, CUDA tensors run without any host-device sync (see
+``fastpool.packed.validate_packed``).
 """
 
 from __future__ import annotations
@@ -20,19 +32,9 @@ import torch
 
 from . import ops
 from .backend import resolve_backend
+from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 from .modes import normalize_modes
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Mask dtypes whose zero is exactly the all-zero bit pattern up to the sign bit (what the kernels
-# test). Float8 formats are excluded: in the "fnuz" ones the sign-bit pattern is NaN.
-MASK_DTYPES = (
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64, *FLOAT_DTYPES,
-)  # fmt: skip
-# The kernels index per-row statistics with 32-bit arithmetic.
-MAX_BATCH = 2**30
-# Positions are int32 inside the kernels, with room for one block past the end.
-MAX_SEQUENCE_LENGTH = 2**31 - 2**20
+from .packed import validate_packed
 
 
 def _validate(hidden: object, mask: object) -> None:
@@ -94,11 +96,25 @@ def _pool(
     mask: torch.Tensor | None,
     modes: tuple[str, ...],
     weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(hidden, mask)
-    _validate_weights(hidden, weights, modes)
-    backend = resolve_backend(hidden.device)
-    return ops.pool_forward(hidden, mask, weights, ",".join(modes), backend)
+    joined = ",".join(modes)
+    packed = cu_seqlens is not None or (isinstance(hidden, torch.Tensor) and hidden.is_nested)
+    if not packed:
+        if max_seqlen is not None:
+            raise ValueError(f"max_seqlen: expected None without cu_seqlens, got {max_seqlen!r}")
+        _validate(hidden, mask)
+        _validate_weights(hidden, weights, modes)
+        return ops.pool_forward(hidden, mask, weights, joined, resolve_backend(hidden.device))
+    if weights is not None and "weighted_mean" not in modes:
+        raise ValueError(f"weights: expected mode 'weighted_mean' among the modes, got {list(modes)}")
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    backend = resolve_backend(device)
+    batch = validate_packed(hidden, mask, cu_seqlens, max_seqlen, weights, backend)
+    return ops.packed_pool_forward(
+        batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen
+    )
 
 
 def pool(
@@ -107,8 +123,10 @@ def pool(
     mode: str | Sequence[str] = "mean",
     *,
     weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Pool (B, T, d) hidden states to (B, d) vectors in one pass over hidden.
+    """Pool (B, T, d) hidden states (or a packed batch) to (B, d) vectors in one pass over hidden.
 
     Parameters
     ----------
@@ -120,34 +138,58 @@ def pool(
         dimension in that order, (B, len(mode) * d), and hidden is still read once.
     weights : Tensor (B, T) float16 / bfloat16 / float32 / float64, or None. Token weights of
         "weighted_mean" (only allowed when that mode is requested); None means position weights.
+        (N,) for a packed batch.
+    cu_seqlens, max_seqlen : a packed batch instead of a padded one (see the module docstring):
+        hidden (N, d) or (1, N, d), cu_seqlens (S + 1,) int32/int64, max_seqlen int or None.
 
     Returns
     -------
     Tensor (B, d) or (B, len(mode) * d) in hidden's dtype. Differentiable with respect to hidden
     and to ``weights``.
     """
-    return _pool(hidden, mask, normalize_modes(mode), weights)[0]
+    return _pool(hidden, mask, normalize_modes(mode), weights, cu_seqlens, max_seqlen)[0]
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked mean over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
+def mean_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Masked mean over real tokens: (B, T, d) -> (B, d) in hidden's dtype (or packed (N, d) -> (S, d)).
 
     Sums in float32 (float64 for float64 input), divides by the exact number of real tokens.
     A row with no real token gives zeros. Gradient: ``grad / count`` at each real token, 0 at padding.
     """
-    return _pool(hidden, mask, ("mean",))[0]
+    return _pool(hidden, mask, ("mean",), None, cu_seqlens, max_seqlen)[0]
 
 
 @overload
 def max_pool(
-    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: Literal[False] = False
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    return_indices: Literal[False] = False,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor: ...
 @overload
 def max_pool(
-    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: Literal[True]
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    return_indices: Literal[True],
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def max_pool(
-    hidden: torch.Tensor, mask: torch.Tensor | None = None, *, return_indices: bool = False
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    return_indices: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked element-wise max over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
 
@@ -156,34 +198,51 @@ def max_pool(
     NaN's position is returned). A row with no real token gives 0 and index -1.
 
     Returns values, or ``(values, indices)`` with indices (B, d) int64 positions along T when
-    ``return_indices`` is True.
+    ``return_indices`` is True (global token indices into N for a packed batch).
     """
-    values, argmax, _ = _pool(hidden, mask, ("max",))
+    values, argmax, _ = _pool(hidden, mask, ("max",), None, cu_seqlens, max_seqlen)
     if return_indices:
         return values, argmax.to(torch.int64)
     return values
 
 
-def cls_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def cls_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
     """The first real token of each row: (B, T, d) -> (B, d).
 
     Position 0 when mask is None or right-padded, the first real position under left padding or
     holes. Zeros for a row with no real token. Gradient goes to that one token.
     """
-    return _pool(hidden, mask, ("cls",))[0]
+    return _pool(hidden, mask, ("cls",), None, cu_seqlens, max_seqlen)[0]
 
 
-def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def last_token_pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
     """The last real token of each row: (B, T, d) -> (B, d).
 
     Works for right padding, left padding and holes. Zeros for a row with no real token.
     Gradient goes to that one token.
     """
-    return _pool(hidden, mask, ("last",))[0]
+    return _pool(hidden, mask, ("last",), None, cu_seqlens, max_seqlen)[0]
 
 
 def weighted_mean_pool(
-    hidden: torch.Tensor, mask: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Weighted mean over real tokens: (B, T, d) -> (B, d) in hidden's dtype.
 
@@ -198,4 +257,4 @@ def weighted_mean_pool(
     Gradient: ``grad * w_t / W`` to hidden at real tokens; ``(grad . (hidden[b, t] - out[b])) / W``
     to the weights at real tokens (0 at padding).
     """
-    return _pool(hidden, mask, ("weighted_mean",), weights)[0]
+    return _pool(hidden, mask, ("weighted_mean",), weights, cu_seqlens, max_seqlen)[0]

@@ -281,21 +281,23 @@ def pool_forward(
         pool_forward_kernel[grid](
             hidden, mask_view, out, argmax_arg, stats,
             part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
-            B, T, d, config.tokens_per_split, config.n_splits,
+            stats, stats, stats,  # packed-only work list: unused
+            B, T, d, config.tokens_per_split, config.n_splits, 0,
             *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
             *col_args,
             mask_bits,
             HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
-            HAS_WEIGHTS=has_weights, ACC_DTYPE=acc_tl, BLOCK_T=config.block_t, BLOCK_D=config.block_d,
+            HAS_WEIGHTS=has_weights, PACKED=False, ACC_DTYPE=acc_tl,
+            BLOCK_T=config.block_t, BLOCK_D=config.block_d,
             SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
         )  # fmt: skip
         if split:
             pool_combine_kernel[(B, n_dblocks)](
                 hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                wsum, B, d, config.n_splits, *hidden.stride(), out.stride(0),
+                wsum, stats, B, d, config.n_splits, *hidden.stride(), out.stride(0),
                 *col_args,
                 DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
-                ACC_DTYPE=acc_tl,
+                PACKED=False, ACC_DTYPE=acc_tl,
                 BLOCK_D=config.block_d,
                 num_warps=config.num_warps,
             )  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from . import eager
+from . import eager, eager_packed
 
 _BACKENDS = ("triton", "torch")
 
@@ -29,6 +29,19 @@ def _impl(backend: str):
     from . import launchers
 
     return launchers
+
+
+def _packed_impl(backend: str):
+    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    if backend == "torch":
+        return eager_packed
+    from . import packed_launchers
+
+    return packed_launchers
+
+
+def _hint(max_seqlen: int) -> int | None:
+    return None if max_seqlen < 0 else max_seqlen
 
 
 def forward_impl(
@@ -83,47 +96,142 @@ def _pool_bwd_fake(grad_out, mask, weights, argmax, stats, T, dtype, modes, back
     return grad_out.new_empty((B, T, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
+def packed_forward_impl(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of ``packed_pool_fwd`` without any dispatch: (out, argmax, stats)."""
+    impl = _packed_impl(backend)
+    if impl is eager_packed:
+        return impl.pool_forward(hidden, cu_seqlens, modes.split(","), weights)
+    return impl.pool_forward(hidden, cu_seqlens, modes.split(","), weights, _hint(max_seqlen))
+
+
+@torch.library.custom_op("fastpool::packed_pool_fwd", mutates_args=())
+def packed_pool_fwd(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused pooling of a packed batch. hidden (N, d); cu_seqlens (S + 1,) int32/int64 offsets;
+    weights (N,) float or None; max_seqlen an upper bound on segment lengths (-1: unknown).
+
+    Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)) and
+    stats (3, S) int32: length, first and last token index of each segment (-1 if empty).
+    """
+    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+
+
+@packed_pool_fwd.register_fake
+def _packed_pool_fwd_fake(hidden, cu_seqlens, weights, modes, backend, max_seqlen):
+    S = cu_seqlens.shape[0] - 1
+    d = hidden.shape[1]
+    names = modes.split(",")
+    out = hidden.new_empty((S, len(names) * d))
+    argmax = hidden.new_empty((S, d if "max" in names else 0), dtype=torch.int32)
+    stats = hidden.new_empty((3, S), dtype=torch.int32)
+    return out, argmax, stats
+
+
+def _packed_backward_impl(grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen):
+    impl = _packed_impl(backend)
+    names = modes.split(",")
+    if impl is eager_packed:
+        return impl.pool_backward(grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights)
+    return impl.pool_backward(
+        grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights, _hint(max_seqlen)
+    )
+
+
+@torch.library.custom_op("fastpool::packed_pool_bwd", mutates_args=())
+def packed_pool_bwd(
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    weights: torch.Tensor | None,
+    argmax: torch.Tensor,
+    stats: torch.Tensor,
+    N: int,
+    dtype: torch.dtype,
+    modes: str,
+    backend: str,
+    max_seqlen: int,
+) -> torch.Tensor:
+    """Gradient of a packed hidden, (N, d) in ``dtype``, from grad_out (S, len(modes) * d)."""
+    return _packed_backward_impl(
+        grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen
+    )
+
+
+@packed_pool_bwd.register_fake
+def _packed_pool_bwd_fake(grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen):
+    return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    hidden, mask, weights, modes, backend = inputs
+    # Padded: (hidden, mask, weights, modes, backend); packed: (hidden, cu_seqlens, weights, modes,
+    # backend, max_seqlen). Position 1 says where the real tokens are; it never takes a gradient.
+    hidden, layout, weights, modes, backend, *packed = inputs
     _, argmax, stats = output
     # The integer outputs never carry gradient: no zero tensors materialised for them.
     ctx.set_materialize_grads(False)
     # hidden is kept only for the gradient of user weights (the hidden gradient never reads it).
     weights_need_grad = weights is not None and ctx.needs_input_grad[2]
-    ctx.save_for_backward(mask, weights, argmax, stats, hidden if weights_need_grad else None)
-    ctx.T = hidden.shape[1]
+    ctx.save_for_backward(layout, weights, argmax, stats, hidden if weights_need_grad else None)
+    ctx.packed = bool(packed)
+    ctx.max_seqlen = packed[0] if packed else -1
+    ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
     ctx.dtype = hidden.dtype
     ctx.modes = modes
     ctx.backend = backend
     ctx.direct = False
 
 
-def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
-    mask, weights, argmax, stats, hidden = ctx.saved_tensors
-    grad_hidden = grad_weights = None
-    if grad_out is None:
-        return None, None, None, None, None
+def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
     modes = ctx.modes.split(",")
-    if ctx.needs_input_grad[0]:
-        if ctx.direct:
-            # create_graph=True needs a differentiable backward: the eager one is built from
-            # torch ops (same semantics, any device); the kernel's output has no graph.
-            impl = eager if torch.is_grad_enabled() else _impl(ctx.backend)
-            grad_hidden = impl.pool_backward(grad_out, mask, argmax, stats, ctx.T, ctx.dtype, modes, weights)
-        else:
-            # Through the op: under torch.compile / AOT tracing this sees fake tensors.
-            grad_hidden = pool_bwd(
-                grad_out, mask, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend
+    if ctx.direct:
+        # create_graph=True needs a differentiable backward: the eager one is built from torch ops
+        # (same semantics, any device); the kernel's output has no graph.
+        backend = "torch" if torch.is_grad_enabled() else ctx.backend
+        if ctx.packed:
+            return _packed_backward_impl(
+                grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, backend, ctx.max_seqlen
             )
+        return _impl(backend).pool_backward(grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights)
+    # Through the op: under torch.compile / AOT tracing this sees fake tensors.
+    if ctx.packed:
+        return packed_pool_bwd(
+            grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend, ctx.max_seqlen
+        )
+    return pool_bwd(grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
+
+
+def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
+    layout, weights, argmax, stats, hidden = ctx.saved_tensors
+    grads = [None] * (6 if ctx.packed else 5)
+    if grad_out is None:
+        return tuple(grads)
+    if ctx.needs_input_grad[0]:
+        grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats)
     if weights is not None and ctx.needs_input_grad[2]:
-        # Small (B, T) result from one read of hidden: torch ops on every backend (traceable).
+        # A (B, T) or (N,) result from one read of hidden: torch ops on every backend (traceable).
+        modes = ctx.modes.split(",")
         d = grad_out.shape[1] // len(modes)
         col = modes.index("weighted_mean") * d
-        grad_weights = eager.weights_grad(grad_out[:, col : col + d], hidden, mask, weights)
-    return grad_hidden, None, grad_weights, None, None
+        block = grad_out[:, col : col + d]
+        grad_of_weights = eager_packed.weights_grad if ctx.packed else eager.weights_grad
+        grads[2] = grad_of_weights(block, hidden, layout, weights)
+    return tuple(grads)
 
 
 pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+packed_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class PoolFunction(torch.autograd.Function):
@@ -142,16 +250,52 @@ class PoolFunction(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_argmax, grad_stats)
 
 
+class PackedPoolFunction(torch.autograd.Function):
+    """Eager fast path of ``packed_pool_fwd`` (same implementation and backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, cu_seqlens, weights, modes, backend, max_seqlen):
+        output = packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+        ctx.mark_non_differentiable(output[1], output[2])
+        _setup_context(ctx, (hidden, cu_seqlens, weights, modes, backend, max_seqlen), output)
+        ctx.direct = True
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_argmax, grad_stats):
+        return _backward(ctx, grad_out, grad_argmax, grad_stats)
+
+
+def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
+    # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
+    # (no jvp) instead of silently dropping the tangent.
+    dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
+    wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
+    return (wants_grad and torch.is_grad_enabled()) or dual
+
+
 def pool_forward(
     hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     if torch.compiler.is_compiling():
         return pool_fwd(hidden, mask, weights, modes, backend)
-    # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
-    # (no jvp) instead of silently dropping the tangent.
-    dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
-    wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
-    if (wants_grad and torch.is_grad_enabled()) or dual:
+    if _wants_autograd(hidden, weights, backend):
         return PoolFunction.apply(hidden, mask, weights, modes, backend)
     return forward_impl(hidden, mask, weights, modes, backend)
+
+
+def packed_pool_forward(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    max_seqlen: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
+    if torch.compiler.is_compiling():
+        return packed_pool_fwd(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+    if _wants_autograd(hidden, weights, backend):
+        return PackedPoolFunction.apply(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)

@@ -90,3 +90,45 @@ def exact_sqrt(x):
         return tl.sqrt(x)
     else:
         return tl.sqrt_rn(x)
+
+
+@triton.jit
+def packed_range(
+    cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
+    chunk_seg_ptr,  # (grid,) int32: segment of each chunk (S for a spare program); chunk_len > 0 only
+    chunk_start_ptr,  # (S + 1,) int32: first chunk of each segment; chunk_len > 0 only
+    chunk,  # int32 scalar: this program's chunk
+    S,
+    N,
+    chunk_len,  # tokens per chunk, 0 when every segment is one chunk (then chunk == segment)
+):
+    """(segment, t_begin, t_end, seg_begin, n_parts) of one chunk of a packed batch.
+
+    n_parts is the number of chunks of the segment: with more than one, the chunk's partial
+    results go through ``pool_combine_kernel``.
+
+    Offsets are clamped into [0, N] and made non-decreasing here, so even malformed offsets (when
+    the launcher was told not to check them) can never address outside hidden. A spare program
+    (beyond the last chunk) gets segment S and an empty range.
+    """
+    if chunk_len > 0:
+        seg = tl.load(chunk_seg_ptr + chunk)
+        seg_c = tl.minimum(seg, S - 1)
+        part0 = tl.load(chunk_start_ptr + seg_c)
+        n_parts = tl.load(chunk_start_ptr + seg_c + 1) - part0
+        j = chunk - part0
+    else:
+        seg = chunk
+        seg_c = chunk
+        n_parts = 1
+        j = 0
+    seg_begin = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c).to(tl.int32), 0), N)
+    seg_end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c + 1).to(tl.int32), seg_begin), N)
+    if chunk_len > 0:
+        t_begin = tl.minimum(seg_begin + j * chunk_len, seg_end)
+        t_end = tl.minimum(t_begin + chunk_len, seg_end)
+    else:
+        t_begin = seg_begin
+        t_end = seg_end
+    t_end = tl.where(seg < S, t_end, t_begin)
+    return seg, t_begin, t_end, seg_begin, n_parts

@@ -19,7 +19,7 @@ split order. No atomics: the result is bit-for-bit deterministic.
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, NO_TOKEN, better_max, exact_sqrt, lanes_argmax, row_span
+from .mask_scan import COLUMN_ARGS, NO_TOKEN, better_max, exact_sqrt, lanes_argmax, packed_range, row_span
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _write_results(
     tl.store(stats_ptr + 2 * B + row, tl.where(has_tokens, last, -1), mask=owner)
 
 
-@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_splits"])
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_splits", "chunk_len"])
 def pool_forward_kernel(
     hidden_ptr,  # (B, T, d) fp16/bf16/fp32/fp64, any strides
     mask_ptr,  # (B, T) integer view of the mask, any strides, nonzero = real; unused unless HAS_MASK
@@ -115,12 +115,16 @@ def pool_forward_kernel(
     part_wsum_ptr,  # (B, n_splits, d) acc dtype; T-split launches with DO_WEIGHTED only
     weights_ptr,  # (B, T) float user weights, any strides; HAS_WEIGHTS only
     wsum_ptr,  # (B,) acc dtype: their sum over real tokens; HAS_WEIGHTS only
-    B,
-    T,
+    cu_seqlens_ptr,  # (B + 1,) int32/int64 segment offsets; PACKED only
+    chunk_seg_ptr,  # (grid,) int32 segment of each chunk; PACKED with chunk_len > 0 only
+    chunk_start_ptr,  # (B + 1,) int32 first chunk of each segment; PACKED with chunk_len > 0 only
+    B,  # rows (segments when PACKED)
+    T,  # positions per row (total tokens N when PACKED)
     d,
     tokens_per_split,  # positions per program along T (T when not split)
     n_splits,
-    stride_hb,
+    chunk_len,  # PACKED: tokens per chunk of a long segment, 0 when every segment is one chunk
+    stride_hb,  # 0 when PACKED: positions are global token indices
     stride_ht,
     stride_hd,
     stride_mb,
@@ -140,19 +144,35 @@ def pool_forward_kernel(
     DO_MAX: tl.constexpr,
     DO_WEIGHTED: tl.constexpr,  # rank weights need DO_MEAN (the T-split fold uses the plain sum)
     HAS_WEIGHTS: tl.constexpr,  # weighted_mean with user weights (else rank weights)
+    PACKED: tl.constexpr,  # hidden is (N, d) packed by cu_seqlens; program axis 0 enumerates chunks
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
     """Masked mean / max+argmax / first / last of one (row, feature block, T range)."""
-    row = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    split = tl.program_id(2)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d_offs < d
-    t_begin = split * tokens_per_split
-    t_end = tl.minimum(t_begin + tokens_per_split, T)
+    if PACKED:
+        # A packed segment is a row whose real tokens are [seg_begin, seg_end) of the flat axis;
+        # a long one is cut into chunks, each folded like a T-split range.
+        chunk = tl.program_id(0)
+        seg, t_begin, t_end, _, n_parts = packed_range(
+            cu_seqlens_ptr, chunk_seg_ptr, chunk_start_ptr, chunk, B, T, chunk_len
+        )
+        row = seg.to(tl.int64)
+        part = chunk.to(tl.int64)
+        is_part = n_parts > 1
+        valid = seg < B
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(2)
+        t_begin = split * tokens_per_split
+        t_end = tl.minimum(t_begin + tokens_per_split, T)
+        part = row * n_splits + split
+        is_part = n_splits > 1
+        valid = row < B
     first, last, count = row_span(
         mask_ptr, stride_mb, stride_mt, MASK_BITS, row, t_begin, t_end, HAS_MASK, SCAN_BLOCK
     )
@@ -200,8 +220,7 @@ def pool_forward_kernel(
     row_weighted = tl.sum(wtotal, axis=0)
     max_value, max_pos = lanes_argmax(best, best_pos)
     # A runtime branch (n_splits is not specialized): one compiled kernel serves both launch shapes.
-    if n_splits > 1:
-        part = row * n_splits + split
+    if is_part:
         if DO_MEAN:
             tl.store(part_sum_ptr + part * d + d_offs, row_total, mask=d_in)
         if DO_WEIGHTED:
@@ -213,7 +232,7 @@ def pool_forward_kernel(
         tl.store(part_stats_ptr + part * 3, count, mask=owner)
         tl.store(part_stats_ptr + part * 3 + 1, first, mask=owner)
         tl.store(part_stats_ptr + part * 3 + 2, last, mask=owner)
-    else:
+    elif valid:
         _write_results(
             hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
             stride_hb, stride_ht, stride_hd, stride_ob,
@@ -223,7 +242,7 @@ def pool_forward_kernel(
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=COLUMN_ARGS)
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "n_splits"])
 def pool_combine_kernel(
     hidden_ptr,  # (B, T, d) any strides: read only for the first/last-token gather
     out_ptr,  # (B, n_modes * d) hidden dtype
@@ -235,9 +254,10 @@ def pool_combine_kernel(
     part_stats_ptr,  # (B, n_splits, 3) int32
     part_wsum_ptr,  # (B, n_splits, d) acc dtype; DO_WEIGHTED only
     wsum_ptr,  # (B,) acc dtype: sum of the user weights over real tokens; HAS_WEIGHTS only
+    chunk_start_ptr,  # (B + 1,) int32 first chunk of each segment; PACKED only
     B,
     d,
-    n_splits,
+    n_splits,  # partials per row (padded launches)
     stride_hb,
     stride_ht,
     stride_hd,
@@ -252,11 +272,41 @@ def pool_combine_kernel(
     DO_MAX: tl.constexpr,
     DO_WEIGHTED: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    PACKED: tl.constexpr,  # rows are segments; their partials are chunks chunk_start[row] ...
     ACC_DTYPE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Fold the T-split partials of one (row, feature block) in split order. Grid: (B, cdiv(d, BLOCK_D))."""
+    """Fold the T-split partials of one (row, feature block) in split order. Grid: (B, cdiv(d, BLOCK_D)).
+
+    A packed segment made of a single chunk was finished by the forward kernel and is skipped.
+    """
     row = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        first_part = tl.load(chunk_start_ptr + row).to(tl.int64)
+        n_parts = tl.load(chunk_start_ptr + row + 1) - first_part
+    else:
+        first_part = row * n_splits
+        n_parts = n_splits
+    if n_parts > 1:
+        _combine_parts(
+            hidden_ptr, out_ptr, argmax_ptr, stats_ptr, part_sum_ptr, part_max_ptr, part_pos_ptr,
+            part_stats_ptr, part_wsum_ptr, wsum_ptr, row, first_part, n_parts, B, d,
+            stride_hb, stride_ht, stride_hd, stride_ob,
+            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+            DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS, ACC_DTYPE, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _combine_parts(
+    hidden_ptr, out_ptr, argmax_ptr, stats_ptr, part_sum_ptr, part_max_ptr, part_pos_ptr,
+    part_stats_ptr, part_wsum_ptr, wsum_ptr, row, first_part, n_parts, B, d,
+    stride_hb, stride_ht, stride_hd, stride_ob,
+    col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+    DO_MEAN: tl.constexpr, DO_MAX: tl.constexpr, DO_WEIGHTED: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Fold partials first_part .. first_part + n_parts - 1 (arguments as in pool_combine_kernel)."""
     pid_d = tl.program_id(1)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d_offs < d
@@ -267,8 +317,8 @@ def pool_combine_kernel(
     count = tl.full((), 0, tl.int32)
     first = tl.full((), NO_TOKEN, tl.int32)
     last = tl.full((), -1, tl.int32)
-    for s in range(0, n_splits):
-        part = row * n_splits + s
+    for s in range(0, n_parts):
+        part = first_part + s
         if DO_WEIGHTED:
             weighted += tl.load(part_wsum_ptr + part * d + d_offs, mask=d_in, other=0.0)
             if not HAS_WEIGHTS:

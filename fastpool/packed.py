@@ -1,0 +1,145 @@
+"""Packed (variable-length) input at the public boundary: validation and nested-tensor unwrapping.
+
+A packed batch is S sequences stored back to back as hidden (N, d), with ``cu_seqlens`` (S + 1,)
+int32/int64 offsets (the flash-attention convention): sequence s is ``hidden[cu[s]:cu[s + 1]]``.
+Every token is real (there is no padding), empty sequences are allowed. A ``torch.nested`` tensor
+with the jagged layout, (S, j, d), is the same thing: its ``values()`` and ``offsets()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .limits import FLOAT_DTYPES, MAX_SEQUENCE_LENGTH
+
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class PackedInput:
+    """A validated packed batch: hidden (N, d), cu_seqlens (S + 1,), weights (N,) or None,
+    max_seqlen (-1 when unknown; a bound on the segment lengths otherwise)."""
+
+    hidden: torch.Tensor
+    cu_seqlens: torch.Tensor
+    weights: torch.Tensor | None
+    max_seqlen: int
+
+
+def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    if hidden.layout != torch.jagged:
+        raise ValueError(f"hidden: expected a nested tensor with layout torch.jagged, got {hidden.layout}")
+    if cu_seqlens is not None:
+        raise ValueError(
+            "cu_seqlens: expected None with a nested hidden (it carries its offsets), got a tensor"
+        )
+    if hidden.dim() != 3 or hidden._ragged_idx != 1:
+        raise ValueError(f"hidden: expected a nested tensor of shape (S, j, d), got {hidden.shape}")
+    if hidden._lengths is not None:
+        raise ValueError(
+            "hidden: expected a contiguous nested tensor (offsets only), got one with holes (lengths)"
+        )
+    return hidden.values(), hidden.offsets(), hidden._maybe_max_seqlen
+
+
+def _unwrap_weights(weights: object, N: int, device: torch.device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor) and weights.is_nested:
+        weights = weights.values()
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(
+            f"weights: expected a torch.Tensor of shape (N,) or None, got {type(weights).__name__}"
+        )
+    if weights.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
+    if weights.dim() == 2 and weights.shape[0] == 1:
+        weights = weights[0]
+    if tuple(weights.shape) != (N,):
+        raise ValueError(
+            f"weights: expected shape (N,) = ({N},) for a packed batch, got {tuple(weights.shape)}"
+        )
+    if weights.device != device:
+        raise ValueError(f"weights: expected device {device} (hidden's device), got {weights.device}")
+    return weights
+
+
+def check_offsets(cu_seqlens: torch.Tensor, N: int) -> int:
+    """Raise ValueError unless cu_seqlens starts at 0, ends at N and never decreases; return the
+    longest segment. Reads the offsets on the host (one device-to-host copy)."""
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
+    if int(cu[-1]) != N:
+        raise ValueError(
+            f"cu_seqlens: expected cu_seqlens[-1] == N == {N} (tokens in hidden), got {int(cu[-1])}"
+        )
+    lengths = cu[1:] - cu[:-1]
+    if lengths.numel() and int(lengths.min()) < 0:
+        i = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(
+            f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i + 1}] = {int(cu[i + 1])} "
+            f"< cu_seqlens[{i}] = {int(cu[i])}"
+        )
+    return int(lengths.max()) if lengths.numel() else 0
+
+
+def validate_packed(
+    hidden: object,
+    mask: object,
+    cu_seqlens: object,
+    max_seqlen: object,
+    weights: object,
+    backend: str,
+) -> PackedInput:
+    """Check a packed batch and bring it to (N, d) / (S + 1,) / (N,) views (no copies).
+
+    The offsets' values are checked on the host (one sync) unless ``max_seqlen`` is given for a
+    CUDA tensor on the Triton backend, which then runs without any host-device sync; there the
+    kernels clamp every offset into [0, N] so malformed offsets can never read or write out of
+    bounds, but the result is unspecified.
+    """
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor of shape (N, d), got {type(hidden).__name__}")
+    nested_max = None
+    if hidden.is_nested:
+        hidden, cu_seqlens, nested_max = _unwrap_nested(hidden, cu_seqlens)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if hidden.dim() == 3 and hidden.shape[0] == 1:
+        hidden = hidden[0]
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden: expected (N, d) or (1, N, d) with cu_seqlens, got shape {tuple(hidden.shape)}"
+        )
+    N = hidden.shape[0]
+    if N > MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {N}")
+    if mask is not None:
+        raise ValueError("mask: expected None with cu_seqlens (a packed batch has no padding), got a mask")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(
+            f"cu_seqlens: expected a torch.Tensor of shape (S + 1,), got {type(cu_seqlens).__name__}"
+        )
+    if cu_seqlens.dtype not in OFFSET_DTYPES:
+        raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens: expected shape (S + 1,) with S >= 0, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(
+            f"cu_seqlens: expected device {hidden.device} (hidden's device), got {cu_seqlens.device}"
+        )
+    if max_seqlen is None:
+        max_seqlen = nested_max
+    if max_seqlen is not None and (
+        isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
+    ):
+        raise TypeError(f"max_seqlen: expected a non-negative Python int or None, got {max_seqlen!r}")
+    weights = _unwrap_weights(weights, N, hidden.device)
+    trusted = max_seqlen is not None and hidden.device.type == "cuda" and backend == "triton"
+    if not trusted and not torch.compiler.is_compiling():
+        longest = check_offsets(cu_seqlens, N)
+        max_seqlen = longest if max_seqlen is None else min(max_seqlen, longest)
+    return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen)

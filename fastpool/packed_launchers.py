@@ -1,0 +1,226 @@
+"""Triton launchers for packed batches: (N, d) tokens cut into S segments by ``cu_seqlens``.
+
+The forward and backward kernels are the padded ones run with ``PACKED`` (forward) or their packed
+twin (backward). A program owns one chunk of one segment. When every segment fits in one chunk
+(``max_seqlen`` known and small enough) program i is segment i: one launch, no host-device sync,
+no preparation. Otherwise long segments are cut into chunks of ``chunk_len`` tokens so that a few
+long segments among many short ones do not serialise the GPU: a small work list (segment of each
+chunk, first chunk of each segment) is built on the device with a handful of (S,)-sized torch ops,
+the grid is an upper bound on the number of chunks (spare programs exit), and the partials of
+split segments are folded in chunk order by the combine kernel. No atomics, no sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import eager_packed
+from .launchers import (
+    MIN_TOKENS_PER_SPLIT,
+    PROGRAMS_PER_SM,
+    SCAN_BLOCK,
+    _acc_dtype,
+    _check_feature_blocks,
+    _on_device,
+    _overrides,
+    _placeholder,
+    feature_block,
+    kernel_columns,
+    sm_count,
+    token_block,
+    triton_cdiv,
+)
+from .modes import mode_columns
+
+# CUDA grid dimension 0 holds at most this many blocks.
+MAX_GRID_X = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a packed batch is cut into programs."""
+
+    chunk_len: int  # tokens per chunk; 0 when every segment is one chunk
+    programs: int  # grid size along axis 0 (an upper bound on the chunks when chunk_len > 0)
+    chunk_seg: torch.Tensor | None  # (programs,) int32 segment of each chunk, S for spare programs
+    chunk_start: torch.Tensor | None  # (S + 1,) int32 first chunk of each segment
+
+
+def chunk_length(N: int, d: int, block_d: int, block_t: int, sms: int) -> int:
+    """Tokens per chunk: enough chunks to give every multiprocessor PROGRAMS_PER_SM programs, but
+    never fewer than MIN_TOKENS_PER_SPLIT tokens (a partial costs 12 bytes per feature)."""
+    if "chunk_len" in _overrides:
+        return _overrides["chunk_len"]
+    per_feature_block = max(1, triton_cdiv(PROGRAMS_PER_SM * sms, triton_cdiv(max(d, 1), block_d)))
+    length = max(MIN_TOKENS_PER_SPLIT, triton_cdiv(N, per_feature_block))
+    return triton_cdiv(length, block_t) * block_t
+
+
+def chunk_plan(cu_seqlens: torch.Tensor, N: int, chunk_len: int, max_seqlen: int | None) -> ChunkPlan:
+    """Build the work list of a packed launch on the device (no sync)."""
+    S = cu_seqlens.shape[0] - 1
+    if max_seqlen is not None and max_seqlen <= chunk_len:
+        return ChunkPlan(0, S, None, None)
+    # Clamped and made non-decreasing so malformed offsets still give at most N // chunk_len + S chunks.
+    cu = torch.cummax(cu_seqlens.long().clamp(0, N), 0).values
+    lengths = cu[1:] - cu[:-1]
+    chunks = torch.clamp((lengths + chunk_len - 1) // chunk_len, min=1)  # an empty segment still owns one
+    programs = S + N // chunk_len
+    chunk_start = torch.zeros(S + 1, dtype=torch.int64, device=cu.device)
+    torch.cumsum(chunks, 0, out=chunk_start[1:])
+    spare = (programs - chunk_start[S:]).clamp(min=0)
+    owners = torch.arange(S + 1, dtype=torch.int32, device=cu.device)
+    chunk_seg = torch.repeat_interleave(owners, torch.cat([chunks, spare]), output_size=programs)
+    return ChunkPlan(chunk_len, programs, chunk_seg, chunk_start.to(torch.int32))
+
+
+def _plan(cu_seqlens, N, d, element_size, second_accumulator, max_seqlen, device):
+    block_d = feature_block(element_size)
+    block_t = token_block(element_size, second_accumulator)
+    block_d = _overrides.get("block_d", block_d)
+    block_t = _overrides.get("block_t", block_t)
+    length = chunk_length(N, d, block_d, block_t, sm_count(device))
+    plan = chunk_plan(cu_seqlens, N, length, max_seqlen)
+    if plan.programs > MAX_GRID_X:
+        raise ValueError(f"cu_seqlens: expected at most {MAX_GRID_X} chunks, got {plan.programs}")
+    return plan, block_t, block_d
+
+
+def _weights_args(weights, cu_seqlens, acc, device):
+    if weights is None:
+        return _placeholder(device, acc), _placeholder(device, acc), 0
+    sums = eager_packed.segment_sums(weights.to(acc), cu_seqlens)
+    return weights, sums, weights.stride(0)
+
+
+def pool_forward(
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    modes: Sequence[str],
+    weights: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused pooling of a packed batch on the Triton kernels.
+
+    hidden (N, d) fp16/bf16/fp32/fp64, any strides; cu_seqlens (S + 1,) int32/int64 offsets;
+    weights (N,) float or None; max_seqlen: an upper bound on the segment lengths, or None.
+    Returns out (S, len(modes) * d) hidden dtype, argmax (S, d) int32 global token indices when
+    "max" is among ``modes`` (else (S, 0)), stats (3, S) int32 (length, first, last; -1 if empty).
+
+    Memory traffic: reads every token of hidden once (``N * d * element_size`` bytes) and
+    ``cu_seqlens``; writes ``S * len(modes) * d * element_size`` bytes plus argmax and stats.
+    Segments split into several chunks add ``12 * d`` bytes per chunk written and read.
+    """
+    from .kernels.pool_forward import pool_combine_kernel, pool_forward_kernel
+
+    N, d = hidden.shape
+    S = cu_seqlens.shape[0] - 1
+    device = hidden.device
+    cols = mode_columns(modes, d)
+    col_args = kernel_columns(cols)
+    do_weighted = cols["weighted_mean"] >= 0
+    has_weights = weights is not None
+    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or (do_weighted and not has_weights)
+    do_max = cols["max"] >= 0
+    out = torch.empty((S, len(modes) * d), dtype=hidden.dtype, device=device)
+    argmax = torch.empty((S, d if do_max else 0), dtype=torch.int32, device=device)
+    stats = torch.empty((3, S), dtype=torch.int32, device=device)
+    if S == 0:
+        return out, argmax, stats
+    if d == 0:
+        return out, argmax, eager_packed.packed_stats(cu_seqlens)
+    plan, block_t, block_d = _plan(
+        cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device
+    )
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device)
+    if plan.chunk_len > 0:
+        parts = (plan.programs, d)
+        part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
+        part_max = torch.empty(parts, dtype=acc, device=device) if do_max else _placeholder(device, acc)
+        part_pos = (
+            torch.empty(parts, dtype=torch.int32, device=device)
+            if do_max
+            else _placeholder(device, torch.int32)
+        )
+        part_stats = torch.empty((plan.programs, 3), dtype=torch.int32, device=device)
+        part_wsum = torch.empty(parts, dtype=acc, device=device) if do_weighted else _placeholder(device, acc)
+        chunk_seg, chunk_start = plan.chunk_seg, plan.chunk_start
+    else:
+        part_sum = part_max = part_wsum = _placeholder(device, acc)
+        part_pos = part_stats = chunk_seg = chunk_start = _placeholder(device, torch.int32)
+    argmax_arg = argmax if do_max else stats
+    n_dblocks = _check_feature_blocks(d, block_d)
+    acc_tl = _acc_dtype(hidden.dtype)
+    stride_ht, stride_hd = hidden.stride()
+    with _on_device(device):
+        pool_forward_kernel[(plan.programs, n_dblocks, 1)](
+            hidden, stats, out, argmax_arg, stats,
+            part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
+            cu_seqlens, chunk_seg, chunk_start,
+            S, N, d, 0, 1, plan.chunk_len,
+            0, stride_ht, stride_hd, 0, 0, 0, stride_wt, out.stride(0),
+            *col_args,
+            -1,
+            HAS_MASK=False, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
+            HAS_WEIGHTS=has_weights, PACKED=True, ACC_DTYPE=acc_tl, BLOCK_T=block_t, BLOCK_D=block_d,
+            SCAN_BLOCK=SCAN_BLOCK, num_warps=_overrides.get("num_warps", 4),
+        )  # fmt: skip
+        if plan.chunk_len > 0:
+            pool_combine_kernel[(S, n_dblocks)](
+                hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
+                wsum, chunk_start, S, d, 1, 0, stride_ht, stride_hd, out.stride(0),
+                *col_args,
+                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
+                PACKED=True, ACC_DTYPE=acc_tl, BLOCK_D=block_d, num_warps=_overrides.get("num_warps", 4),
+            )  # fmt: skip
+    return out, argmax, stats
+
+
+def pool_backward(
+    grad_out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    argmax: torch.Tensor,
+    stats: torch.Tensor,
+    N: int,
+    dtype: torch.dtype,
+    modes: Sequence[str],
+    weights: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """Gradient of a packed hidden (N, d) in ``dtype`` from grad_out (S, len(modes) * d), any strides.
+
+    Memory traffic: writes ``N * d * element_size`` bytes (each element once, no memset); reads
+    grad_out, argmax and stats (per segment, L2-resident) and the user weights if any.
+    """
+    from .kernels.pool_backward import packed_backward_kernel
+
+    S = stats.shape[1]
+    d = grad_out.shape[1] // len(modes)
+    device = grad_out.device
+    grad = torch.empty((N, d), dtype=dtype, device=device)
+    if grad.numel() == 0:
+        return grad
+    if S == 0:
+        return grad.zero_()  # no segment covers a token
+    cols = mode_columns(modes, d)
+    plan, block_t, block_d = _plan(cu_seqlens, N, d, grad.element_size(), False, max_seqlen, device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device)
+    if plan.chunk_len > 0:
+        chunk_seg, chunk_start = plan.chunk_seg, plan.chunk_start
+    else:
+        chunk_seg = chunk_start = _placeholder(device, torch.int32)
+    with _on_device(device):
+        packed_backward_kernel[(plan.programs, _check_feature_blocks(d, block_d))](
+            grad_out, cu_seqlens, chunk_seg, chunk_start, argmax if cols["max"] >= 0 else stats, stats,
+            weights_arg, wsum, grad,
+            S, N, d, plan.chunk_len, *grad_out.stride(), stride_wt, *grad.stride(),
+            *kernel_columns(cols),
+            HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(dtype), BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=_overrides.get("num_warps", 4),
+        )  # fmt: skip
+    return grad
