@@ -1,8 +1,10 @@
-"""Benchmark grids (presets) and deterministic inputs: hidden states and padding masks.
+"""Benchmark grids (presets) and deterministic inputs: hidden states, padding masks, packed batches.
 
 A preset is a list of blocks; each block is a small cartesian product (shapes x dtypes x paddings x
 layouts x ops x passes) with one purpose (serving shapes, long context, padding sweep, ...), so the
-grid stays readable and each block can be pruned on its own.
+grid stays readable and each block can be pruned on its own. A PackedBlock is the same for packed
+(variable-length) input: S sequences back to back in hidden (N, d) with cu_seqlens offsets, their
+lengths drawn from a seeded distribution (PackedShape).
 """
 
 from __future__ import annotations
@@ -20,12 +22,94 @@ OPS: dict[str, tuple[str, ...]] = {
     "mean+max": ("mean", "max"),
 }
 ALL_OPS = tuple(OPS)
+# Packed (cu_seqlens) ops: their own names, so a row never mixes with a padded op of the same mode.
+PACKED_OPS: dict[str, tuple[str, ...]] = {"packed_mean": ("mean",), "packed_max": ("max",)}
+ALL_PACKED_OPS = tuple(PACKED_OPS)
+# The modes of every op, padded or packed (what the checks and byte counts need).
+MODES_OF: dict[str, tuple[str, ...]] = {**OPS, **PACKED_OPS}
 PASSES = ("fwd", "fwd+bwd", "bwd")
 LAYOUTS = ("right", "left", "holes")
 PADDINGS = (0.0, 0.25, 0.5, 0.75)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 Shape = tuple[int, int, int]
+LENGTH_DISTS = ("uniform", "skewed")
+
+
+@dataclass(frozen=True)
+class PackedShape:
+    """S sequences packed back to back into hidden (N, d); N follows from the seeded lengths.
+
+    uniform: every length uniform in [L // 2, L] (a batch of similar lengths). skewed: ``n_long``
+    sequences of exactly L, at seeded positions, among S - n_long lengths uniform in ``short``
+    (a few very long documents among many short ones: the load-balancing case, where one program
+    per sequence would leave most of the GPU idle while the long ones finish).
+    """
+
+    dist: str
+    S: int
+    L: int
+    d: int
+    n_long: int = 0
+    short: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.dist not in LENGTH_DISTS:
+            raise ValueError(f"dist: expected one of {LENGTH_DISTS}, got {self.dist!r}")
+        if self.dist == "skewed" and not (0 < self.n_long <= self.S and 1 <= self.short[0] <= self.short[1]):
+            raise ValueError(f"skewed: need 0 < n_long <= S and 1 <= short[0] <= short[1], got {self}")
+
+    def lengths(self) -> torch.Tensor:
+        """(S,) int64 lengths, every one >= 1, the same on every call and machine (seeded)."""
+        gen = torch.Generator().manual_seed(seed_of("lengths", self))
+        if self.dist == "uniform":
+            return torch.randint(max(1, self.L // 2), self.L + 1, (self.S,), generator=gen)
+        lo, hi = self.short
+        out = torch.randint(lo, hi + 1, (self.S,), generator=gen)
+        out[torch.randperm(self.S, generator=gen)[: self.n_long]] = self.L
+        return out
+
+    @property
+    def N(self) -> int:
+        """Total tokens (rows of hidden)."""
+        return int(self.lengths().sum())
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths().max())
+
+    @property
+    def label(self) -> str:
+        if self.dist == "uniform":
+            return f"{self.S} seqs uniform [{max(1, self.L // 2)}, {self.L}] ({self.N} tokens) x {self.d}"
+        lo, hi = self.short
+        return (
+            f"{self.S} seqs skewed {self.n_long} x {self.L} + {self.S - self.n_long} x [{lo}, {hi}] "
+            f"({self.N} tokens) x {self.d}"
+        )
+
+
+def uniform(S: int, L: int, d: int) -> PackedShape:
+    """S sequences of lengths uniform in [L // 2, L], width d."""
+    return PackedShape("uniform", S, L, d)
+
+
+def skewed(S: int, L: int, d: int, n_long: int, short: tuple[int, int] = (64, 256)) -> PackedShape:
+    """n_long sequences of length L among S - n_long of lengths uniform in ``short``, width d."""
+    return PackedShape("skewed", S, L, d, n_long, short)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """What a packed case feeds every provider in place of the mask: the offsets as a user has them
+    (int32 on the device, flash-attention's convention) and max_seqlen (a Python int)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def S(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
 
 
 @dataclass(frozen=True)
@@ -42,14 +126,18 @@ class Case:
     padding: float
     layout: str
     headline: bool = False
+    # Packed cases: the sequences (then B = S, T = the longest length, padding 0, layout "packed").
+    packed: PackedShape | None = None
 
     @property
     def input_key(self) -> tuple:
         """Cases with the same key share one (hidden, mask) allocation."""
-        return (self.B, self.T, self.d, self.dtype, self.padding, self.layout)
+        return (self.B, self.T, self.d, self.dtype, self.padding, self.layout, self.packed)
 
     @property
     def label(self) -> str:
+        if self.packed is not None:
+            return f"{self.op} {self.pass_} {self.dtype} {self.packed.label}"
         pad = f"{self.padding:.0%} {self.layout}" if self.padding else "no pad"
         return f"{self.op} {self.pass_} {self.dtype} {self.B}x{self.T}x{self.d} {pad}"
 
@@ -83,11 +171,35 @@ class Block:
 
 
 @dataclass(frozen=True)
+class PackedBlock:
+    """Packed shapes x dtypes x ops x passes (ops from PACKED_OPS)."""
+
+    name: str
+    shapes: tuple[PackedShape, ...]
+    dtypes: tuple[str, ...]
+    ops: tuple[str, ...]
+    passes: tuple[str, ...]
+    headline: bool = False
+
+    def cases(self) -> list[Case]:
+        for op in self.ops:
+            if op not in PACKED_OPS:
+                raise ValueError(f"op: expected one of {ALL_PACKED_OPS} in a packed block, got {op!r}")
+        return [
+            Case(self.name, op, pass_, p.S, p.max_len, p.d, dtype, 0.0, "packed", self.headline, p)
+            for p in self.shapes
+            for dtype in self.dtypes
+            for op in self.ops
+            for pass_ in self.passes
+        ]
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
-    blocks: tuple[Block, ...]
-    providers: tuple[str, ...] = ("fastpool", "eager", "compile", "sentence-transformers")
+    blocks: tuple[Block | PackedBlock, ...]
+    providers: tuple[str, ...] = ("fastpool", "eager", "compile", "sentence-transformers", "index_add", "loop")
     # CPU timing: torch.utils.benchmark's min_run_time per measurement (seconds).
     min_run_time: float = 0.2
     # CPU only: stop compiling new torch.compile graphs once this many seconds went into compiling.

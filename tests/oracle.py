@@ -182,3 +182,55 @@ def weights_grad(
             for t in real:
                 grad[b, t] = float(np.dot(grad_out[b], hidden[b, t].astype(np.float64) - out[b])) / total
     return grad
+
+
+def segments(cu_seqlens: np.ndarray) -> list[tuple[int, int]]:
+    """[(begin, end)] of every packed sequence."""
+    return [(int(cu_seqlens[s]), int(cu_seqlens[s + 1])) for s in range(len(cu_seqlens) - 1)]
+
+
+def packed_pool(
+    hidden: np.ndarray, cu_seqlens: np.ndarray, mode: str, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(S, d) float64 result of one mode over a packed batch: hidden (N, d), sequence s is
+    hidden[cu[s]:cu[s + 1]], every token real; weights (N,) or None."""
+    d = hidden.shape[1]
+    out = np.zeros((len(cu_seqlens) - 1, d), dtype=np.float64)
+    for s, (a, b) in enumerate(segments(cu_seqlens)):
+        w = None if weights is None else weights[None, a:b]
+        out[s] = pool(hidden[None, a:b], None, mode, w)[0]
+    return out
+
+
+def packed_max_index(hidden: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
+    """(S, d) int64 global token index of each sequence's max (-1 for an empty sequence)."""
+    index = np.full((len(cu_seqlens) - 1, hidden.shape[1]), -1, dtype=np.int64)
+    for s, (a, b) in enumerate(segments(cu_seqlens)):
+        local = max_with_index(hidden[None, a:b], None)[1][0]
+        index[s] = np.where(local >= 0, local + a, -1)
+    return index
+
+
+def packed_pool_grad(
+    hidden: np.ndarray,
+    cu_seqlens: np.ndarray,
+    mode: str,
+    grad_out: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """(N, d) float64 gradient of sum(packed_pool(hidden) * grad_out) with respect to hidden."""
+    grad = np.zeros(hidden.shape, dtype=np.float64)
+    for s, (a, b) in enumerate(segments(cu_seqlens)):
+        w = None if weights is None else weights[None, a:b]
+        grad[a:b] = pool_grad(hidden[None, a:b], None, mode, grad_out[s : s + 1], w)[0]
+    return grad
+
+
+def packed_weights_grad(
+    hidden: np.ndarray, cu_seqlens: np.ndarray, weights: np.ndarray, grad_out: np.ndarray
+) -> np.ndarray:
+    """(N,) float64 gradient of packed weighted_mean with respect to the user weights."""
+    grad = np.zeros(hidden.shape[0], dtype=np.float64)
+    for s, (a, b) in enumerate(segments(cu_seqlens)):
+        grad[a:b] = weights_grad(hidden[None, a:b], None, weights[None, a:b], grad_out[s : s + 1])[0]
+    return grad

@@ -15,7 +15,7 @@ sentence-transformers 6.2 (configured by ``pooling_mode``; tested with 6.2.0).
 configuration keys, same ``save`` / ``load`` / ``get_embedding_dimension``, and the library's own
 ``isinstance(module, Pooling)`` checks (``set_pooling_include_prompt``, ...) still find it. Only
 ``forward`` changes: it reads ``features["token_embeddings"]`` (B, T, d) and
-``features["attention_mask"]`` (B, T), honours ``include_prompt=False`` with
+``features["attention_mask"]`` (B, T) (or a packed batch, see below), honours ``include_prompt=False`` with
 ``features["prompt_length"]``, and writes ``features["sentence_embedding"]`` (B, n_modes * d),
 computed by one ``fastpool.pool`` call with the modes concatenated in ``pooling_mode`` order. Every
 other key of ``features`` is left as it is, and the caller's attention mask is never modified.
@@ -30,9 +30,36 @@ agrees for left and right padding, but weighs by position after the first real t
 for a mask with holes, and with ``include_prompt=False`` it keeps the pooled tokens' original
 positions (the first token after the prompt weighs ``prompt_length + 1``; fastpool: 1).
 
+Packed (unpadded) batches
+-------------------------
+With flash-attention unpadding (``Transformer.unpad_inputs``; it needs a flash-attention varlen kernel,
+so in practice a CUDA GPU), sentence-transformers' ``DataCollatorWithFlattening`` packs the batch into
+one row: ``token_embeddings`` (1, N, d) holding the S texts back to back, no ``attention_mask``, and
+``cu_seq_lens_q`` (S + 1,) int32 offsets, ``max_length_q`` (a Python int), ``seq_idx`` and
+``position_ids`` (1, N). Its ``Pooling`` then pools the flat tensor (``_forward_flattened``) whenever
+``cu_seq_lens_q`` is present. ``FastPooling`` does the same with one packed ``fastpool.pool`` call
+(``cu_seqlens=cu_seq_lens_q``, ``max_seqlen=max_length_q`` when that is a Python int, so a CUDA batch
+pools without a host-device sync), writing ``sentence_embedding`` (S, n_modes * d). The sequence
+boundaries come from ``cu_seq_lens_q`` alone: ``position_ids`` is not read (it is offset for
+RoBERTa-style models), nor ``seq_idx`` (sentence-transformers groups its scatter-based modes by it
+when present; the collator makes it agree with the offsets). As there, ``token_weights_sum`` is
+ignored and ``attention_mask``, if any, is not read.
+``include_prompt=False`` is supported, as in sentence-transformers: the first ``prompt_length`` tokens
+of every sequence are left out, by pooling each sequence as two segments (prompt, rest) and keeping the
+second, so no token is copied. The result is the same up to float rounding, except where
+sentence-transformers' flat path has these defects (fastpool's value in brackets):
+
+- a sequence with nothing to pool [zeros, in every mode]. One the prompt covers: max gives ``-inf``,
+  cls its first (prompt) token, lasttoken its last (prompt) token. An empty one (the collator drops
+  empty texts, so only hand-built features have them): max gives ``-inf``, cls the next sequence's
+  first token (an ``IndexError`` for the last sequence), lasttoken the previous sequence's last
+  token (the batch's last token for the first sequence);
+- ``weightedmean`` with ``include_prompt=False`` weighs the pooled tokens by their original position
+  (prompt_length + 1, ...), as in the padded path [1, 2, ...].
+
 Inputs that fastpool does not model are pooled by sentence-transformers' own implementation,
-unchanged: flattened (unpadded, ``cu_seq_lens_q``) batches, ``token_weights_sum`` (from
-``WordWeights``) with a mean mode, and ``cls_token_embeddings`` with the cls mode.
+unchanged: ``token_weights_sum`` (from ``WordWeights``) with a mean mode in a padded batch, and
+``cls_token_embeddings`` with the cls mode.
 """
 
 from __future__ import annotations
@@ -128,15 +155,44 @@ def _exclude_prompt(mask: torch.Tensor | None, prompt_length: int, hidden: torch
     return real & (positions[None, :] >= (first + prompt_length)[:, None])
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, modes: tuple[str, ...]) -> torch.Tensor:
+def _pool(
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    modes: tuple[str, ...],
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
     """``fastpool.pool`` over ``modes`` in order; a mode listed twice is computed once and repeated."""
     unique = tuple(dict.fromkeys(modes))
-    out = fastpool.pool(hidden, mask, mode=unique)
+    out = fastpool.pool(hidden, mask, mode=unique, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if len(unique) == len(modes):
         return out
     d = hidden.shape[-1]
     block = {name: out[:, i * d : (i + 1) * d] for i, name in enumerate(unique)}
     return torch.cat([block[name] for name in modes], dim=-1)
+
+
+def _split_off_prompt(cu_seqlens: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Offsets (2S + 1,) that cut every sequence of ``cu_seqlens`` into (its first ``prompt_length``
+    tokens, the rest); the rest is empty where the prompt covers the whole sequence. Built on the
+    offsets' device without a host sync; every segment is at most as long as its sequence."""
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    cuts = torch.minimum(starts + prompt_length, ends)
+    return torch.cat([torch.stack([starts, cuts], dim=1).reshape(-1), cu_seqlens[-1:]])
+
+
+def _pool_packed(
+    hidden: torch.Tensor, features: dict[str, Any], modes: tuple[str, ...], prompt_length: int
+) -> torch.Tensor:
+    """Pool sentence-transformers' flattened batch: (1, N, d) with ``cu_seq_lens_q`` -> (S, n * d)."""
+    cu_seqlens = features["cu_seq_lens_q"]
+    max_seqlen = features.get("max_length_q")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        max_seqlen = None  # a tensor would cost a host sync to read: let fastpool find the longest
+    if prompt_length <= 0:
+        return _pool(hidden, None, modes, cu_seqlens, max_seqlen)
+    out = _pool(hidden, None, modes, _split_off_prompt(cu_seqlens, prompt_length), max_seqlen)
+    return out[1::2].contiguous()  # the segments after the prompts
 
 
 class FastPooling(Pooling):
@@ -173,18 +229,21 @@ class FastPooling(Pooling):
         self, features: dict[str, torch.Tensor | Any], **kwargs: Any
     ) -> dict[str, torch.Tensor | Any]:
         st_modes = _st_modes(self)
-        if (
-            "cu_seq_lens_q" in features
-            or ("token_weights_sum" in features and any(m in _MEAN_MODES for m in st_modes))
-            or ("cls_token_embeddings" in features and "cls" in st_modes)
+        packed = "cu_seq_lens_q" in features
+        if ("cls_token_embeddings" in features and "cls" in st_modes) or (
+            # sentence-transformers' flattened path ignores token_weights_sum; its padded one divides by it
+            not packed and "token_weights_sum" in features and any(m in _MEAN_MODES for m in st_modes)
         ):
             return super().forward(features, **kwargs)
         modes = fastpool_modes(st_modes)
         hidden = features["token_embeddings"]
+        prompt_length = self._prompt_length(features)
+        if packed:
+            features["sentence_embedding"] = _pool_packed(hidden, features, modes, prompt_length)
+            return features
         mask = features.get("attention_mask")
         if mask is not None and mask.size(-1) != hidden.size(1):
             mask = None  # as sentence-transformers: a mask of another length means "every token is real"
-        prompt_length = self._prompt_length(features)
         if prompt_length > 0:
             mask = _exclude_prompt(mask, prompt_length, hidden)
         features["sentence_embedding"] = _pool(hidden, mask, modes)
