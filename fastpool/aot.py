@@ -1,12 +1,17 @@
-"""Ahead-of-time compilation of every kernel specialization the launchers can choose.
+"""Ahead-of-time compilation of the kernel specializations the launchers choose.
 
 Compiles for real NVIDIA targets without a GPU (``triton.compile`` + ``GPUTarget``), then reads
 registers, stack and local memory from the cubin with the ``cuobjdump`` that ships with Triton.
 A specialization is one kernel with one set of constexprs and argument types: hidden dtype, mask
-integer width, the MASK_BITS argument type, the mode flags and the block sizes
-from ``fastpool.launchers`` (fixed per dtype). Each is compiled in two layouts: "contiguous" (unit
-feature stride and 16-divisible row strides, what Triton specializes for ordinary tensors) and
-"strided" (no stride assumptions).
+integer width, the MASK_BITS argument type, the mode flags, user weights, padded or packed, and
+the block sizes from ``fastpool.launchers`` (fixed per dtype). Each is compiled in two layouts:
+"contiguous" (unit feature stride and 16-divisible row strides, what Triton specializes for
+ordinary tensors) and "strided" (no stride assumptions).
+
+Every constexpr path of every kernel is compiled for every hidden dtype. Arguments that change a
+single load are sampled rather than crossed with everything: the wider mask widths (int16/32/64,
+float64 bits) with two mode mixes, the strided layout with the byte mask and no mask, user
+weights in hidden's dtype, the packed combine for the mixes whose fold differs.
 
 Run ``python -m fastpool.aot --arch 80 90`` (must not run under ``TRITON_INTERPRET=1``).
 """
@@ -49,6 +54,8 @@ LOOP_VARIANTS = (
 # weights are compiled in hidden's dtype and with the mask kinds of STRIDED_MASK_KINDS: the mask
 # width and the weights' dtype only change one load each.
 USER_WEIGHT_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+# Pointer arguments of the packed work list, passed as placeholders to padded launches.
+UNUSED_WORK_LIST = {"cu_seqlens_ptr": "*i32", "chunk_seg_ptr": "*i32", "chunk_start_ptr": "*i32"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ def _kernel(name: str):
         "pool_forward_kernel": pool_forward.pool_forward_kernel,
         "pool_combine_kernel": pool_forward.pool_combine_kernel,
         "pool_backward_kernel": pool_backward.pool_backward_kernel,
+        "packed_backward_kernel": pool_backward.packed_backward_kernel,
     }[name]
 
 
@@ -95,6 +103,9 @@ def specializations() -> list[Specialization]:
                 variants = [(*v, False) for v in LOOP_VARIANTS + ((False, False, False),)]
                 if mask_name in STRIDED_MASK_KINDS:
                     variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
+                else:
+                    # Wider masks change one load: compiled for the lightest and the heaviest mix.
+                    variants = [(True, False, False, False), (True, True, True, False)]
                 for do_mean, do_max, do_weighted, has_weights in variants:
                     weights_ty = f"*{dtype}" if has_weights else f"*{acc}"
                     types = {
@@ -102,11 +113,11 @@ def specializations() -> list[Specialization]:
                         "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
                         "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
                         "part_wsum_ptr": f"*{acc}", "weights_ptr": weights_ty, "wsum_ptr": f"*{acc}",
-                        "MASK_BITS": bits_ty,
+                        **UNUSED_WORK_LIST, "MASK_BITS": bits_ty,
                     }  # fmt: skip
                     constexprs = {
                         "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max,
-                        "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights,
+                        "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": False,
                         "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max or do_weighted),
                         "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
                     }  # fmt: skip
@@ -132,20 +143,88 @@ def specializations() -> list[Specialization]:
                     specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
             combine_variants = [(*v, False) for v in LOOP_VARIANTS]
             combine_variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
+            if not contiguous:  # only the first/last-token gather addresses hidden
+                combine_variants = [(True, True, True, False), (False, True, True, True)]
             for do_mean, do_max, do_weighted, has_weights in combine_variants:
                 types = {
                     "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
                     "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
                     "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
-                    "wsum_ptr": f"*{acc}",
+                    "wsum_ptr": f"*{acc}", "chunk_start_ptr": "*i32",
                 }  # fmt: skip
                 constexprs = {
                     "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
-                    "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "BLOCK_D": block_d, **fixed_h,
+                    "HAS_WEIGHTS": has_weights, "PACKED": False, "ACC_DTYPE": acc, "BLOCK_D": block_d,
+                    **fixed_h,
                 }  # fmt: skip
                 flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
                 label = f"combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
                 specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
+            specs += _packed_specializations(dtype, size, layout)
+    return specs
+
+
+def _packed_specializations(dtype: str, size: int, layout: str) -> list[Specialization]:
+    """The packed launches (no mask; offsets int32 or int64). The strided layout only changes
+    hidden's addressing: it is compiled for a few mode mixes, the combine only contiguous."""
+    acc = _acc(dtype)
+    block_d = launchers.feature_block(size)
+    contiguous = layout == "contiguous"
+    fixed_h = {"stride_hd": 1} if contiguous else {}
+    div_h = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()  # stride_hb is 0
+    loops = [(*v, False) for v in LOOP_VARIANTS] + [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
+    if not contiguous:
+        loops = [(True, False, False, False), (False, True, False, False), (True, True, True, True)]
+    specs = []
+    for i, (do_mean, do_max, do_weighted, has_weights) in enumerate(loops):
+        offsets_ty = "*i64" if i % 2 else "*i32"
+        types = {
+            "hidden_ptr": f"*{dtype}", "mask_ptr": "*i32", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
+            "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
+            "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
+            "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
+            "cu_seqlens_ptr": offsets_ty, "chunk_seg_ptr": "*i32", "chunk_start_ptr": "*i32",
+        }  # fmt: skip
+        constexprs = {
+            "HAS_MASK": False, "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
+            "HAS_WEIGHTS": has_weights, "PACKED": True, "ACC_DTYPE": acc,
+            "BLOCK_T": launchers.token_block(size, do_max or do_weighted), "BLOCK_D": block_d,
+            "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h,
+        }  # fmt: skip
+        flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
+        label = (
+            f"packed-fwd {dtype} offsets={offsets_ty[1:]} {flags} user_weights={int(has_weights)} {layout}"
+        )
+        specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
+        if contiguous and (do_max or has_weights):  # the fold itself is the padded one's
+            types = {
+                "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "stats_ptr": "*i32",
+                "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+                "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}", "wsum_ptr": f"*{acc}",
+                "chunk_start_ptr": "*i32",
+            }  # fmt: skip
+            constexprs = {
+                "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
+                "HAS_WEIGHTS": has_weights, "PACKED": True, "ACC_DTYPE": acc, "BLOCK_D": block_d,
+                **fixed_h,
+            }  # fmt: skip
+            label = f"packed-combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
+            specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
+    for has_weights in (False, True):
+        offsets_ty = "*i64" if has_weights else "*i32"
+        types = {
+            "grad_out_ptr": f"*{dtype}", "cu_seqlens_ptr": offsets_ty, "chunk_seg_ptr": "*i32",
+            "chunk_start_ptr": "*i32", "argmax_ptr": "*i32", "stats_ptr": "*i32",
+            "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
+            "grad_ptr": f"*{dtype}",
+        }  # fmt: skip
+        constexprs = {
+            "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size),
+            "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
+        }  # fmt: skip
+        div_g = ("d", "stride_gob", "stride_gt") if contiguous else ()
+        label = f"packed-bwd {dtype} offsets={offsets_ty[1:]} user_weights={int(has_weights)} {layout}"
+        specs.append(Specialization("packed_backward_kernel", label, types, constexprs, div_g))
     return specs
 
 

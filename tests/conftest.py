@@ -12,8 +12,14 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import fastpool  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER") and DEVICE == "cpu":
+    # One intra-op thread per xdist worker: the suite's tensors are tiny, and workers already
+    # occupy the cores; oversubscribed thread pools make each small op ~1000x slower.
+    torch.set_num_threads(1)
 
 BACKENDS = ("torch", "triton")
 

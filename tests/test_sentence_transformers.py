@@ -189,14 +189,11 @@ def test_gradients_match_sentence_transformers(backend, device, mode):
 
 
 def test_inputs_fastpool_does_not_model_use_sentence_transformers(device):
-    # Flattened (unpadded) batches, WordWeights' token_weights_sum, WordEmbeddings' cls_token_embeddings.
+    # WordWeights' token_weights_sum (padded batches), WordEmbeddings' cls_token_embeddings.
     hidden = hidden_states(device, seed=5)
     mask = make_mask([T, 1, 5, 7], "right", device)
     lengths = mask.sum(dim=1)
-    flat = hidden[mask.bool()].unsqueeze(0)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), lengths.cumsum(0)]).to(torch.int32)
     cases = [
-        (ST_MODES, lambda: {"token_embeddings": flat, "cu_seq_lens_q": cu}),
         (
             ("mean",),
             lambda: {"token_embeddings": hidden, "attention_mask": mask, "token_weights_sum": lengths * 2.0},
@@ -213,6 +210,212 @@ def test_inputs_fastpool_does_not_model_use_sentence_transformers(device):
     for modes, features_fn in cases:
         expected, actual = pool_both(modes, features_fn)
         torch.testing.assert_close(actual, expected)
+
+
+# --- packed (flattened, unpadded) batches: token_embeddings (1, N, d) with cu_seq_lens_q --------------------
+
+# Sequence lengths of the packed tests: a length-1 sequence, and every one longer than PROMPT but that.
+PACKED_LENGTHS = [5, 1, 3, 9, 4, 7]
+
+
+def packed_features(lengths, device, prompt=None, seed=0, dtype=torch.float32) -> dict:
+    """Features as sentence-transformers' packed path makes them: its Transformer module tokenizes
+    without padding and packs with this DataCollatorWithFlattening configuration (see
+    ``Transformer._can_flatten_inputs``): the flash-attention keys, ``seq_idx`` and ``position_ids``, no
+    ``attention_mask``; the model's varlen forward adds ``token_embeddings`` (1, N, d) (random here)."""
+    from transformers import DataCollatorWithFlattening
+
+    collator = DataCollatorWithFlattening(
+        return_seq_idx=True, return_flash_attn_kwargs=True, return_position_ids=True
+    )
+    batch = collator([{"input_ids": list(range(100, 100 + n))} for n in lengths])
+    batch.pop("labels", None)
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, N, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    features.update(token_embeddings=hidden, modality="text")
+    if prompt is not None:
+        features["prompt_length"] = prompt
+    return features
+
+
+def pack_to_padded(features: dict, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed batch right-padded to (S, T_max, d) with its (S, T_max) mask, without the first
+    ``skip`` tokens of every sequence."""
+    cu = features["cu_seq_lens_q"].tolist()
+    flat = features["token_embeddings"][0]
+    rows = [flat[start + min(skip, end - start) : end] for start, end in zip(cu[:-1], cu[1:], strict=True)]
+    width = max([len(row) for row in rows] + [1])
+    hidden = flat.new_zeros(len(rows), width, flat.shape[-1])
+    mask = torch.zeros(len(rows), width, dtype=torch.int64, device=flat.device)
+    for i, row in enumerate(rows):
+        hidden[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return hidden, mask
+
+
+def copy_features(features: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+
+
+@pytest.mark.parametrize("modes", MODE_CASES, ids=CASE_IDS)
+def test_packed_matches_sentence_transformers(backend, device, modes):
+    features = packed_features(PACKED_LENGTHS, device)
+    expected, actual = pool_both(modes, lambda: copy_features(features))
+    assert actual.shape == (len(PACKED_LENGTHS), len(modes) * D)
+    torch.testing.assert_close(actual, expected)
+    # the same sequences right-padded: sentence-transformers' padded path gives the same embeddings
+    hidden, mask = pack_to_padded(features)
+    padded = Pooling(D, st_config(modes))({"token_embeddings": hidden, "attention_mask": mask})
+    torch.testing.assert_close(actual, padded["sentence_embedding"])
+
+
+PACKED_PROMPT_CASES = [((m,), "int") for m in ST_MODES if m != "weightedmean"] + [
+    (("max", "lasttoken", "mean", "cls", "max"), form) for form in ("int", "tensor1", "tensorB")
+]
+
+
+@pytest.mark.parametrize(
+    ("modes", "prompt_form"),
+    PACKED_PROMPT_CASES,
+    ids=["+".join(modes) + "-" + form for modes, form in PACKED_PROMPT_CASES],
+)
+def test_packed_exclude_prompt_matches_sentence_transformers(backend, device, modes, prompt_form):
+    lengths = [n if n > PROMPT else PROMPT + 1 for n in PACKED_LENGTHS]
+    prompt = {
+        "int": PROMPT,
+        "tensor1": torch.tensor([PROMPT], device=device),
+        "tensorB": torch.full((len(lengths),), PROMPT, device=device),
+    }[prompt_form]
+    features = packed_features(lengths, device, prompt=prompt, seed=1)
+    expected, actual = pool_both(modes, lambda: copy_features(features), include_prompt=False)
+    torch.testing.assert_close(actual, expected)
+    # the sequences without their prompts, right-padded (sentence-transformers' padded path)
+    hidden, mask = pack_to_padded(features, skip=PROMPT)
+    padded = Pooling(D, st_config(modes))({"token_embeddings": hidden, "attention_mask": mask})
+    torch.testing.assert_close(actual, padded["sentence_embedding"])
+    if modes != ("lasttoken",):  # the last token is never part of the prompt here
+        included = Pooling(D, st_config(modes))(copy_features(features))["sentence_embedding"]
+        assert not torch.allclose(actual, included), "the prompt was not excluded"
+
+
+@pytest.mark.parametrize("mode", WEIGHTED_MODES)
+def test_packed_weightedmean_exclude_prompt_restarts_rank_weights(backend, device, mode):
+    # Documented difference, as in the padded path: fastpool weights the pooled (non-prompt) tokens
+    # 1, 2, ...; sentence-transformers keeps their positions in the sequence (PROMPT + 1, ...).
+    features = packed_features(PACKED_LENGTHS, device, prompt=PROMPT, seed=2)
+    out = FastPooling(D, mode, include_prompt=False)(copy_features(features))["sentence_embedding"]
+    hidden, mask = pack_to_padded(features, skip=PROMPT)
+    torch.testing.assert_close(out, weighted_reference(hidden, mask))
+    reference = Pooling(D, mode, include_prompt=False)(copy_features(features))["sentence_embedding"]
+    assert not torch.allclose(out[0], reference[0])
+
+
+@pytest.mark.parametrize("prompt", [None, PROMPT])
+@pytest.mark.parametrize("mode", ST_MODES)
+def test_packed_gradients_match_sentence_transformers(backend, device, mode, prompt):
+    if prompt and mode == "weightedmean":
+        pytest.skip("documented difference: fastpool's weights restart at 1 after the prompt")
+    lengths = [n if n > PROMPT else PROMPT + 1 for n in PACKED_LENGTHS] if prompt else PACKED_LENGTHS
+    base = packed_features(lengths, device, prompt=prompt, seed=4)
+    grads = []
+    for cls in (Pooling, FastPooling):
+        features = copy_features(base)
+        hidden = features["token_embeddings"].requires_grad_(True)
+        emb = cls(D, mode, include_prompt=prompt is None)(features)["sentence_embedding"]
+        (emb * torch.linspace(-1, 1, D, device=device)).sum().backward()
+        grads.append(hidden.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    if prompt:
+        cu = base["cu_seq_lens_q"].tolist()
+        for start in cu[:-1]:
+            assert not grads[1][0, start : start + PROMPT].any(), "a prompt token got a gradient"
+
+
+def test_packed_nothing_to_pool_gives_zeros(backend, device):
+    # Documented difference. sentence-transformers, for a sequence the prompt covers: -inf for max,
+    # its first (prompt) token for cls, its last (prompt) token for lasttoken.
+    lengths = [5, PROMPT, 1, 4]
+    features = packed_features(lengths, device, prompt=PROMPT, seed=6)
+    expected, actual = pool_both(ST_MODES, lambda: copy_features(features), include_prompt=False)
+    torch.testing.assert_close(actual[[1, 2]], torch.zeros(2, len(ST_MODES) * D, device=device))
+    keep = [0, 3]
+    if "weightedmean" in ST_MODES:
+        keep_cols = [
+            c for i, m in enumerate(ST_MODES) if m != "weightedmean" for c in range(i * D, (i + 1) * D)
+        ]
+        torch.testing.assert_close(actual[keep][:, keep_cols], expected[keep][:, keep_cols])
+    else:
+        torch.testing.assert_close(actual[keep], expected[keep])
+
+    # An empty sequence (hand-built: the collator drops empty texts). sentence-transformers reads the
+    # next sequence's first token for cls and the previous one's last token for lasttoken.
+    features = packed_features([3, 1, 4], device, seed=7)
+    cu = torch.tensor([0, 3, 3, 4, 8], dtype=torch.int32, device=device)
+    seq_idx = torch.repeat_interleave(torch.arange(4, device=device), cu.diff()).to(torch.int32)[None]
+    features.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, seq_idx=seq_idx)
+    expected, actual = pool_both(ST_MODES, lambda: copy_features(features))
+    assert actual.shape == (4, len(ST_MODES) * D)
+    torch.testing.assert_close(actual[1], torch.zeros(len(ST_MODES) * D, device=device))
+    torch.testing.assert_close(actual[[0, 2, 3]], expected[[0, 2, 3]])
+
+
+def test_packed_passes_offsets_and_max_length_to_fastpool(device, monkeypatch):
+    calls = []
+    real_pool = fastpool.pool
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(fastpool, "pool", spy)
+    features = packed_features(PACKED_LENGTHS, device)
+    FastPooling(D, ("mean", "max"))(features)
+    (call,) = calls
+    assert call["cu_seqlens"] is features["cu_seq_lens_q"]
+    assert call["max_seqlen"] == max(PACKED_LENGTHS) and type(call["max_seqlen"]) is int
+    # with the prompt excluded: two segments a sequence, the same bound
+    FastPooling(D, "mean", include_prompt=False)({**features, "prompt_length": PROMPT})
+    assert calls[1]["cu_seqlens"].shape == (2 * len(PACKED_LENGTHS) + 1,)
+    assert calls[1]["max_seqlen"] == max(PACKED_LENGTHS)
+    # a max_length_q that is not a Python int is not read (reading a CUDA tensor would sync)
+    for value in (torch.tensor(max(PACKED_LENGTHS)), None):
+        FastPooling(D, "mean")({**features, "max_length_q": value})
+        assert calls[-1]["max_seqlen"] is None
+    del features["max_length_q"]
+    FastPooling(D, "mean")(features)
+    assert calls[-1]["max_seqlen"] is None
+
+
+def test_packed_other_features_untouched_and_ignored(backend, device):
+    # As sentence-transformers' flattened path: attention_mask and token_weights_sum are not read.
+    features = packed_features(PACKED_LENGTHS, device, seed=8)
+    features["token_weights_sum"] = torch.full((len(PACKED_LENGTHS),), 3.0, device=device)
+    features["attention_mask"] = torch.zeros(1, 5, device=device)
+    before = dict(features)
+    cu_before = features["cu_seq_lens_q"].clone()
+    expected, _ = pool_both(("mean", "weightedmean"), lambda: copy_features(features))
+    out = FastPooling(D, ("mean", "weightedmean"))(features)
+    assert out is features
+    assert set(out) == set(before) | {"sentence_embedding"}
+    for key, value in before.items():
+        assert out[key] is value
+    assert torch.equal(features["cu_seq_lens_q"], cu_before)
+    torch.testing.assert_close(out["sentence_embedding"], expected)
+    # WordEmbeddings' cls_token_embeddings: sentence-transformers' own implementation, as in padded batches
+    features = packed_features(PACKED_LENGTHS, device, seed=8)
+    features["cls_token_embeddings"] = torch.randn(len(PACKED_LENGTHS), D, device=device)
+    expected, actual = pool_both(("cls", "mean"), lambda: copy_features(features))
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_half_precision(backend, device, dtype):
+    features = packed_features(PACKED_LENGTHS, device, seed=9, dtype=dtype)
+    expected, actual = pool_both(ST_MODES, lambda: copy_features(features))
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual, expected)
 
 
 # --- documented differences: fastpool's values where sentence-transformers differs ---------------------
