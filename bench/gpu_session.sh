@@ -38,7 +38,8 @@ timeout ${SWEEP_S:-30} $PY bench/sweep_tiles.py > "$OUT/sweep.csv" 2>&1
 stamp "sweep rc=$?"
 
 stamp "benchmark grid"
+# gpu-quick: ~1.5 min of padded cases, then the packed block (~20-30 s with its first Triton compiles).
 PRESET=${PRESET:-gpu-quick}
-timeout ${BENCH_S:-100} $PY bench/run.py --preset $PRESET --out "$OUT/bench-$PRESET.jsonl" --plot "$OUT/bench-$PRESET.png" \
+timeout ${BENCH_S:-130} $PY bench/run.py --preset $PRESET --out "$OUT/bench-$PRESET.jsonl" --plot "$OUT/bench-$PRESET.png" \
   > "$OUT/bench-$PRESET.txt" 2>&1
 stamp "bench rc=$?"

@@ -5,8 +5,9 @@
     python bench/report.py --stdout   # only print the markdown
 
 One section per results file (device + preset): the headline cases' fwd and fwd+bwd medians and
-speedups, plus the geometric-mean speedup over every case of the run. Without the README or its
-markers the markdown goes to stdout and nothing is written.
+speedups, a table of the packed (variable-length) cases when the run has any, plus the
+geometric-mean speedup over every case of the run. Without the README or its markers the markdown
+goes to stdout and nothing is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ import math
 import sys
 from pathlib import Path
 
-from summary import SHORT_DTYPE, fmt_ms, fmt_x, measurements, pivot, roofline_gbps, shape_label, speedup
+from summary import (
+    PACKED_BASELINES,
+    SHORT_DTYPE,
+    fmt_ms,
+    fmt_x,
+    is_packed,
+    measurements,
+    pivot,
+    roofline_gbps,
+    shape_label,
+    speedup,
+)
 
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -37,10 +49,11 @@ def section(rows: list[dict], source: str) -> str:
     """Markdown for one run: heading naming the device, a compact table, the overall speedups."""
     first = measurements(rows)[0]
     groups = pivot(rows)
+    padded = {k: by for k, by in groups.items() if not is_packed(k)}
     chosen = [
-        k for k, by in groups.items() if k[1] in TABLE_PASSES and by.get("fastpool", {}).get("headline")
+        k for k, by in padded.items() if k[1] in TABLE_PASSES and by.get("fastpool", {}).get("headline")
     ]
-    chosen = (chosen or [k for k in groups if k[1] in TABLE_PASSES])[:MAX_ROWS]
+    chosen = (chosen or [k for k in padded if k[1] in TABLE_PASSES])[:MAX_ROWS]
     roofs = roofline_gbps(rows)
     lines = [
         f"#### {first['device']} ({first['preset']} preset)",
@@ -53,11 +66,14 @@ def section(rows: list[dict], source: str) -> str:
             if roofs
             else ""
         ),
-        "",
-        "| op | pass | dtype | B x T x d | padding | fastpool ms | eager ms | compile ms "
-        "| vs eager | vs compile | fastpool GB/s |" + (" % roofline |" if roofs else ""),
-        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if roofs else ""),
     ]
+    if chosen:
+        lines += [
+            "",
+            "| op | pass | dtype | B x T x d | padding | fastpool ms | eager ms | compile ms "
+            "| vs eager | vs compile | fastpool GB/s |" + (" % roofline |" if roofs else ""),
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if roofs else ""),
+        ]
     for key in chosen:
         by = groups[key]
         shape, pad = shape_label(key)
@@ -69,10 +85,11 @@ def section(rows: list[dict], source: str) -> str:
         if roofs:
             cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += packed_table([k for k in groups if is_packed(k) and k[1] in TABLE_PASSES], groups, bool(roofs))
     summary = []
     for pass_ in ("fwd", "fwd+bwd", "bwd"):
         parts = []
-        for base in ("eager", "compile"):
+        for base in ("eager", "compile", *PACKED_BASELINES):
             values = [s for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
             if values:
                 parts.append(f"{fmt_x(geomean(values))} vs {base} ({len(values)} cases)")
@@ -81,6 +98,34 @@ def section(rows: list[dict], source: str) -> str:
     if summary:
         lines += ["", "Geometric-mean speedup of fastpool over the whole run: " + "; ".join(summary) + "."]
     return "\n".join(lines)
+
+
+def packed_table(keys: list[tuple], groups: dict, roofs: bool) -> list[str]:
+    """Markdown lines for the packed cases (none when the run has none)."""
+    if not keys:
+        return []
+    lines = [
+        "",
+        "Packed (variable-length) input, `cu_seqlens` + `max_seqlen`: S/Nxd = S sequences, N tokens, "
+        "width d; index_add = `index_add_` into float32 (mean) or `scatter_reduce` amax (max); loop = "
+        "one mean / max per sequence (`split`), not run above 2048 sequences (`bench/providers.py`).",
+        "",
+        "| op | pass | dtype | S/Nxd | lengths | fastpool ms | index_add ms | loop ms "
+        "| vs index_add | vs loop | fastpool GB/s |" + (" % roofline |" if roofs else ""),
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if roofs else ""),
+    ]
+    for key in keys[:MAX_ROWS]:
+        by = groups[key]
+        shape, lengths = shape_label(key)
+        fp = by.get("fastpool")
+        cells = [key[0], key[1], SHORT_DTYPE.get(key[2], key[2]), shape, lengths]
+        cells += [fmt_ms(by[p]["median_ms"]) if p in by else "-" for p in ("fastpool", *PACKED_BASELINES)]
+        cells += [fmt_x(speedup(by, p)) for p in PACKED_BASELINES]
+        cells.append(f"{fp['gbps']:.0f}" if fp else "-")
+        if roofs:
+            cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(results: Path) -> str:

@@ -8,6 +8,11 @@
 
 Writes one JSON line per measurement to bench/results/<device>-<preset>.jsonl (long format; see
 ROW_FIELDS), a PNG next to it, and prints a table. Rooflines (CUDA only) are measured first.
+
+Packed (variable-length) rows have op "packed_mean" / "packed_max", layout "packed", B = S (the
+number of sequences, the output's rows), T = the longest sequence, padding 0 and pad_actual 0
+(a packed batch has no padding), and fill the columns S, N (total tokens) and length_dist
+("uniform" / "skewed"), which are None on padded rows.
 """
 
 from __future__ import annotations
@@ -23,21 +28,21 @@ from pathlib import Path
 import torch
 from checks import check_backward, check_forward, grad_output
 from plot import plot
-from providers import PROVIDERS, CompileProvider, Provider, make_providers
+from providers import PROVIDERS, CompileProvider, Provider, build_provider, make_providers
 from rich.console import Console
 from rich.table import Table
-from shapes import DTYPES, PRESETS, Case, Preset, make_inputs
+from shapes import DTYPES, PRESETS, Case, PackedBlock, Preset, make_inputs
 from summary import print_table
 from timing import CUDAGRAPH_MAX_BYTES, Timing, measure, measure_rooflines
 from tqdm import tqdm
-from traffic import ROOFLINE_OF_PASS, gbps, minimal_bytes
+from traffic import ROOFLINE_OF_PASS, gbps, minimal_bytes, packed_minimal_bytes
 
 import fastpool
 from fastpool.backend import resolve_backend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW_FIELDS = (
-    "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "provider",
+    "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "S", "N", "length_dist", "provider",
     "median_ms", "p20_ms", "p80_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
     "matches_reference", "pad_actual", "headline", "block", "preset",
     "device", "threads", "torch", "triton", "fastpool", "date",
@@ -121,8 +126,25 @@ def time_one(case: Case, provider: Provider, h, mask, g, args, preset: Preset) -
     with torch.set_grad_enabled(case.pass_ != "fwd"):
         return measure(
             run, h.device, quick=args.quick, min_run_time=preset.min_run_time,
-            cudagraph=args.cudagraph and small,
+            cudagraph=args.cudagraph and small and provider.cudagraph,
         )  # fmt: skip
+
+
+def case_bytes(case: Case, mask) -> int:
+    """bench/traffic.py's minimal byte count of the case (``mask`` is a PackedBatch when packed)."""
+    dtype = DTYPES[case.dtype]
+    if case.packed is None:
+        return minimal_bytes(case.op, case.pass_, case.B, case.T, case.d, dtype, mask)
+    cu = mask.cu_seqlens
+    return packed_minimal_bytes(
+        case.op, case.pass_, case.packed.N, case.B, case.d, dtype, cu.numel() * cu.element_size()
+    )
+
+
+def shape_columns(case: Case) -> dict:
+    """The packed-shape columns of a row (None on padded rows)."""
+    p = case.packed
+    return {"S": p and p.S, "N": p and p.N, "length_dist": p and p.dist}
 
 
 def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
@@ -130,7 +152,8 @@ def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
     for name, (t, n_bytes) in measure_rooflines(device, quick=args.quick).items():
         rows.append({
             "op": f"roofline-{name}", "pass": "-", "dtype": "bfloat16", "B": None, "T": None, "d": None,
-            "padding": None, "layout": None, "provider": "torch", "median_ms": t.median_ms,
+            "padding": None, "layout": None, "S": None, "N": None, "length_dist": None,
+            "provider": "torch", "median_ms": t.median_ms,
             "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "gbps": gbps(n_bytes, t.median_ms),
             "frac_roofline": None, "bytes": n_bytes, "backend": "torch", "timer": t.timer,
             "matches_reference": None, "pad_actual": None, "headline": False, "block": "roofline",
@@ -155,6 +178,7 @@ def run_grid(
     roof = {r["op"].removeprefix("roofline-"): r["gbps"] for r in rows}
     checked: dict[tuple, dict[str, bool]] = {}
     grads_checked: set[tuple] = set()
+    skip_noted: set[tuple[str, str]] = set()
     inputs_key, h, mask = None, None, None
     cases = preset.cases()
     for case in tqdm(cases, desc=f"{preset.name} on {device.type}", unit="case", dynamic_ncols=True):
@@ -167,16 +191,24 @@ def run_grid(
         for p in providers:
             if isinstance(p, CompileProvider) and not p.disabled and p.over_budget():
                 p.disable(f"compile budget of {p.budget_s:.0f} s spent ({p.spent_s:.0f} s compiling)")
+        runs = []  # the providers that take this case (padded or packed input, size limits)
+        for p in providers:
+            reason = p.skip(case)
+            if reason is None:
+                runs.append(p)
+            elif case.packed is not None and p.inputs == ("packed",) and (p.name, reason) not in skip_noted:
+                skip_noted.add((p.name, reason))  # say once why a packed baseline is missing
+                tqdm.write(f"note: {p.name} not run on {case.label} and the like: {reason}")
         key = (case.input_key, case.op)
         if key not in checked:
-            checked[key] = check_forward(case, providers, h, mask)
+            checked[key] = check_forward(case, runs, h, mask)
         if case.pass_ != "fwd" and key not in grads_checked:
-            check_backward(case, providers, h, mask)
+            check_backward(case, runs, h, mask)
             grads_checked.add(key)
         g = grad_output(case, h)
-        n_bytes = minimal_bytes(case.op, case.pass_, case.B, case.T, case.d, DTYPES[case.dtype], mask)
-        pad_actual = float((mask == 0).float().mean())
-        for p in providers:
+        n_bytes = case_bytes(case, mask)
+        pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
+        for p in runs:
             if p.unavailable() or case.pass_ not in p.passes or p.name not in checked[key]:
                 continue
             try:
@@ -191,7 +223,8 @@ def run_grid(
             roof_rate = roof.get(ROOFLINE_OF_PASS[case.pass_])
             row = {
                 "op": case.op, "pass": case.pass_, "dtype": case.dtype, "B": case.B, "T": case.T,
-                "d": case.d, "padding": case.padding, "layout": case.layout, "provider": p.name,
+                "d": case.d, "padding": case.padding, "layout": case.layout, **shape_columns(case),
+                "provider": p.name,
                 "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "gbps": rate,
                 "frac_roofline": rate / roof_rate if roof_rate else None, "bytes": n_bytes,
                 "backend": p.backend(), "timer": t.timer, "matches_reference": checked[key][p.name],
@@ -209,10 +242,13 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
     for col in ("block", "shapes", "dtypes", "ops", "passes", "paddings x layouts", "cases"):
         table.add_column(col)
     for b in preset.blocks:
-        shapes = ", ".join(f"{B}x{T}x{d}" for B, T, d in b.shapes[:4]) + (
-            f" (+{len(b.shapes) - 4} more)" if len(b.shapes) > 4 else ""
-        )
-        pads = f"{', '.join(f'{p:g}' for p in b.paddings)} x {', '.join(b.layouts)}"
+        if isinstance(b, PackedBlock):
+            names = [f"{p.S} {p.dist} max {p.max_len} ({p.N} tok) x{p.d}" for p in b.shapes[:4]]
+            pads = "packed"
+        else:
+            names = [f"{B}x{T}x{d}" for B, T, d in b.shapes[:4]]
+            pads = f"{', '.join(f'{p:g}' for p in b.paddings)} x {', '.join(b.layouts)}"
+        shapes = ", ".join(names) + (f" (+{len(b.shapes) - 4} more)" if len(b.shapes) > 4 else "")
         table.add_row(
             b.name,
             shapes,
@@ -224,11 +260,16 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
         )
     console.print(table)
     cases = preset.cases()
+    providers = {name: build_provider(name, device) for name in provider_names}
     per_provider = {
-        name: sum(1 for c in cases if name != "sentence-transformers" or c.pass_ == "fwd")
-        for name in provider_names
+        name: sum(1 for c in cases if c.pass_ in p.passes and p.skip(c) is None)
+        for name, p in providers.items()
     }
-    graphs = len({(c.input_key, c.op, c.pass_ == "fwd") for c in cases}) if "compile" in provider_names else 0
+    graphs = (
+        len({(c.input_key, c.op, c.pass_ == "fwd") for c in cases if c.packed is None})
+        if "compile" in provider_names
+        else 0
+    )
     inputs = len({c.input_key for c in cases})
     console.print(
         f"{len(cases)} cases on {inputs} inputs; measurements per provider: {per_provider}; "

@@ -60,8 +60,11 @@ class PackedShape:
             raise ValueError(f"skewed: need 0 < n_long <= S and 1 <= short[0] <= short[1], got {self}")
 
     def lengths(self) -> torch.Tensor:
-        """(S,) int64 lengths, every one >= 1, the same on every call and machine (seeded)."""
-        gen = torch.Generator().manual_seed(seed_of("lengths", self))
+        """(S,) int64 lengths, every one >= 1, the same on every call and machine (seeded by the
+        distribution only, so shapes differing in d alone hold the same sequences)."""
+        gen = torch.Generator().manual_seed(
+            seed_of("lengths", self.dist, self.S, self.L, self.n_long, self.short)
+        )
         if self.dist == "uniform":
             return torch.randint(max(1, self.L // 2), self.L + 1, (self.S,), generator=gen)
         lo, hi = self.short
@@ -199,7 +202,14 @@ class Preset:
     name: str
     description: str
     blocks: tuple[Block | PackedBlock, ...]
-    providers: tuple[str, ...] = ("fastpool", "eager", "compile", "sentence-transformers", "index_add", "loop")
+    providers: tuple[str, ...] = (
+        "fastpool",
+        "eager",
+        "compile",
+        "sentence-transformers",
+        "index_add",
+        "loop",
+    )
     # CPU timing: torch.utils.benchmark's min_run_time per measurement (seconds).
     min_run_time: float = 0.2
     # CPU only: stop compiling new torch.compile graphs once this many seconds went into compiling.
@@ -239,6 +249,22 @@ ISSUE_SHAPE: Shape = (64, 512, 1024)  # the shape the feature request quotes, bf
 WIDE_SHAPE: Shape = (8, 2048, 4096)
 LONG_SHAPES: tuple[Shape, ...] = ((1, 32768, 4096), (8, 8192, 4096), (1, 131072, 1024))
 
+# Packed GPU shapes: 0.18M-0.79M tokens, at most 2**30 elements of hidden (2 GiB in bf16, so the
+# index_add baseline's float32 copy and gradients fit an 80 GB card). The loop baseline only runs
+# up to LOOP_MAX_SEQUENCES sequences (bench/providers.py), so the S = 4096 shape is without it.
+PACKED_UNIFORM = uniform(1024, 512, 1024)  # ~0.39M tokens of [256, 512]
+PACKED_SKEWED = skewed(1002, 8192, 1024, n_long=2)  # 2 x 8192 among 1000 x [64, 256]: ~0.18M tokens
+PACKED_GPU_SHAPES: tuple[PackedShape, ...] = (
+    uniform(1024, 512, 768),
+    PACKED_UNIFORM,
+    uniform(4096, 256, 1024),  # ~0.79M tokens of [128, 256], S above the loop's limit
+    uniform(256, 1024, 4096),  # ~0.20M tokens of [512, 1024], wide
+    PACKED_SKEWED,
+    skewed(1002, 8192, 4096, n_long=2),  # the same lengths, wide
+    skewed(2004, 32768, 1024, n_long=4),  # 4 x 32768 among 2000 x [64, 256]: ~0.45M tokens
+)
+PACKED_PASSES = ("fwd+bwd", "bwd")
+
 _GPU_BLOCKS = (
     Block("issue", (ISSUE_SHAPE,), ("bfloat16",), ALL_OPS, PASSES, (0.0, 0.5), ("right",), headline=True),
     Block("serving", serving_shapes(), ("bfloat16",), ("mean",), ("fwd",)),
@@ -247,6 +273,10 @@ _GPU_BLOCKS = (
     Block("long-context-train", LONG_SHAPES, ("bfloat16",), ("mean",), ("fwd+bwd",)),
     Block("padding", (ISSUE_SHAPE,), ("bfloat16",), ("mean", "max", "last"), ("fwd",), PADDINGS, LAYOUTS),
     Block("padding-wide", (WIDE_SHAPE,), ("bfloat16",), ("mean",), ("fwd",), PADDINGS, LAYOUTS),
+    PackedBlock("packed", PACKED_GPU_SHAPES, ("bfloat16",), ALL_PACKED_OPS, ("fwd",)),
+    PackedBlock(
+        "packed-train", (PACKED_UNIFORM, PACKED_SKEWED), ("bfloat16",), ALL_PACKED_OPS, PACKED_PASSES
+    ),
 )
 
 PRESETS: dict[str, Preset] = {
@@ -256,8 +286,12 @@ PRESETS: dict[str, Preset] = {
         (
             Block("tiny", ((2, 16, 32),), ("float32",), ALL_OPS, ("fwd", "fwd+bwd"), headline=True),
             Block("tiny-holes", ((2, 16, 32),), ("float32",), ALL_OPS, ("fwd",), (0.5,), ("holes",)),
+            PackedBlock("tiny-packed", (uniform(3, 8, 16),), ("float32",), ALL_PACKED_OPS, PASSES),
+            PackedBlock(
+                "tiny-packed-skewed", (skewed(5, 32, 16, 1, (2, 6)),), ("float32",), ALL_PACKED_OPS, ("fwd",)
+            ),
         ),
-        providers=("fastpool", "eager"),
+        providers=("fastpool", "eager", "index_add", "loop"),
         min_run_time=0.005,
     ),
     "default": Preset(
@@ -269,13 +303,22 @@ PRESETS: dict[str, Preset] = {
             Block(
                 "left", ((8, 512, 1024),), ("float32",), ("mean", "max", "last"), ("fwd",), (0.25,), ("left",)
             ),
+            # ~3k tokens each, few sequences (the loop baseline is a few ops per sequence): ~5 s in all.
+            PackedBlock("packed", (uniform(32, 128, 256),), ("float32",), ALL_PACKED_OPS, ("fwd", "fwd+bwd")),
+            PackedBlock(
+                "packed-skewed",
+                (skewed(34, 1024, 256, 2, (16, 64)),),
+                ("float32",),
+                ALL_PACKED_OPS,
+                ("fwd",),
+            ),
         ),
         # A cold inductor cache spends ~30 s on the first CPU graph: cap it to keep the preset under 60 s.
         compile_budget_s=20.0,
     ),
     "gpu-quick": Preset(
         "gpu-quick",
-        "headline GPU subset for a short device session: issue shape, long context, padding (~1.5 min)",
+        "headline GPU subset for a short device session: issue shape, long context, padding, packed (~2 min)",
         (
             Block(
                 "issue",
@@ -291,15 +334,20 @@ PRESETS: dict[str, Preset] = {
             Block(
                 "padding-wide", (WIDE_SHAPE,), ("bfloat16",), ("mean", "max"), ("fwd",), (0.0, 0.5), LAYOUTS
             ),
+            PackedBlock(
+                "packed", (PACKED_UNIFORM, PACKED_SKEWED), ("bfloat16",), ALL_PACKED_OPS, ("fwd", "fwd+bwd")
+            ),
         ),  # fmt: skip
-        providers=("fastpool", "eager", "compile"),
+        providers=("fastpool", "eager", "compile", "index_add", "loop"),
     ),
     "gpu": Preset(
-        "gpu", "H100/H200 grid: serving, dtypes, long context, padding (~3.5 min on an H200)", _GPU_BLOCKS
+        "gpu",
+        "H100/H200 grid: serving, dtypes, long context, padding, packed (~4 min on an H200)",
+        _GPU_BLOCKS,
     ),
     "full": Preset(
         "full",
-        "gpu grid plus every op, training passes and dtypes on the serving shapes",
+        "gpu grid plus every op, training passes and dtypes on the serving and packed shapes",
         _GPU_BLOCKS
         + (
             Block("serving-ops", serving_shapes(), ("bfloat16",), ("max", "mean+max", "last"), ("fwd",)),
@@ -313,6 +361,14 @@ PRESETS: dict[str, Preset] = {
                 ("fwd", "fwd+bwd"),
                 PADDINGS,
                 LAYOUTS,
+            ),
+            PackedBlock("packed-train-all", PACKED_GPU_SHAPES, ("bfloat16",), ALL_PACKED_OPS, PACKED_PASSES),
+            PackedBlock(
+                "packed-dtypes",
+                (PACKED_UNIFORM, PACKED_SKEWED),
+                ("float16", "float32"),
+                ALL_PACKED_OPS,
+                ("fwd", "fwd+bwd"),
             ),
         ),  # fmt: skip
     ),
@@ -347,10 +403,26 @@ def make_mask(B: int, T: int, padding: float, layout: str, seed: int) -> torch.T
     return real.to(torch.int64)
 
 
-def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded hidden = randn (never zeros: no shortcut for any provider) and the case's mask."""
+def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | PackedBatch]:
+    """Seeded hidden = randn (never zeros: no shortcut for any provider) and the case's mask (a
+    PackedBatch of offsets for a packed case)."""
+    if case.packed is not None:
+        return make_packed_inputs(case, device)
     seed = seed_of(case.B, case.T, case.d, case.dtype, case.padding, case.layout)
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn((case.B, case.T, case.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
     mask = make_mask(case.B, case.T, case.padding, case.layout, seed).to(device)
     return hidden, mask
+
+
+def make_packed_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, PackedBatch]:
+    """Seeded hidden (N, d) = randn and the case's offsets: int32 cu_seqlens (S + 1,), max_seqlen."""
+    p = case.packed
+    if p is None:
+        raise ValueError(f"{case.label}: not a packed case")
+    lengths = p.lengths()
+    cu = torch.zeros(p.S + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    gen = torch.Generator(device=device).manual_seed(seed_of("packed", p, case.dtype))
+    hidden = torch.randn((int(cu[-1]), p.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
+    return hidden, PackedBatch(cu.to(device), int(lengths.max()))

@@ -48,7 +48,7 @@ def main() -> None:
                 ms = triton.testing.do_bench(run, warmup=10, rep=50)
             print(f"fwd,{op},{cfg or 'heuristic'},{ms:.4f},{size / ms / 1e6:.0f}".replace(", ", ";"))
     for op in ("mean", "max"):
-        _, argmax, stats = torch.ops.fastpool.pool_fwd(hidden, mask, None, op, "triton")
+        _, argmax, stats, _ = torch.ops.fastpool.pool_fwd(hidden, mask, None, op, "triton", -1.0)
         for cfg in BWD_CONFIGS:
             with launchers.config_override(**cfg):
                 run = functools.partial(

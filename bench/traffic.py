@@ -10,12 +10,22 @@ move and the same number divides every provider's time:
 * backward: the whole (B, T, d) gradient written once (padding gets explicit zeros), grad_out and
   the mask read;
 * fwd+bwd: the sum of both.
+
+Packed ops (hidden (N, d) of S sequences, offsets cu_seqlens (S + 1,)) follow the same rules:
+
+* forward: all N * d elements of hidden (every token is real), cu_seqlens once, the (S, d) output;
+* backward: the (N, d) gradient written once, grad_out (S, d) and cu_seqlens read;
+* fwd+bwd: the sum of both.
+
+Neither kind counts max's argmax (4 bytes per output element, written by fastpool's forward for
+its backward): like the T-split partials it is an implementation extra, which the baselines do not
+write, and leaving it out keeps packed and padded max rows comparable.
 """
 
 from __future__ import annotations
 
 import torch
-from shapes import OPS
+from shapes import OPS, PACKED_OPS
 
 # Which measured roofline each pass is compared with: the forward (and fwd+bwd) mostly read, and
 # a copy is the fastest way to read while writing something; backward is a pure write.
@@ -57,6 +67,25 @@ def minimal_bytes(
         total += backward_bytes(op, B, T, d, dtype, mask)
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass: expected fwd, bwd or fwd+bwd, got {pass_!r}")
+    return total
+
+
+def packed_minimal_bytes(
+    op: str, pass_: str, N: int, S: int, d: int, dtype: torch.dtype, offsets_bytes: int
+) -> int:
+    """Documented minimal byte count of the packed ``op`` for ``pass_`` (see the module docstring);
+    ``offsets_bytes`` is the size of cu_seqlens ((S + 1) * 4 for int32)."""
+    if op not in PACKED_OPS:
+        raise ValueError(f"op: expected one of {tuple(PACKED_OPS)}, got {op!r}")
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass: expected fwd, bwd or fwd+bwd, got {pass_!r}")
+    es = torch.empty((), dtype=dtype).element_size()
+    out = S * len(PACKED_OPS[op]) * d * es
+    total = 0
+    if pass_ in ("fwd", "fwd+bwd"):
+        total += N * d * es + offsets_bytes + out
+    if pass_ in ("bwd", "fwd+bwd"):
+        total += N * d * es + out + offsets_bytes
     return total
 
 

@@ -161,6 +161,49 @@ def specializations() -> list[Specialization]:
                 label = f"combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
                 specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
             specs += _packed_specializations(dtype, size, layout)
+        specs += _normalized_row_specializations(dtype, size)
+    return specs
+
+
+def _normalized_row_specializations(dtype: str, size: int) -> list[Specialization]:
+    """The widened feature blocks of the fused L2 normalisation (one program per output row, up to
+    MAX_NORMALIZED_ROW_BYTES), contiguous, for the lightest and the heaviest mode mix."""
+    acc = _acc(dtype)
+    specs = []
+    block_d = launchers.feature_block(size) * 2
+    while block_d * size <= launchers.MAX_NORMALIZED_ROW_BYTES:
+        for mask_name, do_max in (("none", False), ("i8", True)):
+            mask_ty, bits_ty = MASK_KINDS[mask_name]
+            config = launchers.forward_config(1, 1, block_d, size, True, do_max, 132, block_d)
+            types = {
+                "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
+                "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
+                "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
+                "weights_ptr": f"*{acc}", "wsum_ptr": f"*{acc}", "norm_ptr": f"*{acc}", **UNUSED_WORK_LIST,
+                "normalize_eps": "fp32", "MASK_BITS": bits_ty,
+            }  # fmt: skip
+            constexprs = {
+                "HAS_MASK": mask_name != "none", "DO_MEAN": True, "DO_MAX": do_max, "DO_WEIGHTED": do_max,
+                "HAS_WEIGHTS": False, "PACKED": False, "ACC_DTYPE": acc, "BLOCK_T": config.block_t,
+                "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, "stride_hd": 1,
+                **({"stride_mt": 1} if mask_name != "none" else {}),
+            }  # fmt: skip
+            div = ("d", "stride_hb", "stride_ht", "stride_ob")
+            label = f"fwd-normalized {dtype} block_d={block_d} mask={mask_name} max={int(do_max)} contiguous"
+            specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div))
+        types = {
+            "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "stats_ptr": "*i32",
+            "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+            "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}", "wsum_ptr": f"*{acc}",
+            "chunk_start_ptr": "*i32", "norm_ptr": f"*{acc}", "normalize_eps": "fp32",
+        }  # fmt: skip
+        constexprs = {
+            "DO_MEAN": True, "DO_MAX": True, "DO_WEIGHTED": True, "HAS_WEIGHTS": False, "PACKED": False,
+            "ACC_DTYPE": acc, "BLOCK_D": block_d, "stride_hd": 1,
+        }  # fmt: skip
+        label = f"combine-normalized {dtype} block_d={block_d} contiguous"
+        specs.append(Specialization("pool_combine_kernel", label, types, constexprs, ("d", "stride_ob")))
+        block_d *= 2
     return specs
 
 
@@ -244,6 +287,9 @@ def compile_one(spec: Specialization, arch: int) -> dict:
     fn = _kernel(spec.kernel)
     names = fn.arg_names
     signature, constexprs = {}, {}
+    # Arguments every forward launch passes the same way: the norms output (a placeholder of the
+    # accumulation dtype when not normalising) and the float normalisation floor.
+    defaults = {"norm_ptr": "*" + spec.constexprs.get("ACC_DTYPE", "fp32"), "normalize_eps": "fp32"}
     for name in names:
         if name in spec.constexprs:
             value = spec.constexprs[name]
@@ -254,7 +300,7 @@ def compile_one(spec: Specialization, arch: int) -> dict:
         elif name in spec.types:
             signature[name] = spec.types[name]
         else:
-            signature[name] = "i32"
+            signature[name] = defaults.get(name, "i32")
     pointer_args = [n for n in names if signature[n].startswith("*")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointer_args, *spec.divisible)}
     result = {"label": spec.label, "arch": arch}

@@ -184,15 +184,38 @@ def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
 
 
+def finish_rows(
+    pieces: list[torch.Tensor], dtype: torch.dtype, normalize_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, norms): the per-mode (B, d) pieces (accumulation or hidden dtype) concatenated into
+    (B, n * d) in ``dtype``, L2-normalised from the unrounded values when ``normalize_eps >= 0``
+    (``x / max(||x||, eps)`` as ``F.normalize``; norms (B,) the norms before), else norms (0,)."""
+    acc = accumulation_dtype(dtype)
+    if normalize_eps < 0:
+        out = torch.cat([p.to(dtype) for p in pieces], dim=1) if len(pieces) > 1 else pieces[0]
+        out = out.to(dtype)
+        return out.contiguous(), torch.empty(0, dtype=acc, device=out.device)
+    rows = torch.cat([p.to(acc) for p in pieces], dim=1)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    out = (rows / norms.clamp_min(normalize_eps).unsqueeze(1)).to(dtype)
+    return out, norms
+
+
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str], weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    modes: Sequence[str],
+    weights: torch.Tensor | None = None,
+    normalize_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None; weights (B, T) float or
-    None (weighted_mean's token weights; None: the rank of each real token).
+    None (weighted_mean's token weights; None: the rank of each real token); normalize_eps >= 0:
+    L2-normalise each output row.
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 (or (B, 0) without
-    "max") and stats (3, B) int32. Memory traffic: the mean reads hidden once through a batched
-    matrix-vector product with 0/1 weights (no (B, T, d) temporary); max builds one masked copy.
+    "max"), stats (3, B) int32 and norms (B,) (or (0,)). Memory traffic: the mean reads hidden once
+    through a batched matrix-vector product with 0/1 weights (no (B, T, d) temporary); max builds
+    one masked copy.
     """
     B, T, d = hidden.shape
     acc = accumulation_dtype(hidden.dtype)
@@ -208,8 +231,7 @@ def pool_forward(
                 total = _masked_sum(hidden, real, acc)
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
             denom = denom if name == "mean" else denom.sqrt()
-            mean = torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc))
-            pieces.append(mean.to(hidden.dtype))
+            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc)))
         elif name == "weighted_mean":
             if weights is None:
                 w = token_ranks(real, B, T, hidden.device).to(acc)  # exact integers in float32 to 2**24
@@ -220,8 +242,7 @@ def pool_forward(
             weighted = _masked_sum(hidden, real, acc, w)
             nonzero = (w_total != 0).unsqueeze(1)
             w_total = torch.where(nonzero, w_total.unsqueeze(1), 1)
-            w_mean = torch.where(nonzero, weighted / w_total, torch.zeros((), dtype=acc))
-            pieces.append(w_mean.to(hidden.dtype))
+            pieces.append(torch.where(nonzero, weighted / w_total, torch.zeros((), dtype=acc)))
         elif name == "max":
             values, argmax = _masked_max(hidden, real, count)
             pieces.append(values)
@@ -231,8 +252,8 @@ def pool_forward(
             pieces.append(_gather(hidden, stats[2]))
         else:
             raise ValueError(f"mode: unknown mode {name!r}")
-    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
-    return out, argmax, stats
+    out, norms = finish_rows(pieces, hidden.dtype, normalize_eps)
+    return out, argmax, stats, norms
 
 
 def pool_backward(

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .eager import _WIDEN_CHUNK_BYTES, _full_precision_matmul, accumulation_dtype
+from .eager import _WIDEN_CHUNK_BYTES, _full_precision_matmul, accumulation_dtype, finish_rows
 from .modes import mode_columns
 
 
@@ -117,12 +117,13 @@ def pool_forward(
     cu_seqlens: torch.Tensor,
     modes: Sequence[str],
     weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    normalize_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager packed forward. hidden (N, d) float; cu_seqlens (S + 1,) int32/int64, well formed;
-    weights (N,) float or None.
+    weights (N,) float or None; normalize_eps >= 0: L2-normalise each output row.
 
     Returns out (S, len(modes) * d) in hidden's dtype, argmax (S, d) int32 global token indices
-    (or (S, 0) without "max") and stats (3, S) int32.
+    (or (S, 0) without "max"), stats (3, S) int32 and norms (S,) (or (0,)).
     """
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
@@ -140,13 +141,14 @@ def pool_forward(
                 total = _segment_sum(hidden, seg, S, acc)
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
             denom = denom if name == "mean" else denom.sqrt()
-            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero).to(hidden.dtype))
+            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
         elif name == "weighted_mean":
             w, w_total = token_weights(cu_seqlens, seg, weights, acc)
             weighted = _segment_sum(hidden, seg, S, acc, w)
             nonzero = (w_total != 0).unsqueeze(1)
-            w_mean = torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
-            pieces.append(w_mean.to(hidden.dtype))
+            pieces.append(
+                torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
+            )
         elif name == "max":
             values, argmax = _segment_max(hidden, seg, count)
             pieces.append(values)
@@ -156,8 +158,8 @@ def pool_forward(
             pieces.append(_gather(hidden, stats[2]))
         else:
             raise ValueError(f"mode: unknown mode {name!r}")
-    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
-    return out, argmax, stats
+    out, norms = finish_rows(pieces, hidden.dtype, normalize_eps)
+    return out, argmax, stats, norms
 
 
 def pool_backward(

@@ -98,7 +98,8 @@ def _pool(
     weights: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    normalize_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     joined = ",".join(modes)
     packed = cu_seqlens is not None or (isinstance(hidden, torch.Tensor) and hidden.is_nested)
     if not packed:
@@ -106,14 +107,14 @@ def _pool(
             raise ValueError(f"max_seqlen: expected None without cu_seqlens, got {max_seqlen!r}")
         _validate(hidden, mask)
         _validate_weights(hidden, weights, modes)
-        return ops.pool_forward(hidden, mask, weights, joined, resolve_backend(hidden.device))
+        return ops.pool_forward(hidden, mask, weights, joined, resolve_backend(hidden.device), normalize_eps)
     if weights is not None and "weighted_mean" not in modes:
         raise ValueError(f"weights: expected mode 'weighted_mean' among the modes, got {list(modes)}")
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
     backend = resolve_backend(device)
     batch = validate_packed(hidden, mask, cu_seqlens, max_seqlen, weights, backend)
     return ops.packed_pool_forward(
-        batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen
+        batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen, normalize_eps
     )
 
 
@@ -125,6 +126,8 @@ def pool(
     weights: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    normalize: bool = False,
+    eps: float = 1e-12,
 ) -> torch.Tensor:
     """Pool (B, T, d) hidden states (or a packed batch) to (B, d) vectors in one pass over hidden.
 
@@ -141,13 +144,23 @@ def pool(
         (N,) for a packed batch.
     cu_seqlens, max_seqlen : a packed batch instead of a padded one (see the module docstring):
         hidden (N, d) or (1, N, d), cu_seqlens (S + 1,) int32/int64, max_seqlen int or None.
+    normalize, eps : when ``normalize``, each output row (all modes together) is divided by
+        ``max(||row||_2, eps)`` as ``torch.nn.functional.normalize`` does, from the unrounded
+        float32 values and rounded once. On the Triton backend this is fused into the kernel's
+        epilogue when a row fits one program (d up to 2048 for 16-bit dtypes, 1024 for float32,
+        512 for float64); wider rows are normalised by torch after pooling.
 
     Returns
     -------
     Tensor (B, d) or (B, len(mode) * d) in hidden's dtype. Differentiable with respect to hidden
     and to ``weights``.
     """
-    return _pool(hidden, mask, normalize_modes(mode), weights, cu_seqlens, max_seqlen)[0]
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    normalize_eps = float(eps) if normalize else -1.0
+    return _pool(hidden, mask, normalize_modes(mode), weights, cu_seqlens, max_seqlen, normalize_eps)[0]
 
 
 def mean_pool(
@@ -200,7 +213,7 @@ def max_pool(
     Returns values, or ``(values, indices)`` with indices (B, d) int64 positions along T when
     ``return_indices`` is True (global token indices into N for a packed batch).
     """
-    values, argmax, _ = _pool(hidden, mask, ("max",), None, cu_seqlens, max_seqlen)
+    values, argmax, _, _ = _pool(hidden, mask, ("max",), None, cu_seqlens, max_seqlen)
     if return_indices:
         return values, argmax.to(torch.int64)
     return values

@@ -34,6 +34,11 @@ TILE_BYTES_WITH_MAX = 4096
 ROW_BYTES = 512
 SCAN_BLOCK = 1024
 NUM_WARPS = 4
+# L2 normalisation is fused into the forward epilogue when one program can hold a whole output row:
+# the feature block widens to cover d up to this many bytes (2048 features in 16-bit dtypes, 1024
+# in float32, 512 in float64), with BLOCK_T shrunk to keep the tile size. Wider rows are pooled
+# first and normalised by torch (one more small pass over the (B, n * d) output).
+MAX_NORMALIZED_ROW_BYTES = 4096
 # When no GPU is there to ask (the interpreter), size grids as for an H100.
 DEFAULT_SM_COUNT = 132
 
@@ -87,15 +92,25 @@ def token_block(element_size: int, second_accumulator: bool = False) -> int:
     return tile // (feature_block(element_size) * element_size)
 
 
+def normalized_block_d(d: int, element_size: int) -> int | None:
+    """BLOCK_D that puts a whole row of d features in one program (for the fused normalisation),
+    or None when that row would exceed MAX_NORMALIZED_ROW_BYTES."""
+    block = max(feature_block(element_size), 1 << max(0, d - 1).bit_length())
+    return block if block * element_size <= MAX_NORMALIZED_ROW_BYTES else None
+
+
 def forward_config(
-    B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int
-) -> LaunchConfig:
-    """Block sizes and T-split for the forward kernel (see ``_forward_config``); cached per shape."""
+    B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int,
+    min_block_d: int = 0,
+) -> LaunchConfig:  # fmt: skip
+    """Block sizes and T-split for the forward kernel (see ``_forward_config``); cached per shape.
+
+    ``min_block_d``: a lower bound on BLOCK_D (a whole row, for the fused normalisation).
+    """
+    key = (B, T, d, element_size, needs_loop, second_accumulator, sm_count, min_block_d)
     if _overrides:
-        return _forward_config(
-            B, T, d, element_size, needs_loop, second_accumulator, sm_count, tuple(_overrides.items())
-        )
-    return _cached_forward_config(B, T, d, element_size, needs_loop, second_accumulator, sm_count)
+        return _forward_config(*key, tuple(_overrides.items()))
+    return _cached_forward_config(*key)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -105,7 +120,7 @@ def _cached_forward_config(*key) -> LaunchConfig:
 
 def _forward_config(
     B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int,
-    overrides: tuple,
+    min_block_d: int, overrides: tuple,
 ) -> LaunchConfig:  # fmt: skip
     """Pick block sizes and the T-split for the forward kernel.
 
@@ -114,8 +129,9 @@ def _forward_config(
     multiprocessor the loop over T is split so a small batch with long sequences still fills the
     GPU, never into ranges shorter than MIN_TOKENS_PER_SPLIT.
     """
-    block_d = feature_block(element_size)
+    block_d = max(feature_block(element_size), min_block_d)
     block_t = token_block(element_size, second_accumulator)
+    block_t = max(1, block_t * feature_block(element_size) // block_d)  # the same tile size in bytes
     n_splits = 1
     programs = B * triton_cdiv(d, block_d)
     target = PROGRAMS_PER_SM * sm_count
@@ -123,6 +139,7 @@ def _forward_config(
         n_splits = max(1, min(triton_cdiv(target, programs), T // MIN_TOKENS_PER_SPLIT))
     config = LaunchConfig(block_t=block_t, block_d=block_d, n_splits=n_splits)
     config = replace(config, **dict(overrides))
+    config = replace(config, block_d=max(config.block_d, min_block_d))
     per_split = triton_cdiv(max(T, 1), config.n_splits)
     per_split = triton_cdiv(per_split, config.block_t) * config.block_t
     return replace(config, n_splits=triton_cdiv(max(T, 1), per_split), tokens_per_split=per_split)
@@ -205,14 +222,20 @@ def _user_weights(
 
 
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, modes: Sequence[str], weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    modes: Sequence[str],
+    weights: torch.Tensor | None = None,
+    normalize_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused masked pooling forward on the Triton kernels.
 
     hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None;
-    weights (B, T) float, any strides, or None (weighted_mean's user weights).
+    weights (B, T) float, any strides, or None (weighted_mean's user weights); normalize_eps >= 0:
+    L2-normalise each output row (fused in the epilogue when ``normalized_block_d`` allows).
     Returns out (B, len(modes) * d) hidden dtype, argmax (B, d) int32 when "max" is among ``modes``
-    (else (B, 0)), stats (3, B) int32 (count, first, last; -1 when a row is empty).
+    (else (B, 0)), stats (3, B) int32 (count, first, last; -1 when a row is empty), norms (B,) acc
+    dtype (the rows' norms before normalisation; (0,) without).
 
     Memory traffic: reads the real-token span of every row of hidden once, i.e.
     ``sum_b (real tokens of row b, holes excluded) * d * element_size`` bytes, plus the mask
@@ -235,29 +258,29 @@ def pool_forward(
     out = torch.empty((B, len(modes) * d), dtype=hidden.dtype, device=device)
     argmax = torch.empty((B, d if do_max else 0), dtype=torch.int32, device=device)
     stats = torch.empty((3, B), dtype=torch.int32, device=device)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    normalize = normalize_eps >= 0
+    norms = torch.zeros((B if normalize else 0,), dtype=acc, device=device)
     if B == 0:
-        return out, argmax, stats
+        return out, argmax, stats, norms
     if d == 0:
         # Nothing to pool, but backward still needs the per-row sizes.
-        return out, argmax, eager.row_stats(real_tokens(mask), B, T, device)
+        return out, argmax, eager.row_stats(real_tokens(mask), B, T, device), norms
+    whole_row = normalized_block_d(d, hidden.element_size()) if normalize else None
+    fused_eps = normalize_eps if whole_row is not None else -1.0
 
     # The weighted sum adds a second accumulator tile: it takes the smaller tile, like the max.
+    needs_loop, second_accumulator = do_mean or do_max or do_weighted, do_max or do_weighted
     config = forward_config(
-        B,
-        T,
-        d,
-        hidden.element_size(),
-        do_mean or do_max or do_weighted,
-        do_max or do_weighted,
-        sm_count(device),
+        B, T, d, hidden.element_size(), needs_loop, second_accumulator, sm_count(device), whole_row or 0
     )
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
     else:
         mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     weights_arg, wsum, stride_wb, stride_wt = _user_weights(weights, mask, acc, device)
+    norm_arg = norms if whole_row is not None else _placeholder(device, acc)
     split = config.n_splits > 1
     if split:
         parts = (B, config.n_splits, d)
@@ -282,9 +305,11 @@ def pool_forward(
             hidden, mask_view, out, argmax_arg, stats,
             part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
             stats, stats, stats,  # packed-only work list: unused
+            norm_arg,
             B, T, d, config.tokens_per_split, config.n_splits, 0,
             *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
             *col_args,
+            fused_eps,
             mask_bits,
             HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
             HAS_WEIGHTS=has_weights, PACKED=False, ACC_DTYPE=acc_tl,
@@ -294,14 +319,16 @@ def pool_forward(
         if split:
             pool_combine_kernel[(B, n_dblocks)](
                 hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                wsum, stats, B, d, config.n_splits, *hidden.stride(), out.stride(0),
-                *col_args,
+                wsum, stats, norm_arg, B, d, config.n_splits, *hidden.stride(), out.stride(0),
+                *col_args, fused_eps,
                 DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
                 PACKED=False, ACC_DTYPE=acc_tl,
                 BLOCK_D=config.block_d,
                 num_warps=config.num_warps,
             )  # fmt: skip
-    return out, argmax, stats
+    if normalize and whole_row is None:
+        out, norms = eager.finish_rows([out], hidden.dtype, normalize_eps)
+    return out, argmax, stats, norms
 
 
 def pool_backward(

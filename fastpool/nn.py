@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .functional import pool
 from .modes import normalize_modes
@@ -19,11 +18,13 @@ class Pooling(torch.nn.Module):
     mode : "mean", "max", "cls", "last" or a sequence of them (concatenated along d in that order,
         hidden read once).
     normalize : when True, L2-normalise each output row like ``torch.nn.functional.normalize``
-        (``x / max(||x||, eps)``); an empty row stays zero.
+        (``x / max(||x||, eps)``); an empty row stays zero. Fused into the kernel's epilogue where
+        a row fits one program (see ``fastpool.pool``).
     eps : the ``normalize`` floor.
 
-    ``forward(hidden, mask=None)`` takes hidden (B, T, d) float16/bfloat16/float32/float64 and mask
-    (B, T) of any real dtype (nonzero = real token) or None; semantics as ``fastpool.pool``.
+    ``forward(hidden, mask=None, **packed)`` takes hidden (B, T, d) float16/bfloat16/float32/float64
+    and mask (B, T) of any real dtype (nonzero = real token) or None; semantics as ``fastpool.pool``.
+    ``packed`` may hold ``cu_seqlens``, ``max_seqlen`` and ``weights`` (see ``fastpool.pool``).
     The module has no parameters.
     """
 
@@ -33,11 +34,8 @@ class Pooling(torch.nn.Module):
         self.normalize = bool(normalize)
         self.eps = float(eps)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        out = pool(hidden, mask, mode=self.modes)
-        if self.normalize:
-            out = F.normalize(out, p=2.0, dim=-1, eps=self.eps)
-        return out
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **packed) -> torch.Tensor:
+        return pool(hidden, mask, mode=self.modes, normalize=self.normalize, eps=self.eps, **packed)
 
     def extra_repr(self) -> str:
         return f"mode={list(self.modes)}, normalize={self.normalize}, eps={self.eps}"

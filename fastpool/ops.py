@@ -1,15 +1,19 @@
 """Registration table: the ``fastpool::`` custom ops, their fake (meta) kernels and their autograd.
 
-``torch.ops.fastpool.pool_fwd`` and ``pool_bwd`` are opaque to ``torch.compile`` (no graph break,
-no tracing into Triton). Each takes the concrete backend ("triton" or "torch") as an argument, so
-a compiled graph keeps the choice made when it was traced.
+``torch.ops.fastpool.pool_fwd`` / ``pool_bwd`` (padded batches) and ``packed_pool_fwd`` /
+``packed_pool_bwd`` (packed batches) are opaque to ``torch.compile`` (no graph break, no tracing
+into Triton). Each takes the concrete backend ("triton" or "torch") as an argument, so a compiled
+graph keeps the choice made when it was traced.
 
-Autograd lives here and only here, in ``_setup_context`` / ``_backward``, used twice: registered on
-``pool_fwd`` (what torch.compile sees) and by ``PoolFunction``, the eager fast path. Outside
-compilation the custom-op dispatch (Python autograd wrapper plus Python redispatch) costs several
-times the kernel's own time at serving shapes, so eager calls go through ``PoolFunction`` (or
-straight to the implementation when no gradient is needed), which runs the very same
-implementations and backward.
+Autograd lives here and only here, in ``_setup_context`` / ``_backward``, registered on both
+forward ops (what torch.compile sees) and used by ``PoolFunction`` / ``PackedPoolFunction``, the
+eager fast paths. Outside compilation the custom-op dispatch (Python autograd wrapper plus Python
+redispatch) costs several times the kernel's own time at serving shapes, so eager calls go through
+those functions (or straight to the implementation when no gradient is needed), which run the very
+same implementations and backward.
+
+Every forward returns ``(out, argmax, stats, norms)``: norms (B,) is the L2 norm of each output
+row before normalisation when ``normalize_eps >= 0`` (empty otherwise), kept for backward.
 """
 
 from __future__ import annotations
@@ -21,57 +25,68 @@ from . import eager, eager_packed
 
 _BACKENDS = ("triton", "torch")
 
+Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
-def _impl(backend: str):
+
+def _impl(backend: str, packed: bool = False):
     torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
     if backend == "torch":
-        return eager
-    from . import launchers
+        return eager_packed if packed else eager
+    from . import launchers, packed_launchers
 
-    return launchers
-
-
-def _packed_impl(backend: str):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
-    if backend == "torch":
-        return eager_packed
-    from . import packed_launchers
-
-    return packed_launchers
+    return packed_launchers if packed else launchers
 
 
 def _hint(max_seqlen: int) -> int | None:
     return None if max_seqlen < 0 else max_seqlen
 
 
+def _fake_outputs(hidden: torch.Tensor, rows, d, modes: str, normalize_eps: float) -> Outputs:
+    names = modes.split(",")
+    out = hidden.new_empty((rows, len(names) * d))
+    argmax = hidden.new_empty((rows, d if "max" in names else 0), dtype=torch.int32)
+    stats = hidden.new_empty((3, rows), dtype=torch.int32)
+    norms = hidden.new_empty(
+        (rows if normalize_eps >= 0 else 0,), dtype=eager.accumulation_dtype(hidden.dtype)
+    )
+    return out, argmax, stats, norms
+
+
 def forward_impl(
-    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats)."""
-    return _impl(backend).pool_forward(hidden, mask, modes.split(","), weights)
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    normalize_eps: float,
+) -> Outputs:
+    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats, norms)."""
+    return _impl(backend).pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
 
 
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
 def pool_fwd(
-    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    normalize_eps: float,
+) -> Outputs:
     """Fused masked pooling. hidden (B, T, d); mask (B, T) or None; weights (B, T) float or None
-    (weighted_mean's token weights); modes comma-separated, e.g. "mean,max".
+    (weighted_mean's token weights); modes comma-separated, e.g. "mean,max"; normalize_eps >= 0
+    L2-normalises each output row (``x / max(||x||, eps)``), < 0 does not.
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 when "max" is requested
-    (else (B, 0)), and stats (3, B) int32: real-token count, first and last real position (-1 if none).
+    (else (B, 0)), stats (3, B) int32: real-token count, first and last real position (-1 if none),
+    and norms (B,) (or (0,) without normalisation).
     """
-    return forward_impl(hidden, mask, weights, modes, backend)
+    return forward_impl(hidden, mask, weights, modes, backend, normalize_eps)
 
 
 @pool_fwd.register_fake
-def _pool_fwd_fake(hidden, mask, weights, modes, backend):
-    B, _, d = hidden.shape
-    names = modes.split(",")
-    out = hidden.new_empty((B, len(names) * d))
-    argmax = hidden.new_empty((B, d if "max" in names else 0), dtype=torch.int32)
-    stats = hidden.new_empty((3, B), dtype=torch.int32)
-    return out, argmax, stats
+def _pool_fwd_fake(hidden, mask, weights, modes, backend, normalize_eps):
+    return _fake_outputs(hidden, hidden.shape[0], hidden.shape[2], modes, normalize_eps)
 
 
 @torch.library.custom_op("fastpool::pool_bwd", mutates_args=())
@@ -86,7 +101,8 @@ def pool_bwd(
     modes: str,
     backend: str,
 ) -> torch.Tensor:
-    """Gradient of hidden, (B, T, d) in ``dtype``, from grad_out (B, len(modes) * d)."""
+    """Gradient of hidden, (B, T, d) in ``dtype``, from grad_out (B, len(modes) * d) of the
+    un-normalised output."""
     return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes.split(","), weights)
 
 
@@ -102,13 +118,15 @@ def packed_forward_impl(
     weights: torch.Tensor | None,
     modes: str,
     backend: str,
+    normalize_eps: float,
     max_seqlen: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward of ``packed_pool_fwd`` without any dispatch: (out, argmax, stats)."""
-    impl = _packed_impl(backend)
+) -> Outputs:
+    """The forward of ``packed_pool_fwd`` without any dispatch: (out, argmax, stats, norms)."""
+    impl = _impl(backend, packed=True)
+    names = modes.split(",")
     if impl is eager_packed:
-        return impl.pool_forward(hidden, cu_seqlens, modes.split(","), weights)
-    return impl.pool_forward(hidden, cu_seqlens, modes.split(","), weights, _hint(max_seqlen))
+        return impl.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
+    return impl.pool_forward(hidden, cu_seqlens, names, weights, _hint(max_seqlen), normalize_eps)
 
 
 @torch.library.custom_op("fastpool::packed_pool_fwd", mutates_args=())
@@ -118,30 +136,25 @@ def packed_pool_fwd(
     weights: torch.Tensor | None,
     modes: str,
     backend: str,
+    normalize_eps: float,
     max_seqlen: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Outputs:
     """Fused pooling of a packed batch. hidden (N, d); cu_seqlens (S + 1,) int32/int64 offsets;
     weights (N,) float or None; max_seqlen an upper bound on segment lengths (-1: unknown).
 
-    Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)) and
-    stats (3, S) int32: length, first and last token index of each segment (-1 if empty).
+    Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)), stats
+    (3, S) int32: length, first and last token index of each segment (-1 if empty), and norms.
     """
-    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen)
 
 
 @packed_pool_fwd.register_fake
-def _packed_pool_fwd_fake(hidden, cu_seqlens, weights, modes, backend, max_seqlen):
-    S = cu_seqlens.shape[0] - 1
-    d = hidden.shape[1]
-    names = modes.split(",")
-    out = hidden.new_empty((S, len(names) * d))
-    argmax = hidden.new_empty((S, d if "max" in names else 0), dtype=torch.int32)
-    stats = hidden.new_empty((3, S), dtype=torch.int32)
-    return out, argmax, stats
+def _packed_pool_fwd_fake(hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen):
+    return _fake_outputs(hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], modes, normalize_eps)
 
 
 def _packed_backward_impl(grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen):
-    impl = _packed_impl(backend)
+    impl = _impl(backend, packed=True)
     names = modes.split(",")
     if impl is eager_packed:
         return impl.pool_backward(grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights)
@@ -175,22 +188,41 @@ def _packed_pool_bwd_fake(grad_out, cu_seqlens, weights, argmax, stats, N, dtype
 
 
 def _setup_context(ctx, inputs, output):
-    # Padded: (hidden, mask, weights, modes, backend); packed: (hidden, cu_seqlens, weights, modes,
-    # backend, max_seqlen). Position 1 says where the real tokens are; it never takes a gradient.
-    hidden, layout, weights, modes, backend, *packed = inputs
-    _, argmax, stats = output
+    # Padded: (hidden, mask, weights, modes, backend, normalize_eps); packed: the same with
+    # cu_seqlens in place of the mask, then max_seqlen. Position 1 never takes a gradient.
+    hidden, layout, weights, modes, backend, normalize_eps, *packed = inputs
+    out, argmax, stats, norms = output
     # The integer outputs never carry gradient: no zero tensors materialised for them.
     ctx.set_materialize_grads(False)
-    # hidden is kept only for the gradient of user weights (the hidden gradient never reads it).
+    # hidden is kept only for the gradient of user weights (the hidden gradient never reads it);
+    # the output and its norms only to undo a normalisation.
     weights_need_grad = weights is not None and ctx.needs_input_grad[2]
-    ctx.save_for_backward(layout, weights, argmax, stats, hidden if weights_need_grad else None)
+    normalized = normalize_eps >= 0
+    ctx.save_for_backward(
+        layout, weights, argmax, stats, hidden if weights_need_grad else None,
+        out if normalized else None, norms if normalized else None,
+    )  # fmt: skip
     ctx.packed = bool(packed)
     ctx.max_seqlen = packed[0] if packed else -1
     ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
     ctx.dtype = hidden.dtype
     ctx.modes = modes
     ctx.backend = backend
+    ctx.normalize_eps = normalize_eps
     ctx.direct = False
+
+
+def normalize_backward(
+    grad: torch.Tensor, out: torch.Tensor, norms: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Gradient of the un-normalised rows v from the gradient of y = v / max(||v||, eps) (as
+    ``F.normalize``): (g - y (y . g)) / ||v|| where ||v|| > eps, g / eps elsewhere. (B, n), float."""
+    acc = norms.dtype
+    g, y = grad.to(acc), out.to(acc)
+    n = norms.unsqueeze(1)
+    above = n > eps
+    projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
+    return torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
 
 
 def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
@@ -212,11 +244,13 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
     return pool_bwd(grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
 
 
-def _backward(ctx, grad_out, _grad_argmax, _grad_stats):
-    layout, weights, argmax, stats, hidden = ctx.saved_tensors
-    grads = [None] * (6 if ctx.packed else 5)
+def _backward(ctx, grad_out, _grad_argmax, _grad_stats, _grad_norms):
+    layout, weights, argmax, stats, hidden, out, norms = ctx.saved_tensors
+    grads = [None] * (7 if ctx.packed else 6)
     if grad_out is None:
         return tuple(grads)
+    if ctx.normalize_eps >= 0:
+        grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps)
     if ctx.needs_input_grad[0]:
         grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats)
     if weights is not None and ctx.needs_input_grad[2]:
@@ -238,32 +272,32 @@ class PoolFunction(torch.autograd.Function):
     """Eager fast path: the same implementation and backward as ``pool_fwd``, without custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, hidden, mask, weights, modes, backend):
-        output = forward_impl(hidden, mask, weights, modes, backend)
-        ctx.mark_non_differentiable(output[1], output[2])
-        _setup_context(ctx, (hidden, mask, weights, modes, backend), output)
+    def forward(ctx, *inputs):
+        output = forward_impl(*inputs)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
         return output
 
     @staticmethod
-    def backward(ctx, grad_out, grad_argmax, grad_stats):
-        return _backward(ctx, grad_out, grad_argmax, grad_stats)
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 class PackedPoolFunction(torch.autograd.Function):
     """Eager fast path of ``packed_pool_fwd`` (same implementation and backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, cu_seqlens, weights, modes, backend, max_seqlen):
-        output = packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
-        ctx.mark_non_differentiable(output[1], output[2])
-        _setup_context(ctx, (hidden, cu_seqlens, weights, modes, backend, max_seqlen), output)
+    def forward(ctx, *inputs):
+        output = packed_forward_impl(*inputs)
+        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        _setup_context(ctx, inputs, output)
         ctx.direct = True
         return output
 
     @staticmethod
-    def backward(ctx, grad_out, grad_argmax, grad_stats):
-        return _backward(ctx, grad_out, grad_argmax, grad_stats)
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
@@ -275,14 +309,20 @@ def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend:
 
 
 def pool_forward(
-    hidden: torch.Tensor, mask: torch.Tensor | None, weights: torch.Tensor | None, modes: str, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    weights: torch.Tensor | None,
+    modes: str,
+    backend: str,
+    normalize_eps: float = -1.0,
+) -> Outputs:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
+    inputs = (hidden, mask, weights, modes, backend, float(normalize_eps))
     if torch.compiler.is_compiling():
-        return pool_fwd(hidden, mask, weights, modes, backend)
+        return pool_fwd(*inputs)
     if _wants_autograd(hidden, weights, backend):
-        return PoolFunction.apply(hidden, mask, weights, modes, backend)
-    return forward_impl(hidden, mask, weights, modes, backend)
+        return PoolFunction.apply(*inputs)
+    return forward_impl(*inputs)
 
 
 def packed_pool_forward(
@@ -292,10 +332,12 @@ def packed_pool_forward(
     modes: str,
     backend: str,
     max_seqlen: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    normalize_eps: float = -1.0,
+) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
+    inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen)
     if torch.compiler.is_compiling():
-        return packed_pool_fwd(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+        return packed_pool_fwd(*inputs)
     if _wants_autograd(hidden, weights, backend):
-        return PackedPoolFunction.apply(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
-    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, max_seqlen)
+        return PackedPoolFunction.apply(*inputs)
+    return packed_forward_impl(*inputs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import eager_packed
+from . import eager, eager_packed
 from .launchers import (
     MIN_TOKENS_PER_SPLIT,
     PROGRAMS_PER_SM,
@@ -29,6 +29,7 @@ from .launchers import (
     _placeholder,
     feature_block,
     kernel_columns,
+    normalized_block_d,
     sm_count,
     token_block,
     triton_cdiv,
@@ -77,10 +78,10 @@ def chunk_plan(cu_seqlens: torch.Tensor, N: int, chunk_len: int, max_seqlen: int
     return ChunkPlan(chunk_len, programs, chunk_seg, chunk_start.to(torch.int32))
 
 
-def _plan(cu_seqlens, N, d, element_size, second_accumulator, max_seqlen, device):
-    block_d = feature_block(element_size)
-    block_t = token_block(element_size, second_accumulator)
-    block_d = _overrides.get("block_d", block_d)
+def _plan(cu_seqlens, N, d, element_size, second_accumulator, max_seqlen, device, min_block_d=0):
+    block_d = max(feature_block(element_size), min_block_d)
+    block_t = max(1, token_block(element_size, second_accumulator) * feature_block(element_size) // block_d)
+    block_d = max(_overrides.get("block_d", block_d), min_block_d)
     block_t = _overrides.get("block_t", block_t)
     length = chunk_length(N, d, block_d, block_t, sm_count(device))
     plan = chunk_plan(cu_seqlens, N, length, max_seqlen)
@@ -102,13 +103,16 @@ def pool_forward(
     modes: Sequence[str],
     weights: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    normalize_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused pooling of a packed batch on the Triton kernels.
 
     hidden (N, d) fp16/bf16/fp32/fp64, any strides; cu_seqlens (S + 1,) int32/int64 offsets;
-    weights (N,) float or None; max_seqlen: an upper bound on the segment lengths, or None.
+    weights (N,) float or None; max_seqlen: an upper bound on the segment lengths, or None;
+    normalize_eps >= 0: L2-normalise each output row (as ``launchers.pool_forward``).
     Returns out (S, len(modes) * d) hidden dtype, argmax (S, d) int32 global token indices when
-    "max" is among ``modes`` (else (S, 0)), stats (3, S) int32 (length, first, last; -1 if empty).
+    "max" is among ``modes`` (else (S, 0)), stats (3, S) int32 (length, first, last; -1 if empty),
+    norms (S,) ((0,) without normalisation).
 
     Memory traffic: reads every token of hidden once (``N * d * element_size`` bytes) and
     ``cu_seqlens``; writes ``S * len(modes) * d * element_size`` bytes plus argmax and stats.
@@ -128,14 +132,19 @@ def pool_forward(
     out = torch.empty((S, len(modes) * d), dtype=hidden.dtype, device=device)
     argmax = torch.empty((S, d if do_max else 0), dtype=torch.int32, device=device)
     stats = torch.empty((3, S), dtype=torch.int32, device=device)
-    if S == 0:
-        return out, argmax, stats
-    if d == 0:
-        return out, argmax, eager_packed.packed_stats(cu_seqlens)
-    plan, block_t, block_d = _plan(
-        cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device
-    )
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    normalize = normalize_eps >= 0
+    norms = torch.zeros((S if normalize else 0,), dtype=acc, device=device)
+    if S == 0:
+        return out, argmax, stats, norms
+    if d == 0:
+        return out, argmax, eager_packed.packed_stats(cu_seqlens), norms
+    whole_row = normalized_block_d(d, hidden.element_size()) if normalize else None
+    fused_eps = normalize_eps if whole_row is not None else -1.0
+    norm_arg = norms if whole_row is not None else _placeholder(device, acc)
+    plan, block_t, block_d = _plan(
+        cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device, whole_row or 0
+    )
     weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device)
     if plan.chunk_len > 0:
         parts = (plan.programs, d)
@@ -160,10 +169,11 @@ def pool_forward(
         pool_forward_kernel[(plan.programs, n_dblocks, 1)](
             hidden, stats, out, argmax_arg, stats,
             part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
-            cu_seqlens, chunk_seg, chunk_start,
+            cu_seqlens, chunk_seg, chunk_start, norm_arg,
             S, N, d, 0, 1, plan.chunk_len,
             0, stride_ht, stride_hd, 0, 0, 0, stride_wt, out.stride(0),
             *col_args,
+            fused_eps,
             -1,
             HAS_MASK=False, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
             HAS_WEIGHTS=has_weights, PACKED=True, ACC_DTYPE=acc_tl, BLOCK_T=block_t, BLOCK_D=block_d,
@@ -172,12 +182,14 @@ def pool_forward(
         if plan.chunk_len > 0:
             pool_combine_kernel[(S, n_dblocks)](
                 hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                wsum, chunk_start, S, d, 1, 0, stride_ht, stride_hd, out.stride(0),
-                *col_args,
+                wsum, chunk_start, norm_arg, S, d, 1, 0, stride_ht, stride_hd, out.stride(0),
+                *col_args, fused_eps,
                 DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
                 PACKED=True, ACC_DTYPE=acc_tl, BLOCK_D=block_d, num_warps=_overrides.get("num_warps", 4),
             )  # fmt: skip
-    return out, argmax, stats
+    if normalize and whole_row is None:
+        out, norms = eager.finish_rows([out], hidden.dtype, normalize_eps)
+    return out, argmax, stats, norms
 
 
 def pool_backward(

@@ -52,6 +52,8 @@ def _write_results(
     col_sqrt,  # column offset of mean_sqrt_len, or -1
     col_weighted,  # column offset of weighted_mean, or -1
     wsum_ptr,  # (B,) acc dtype: sum of the user weights over real tokens; HAS_WEIGHTS only
+    norm_ptr,  # (B,) acc dtype: L2 norm of the whole output row; normalize_eps >= 0 only
+    normalize_eps,  # float: L2-normalise the row with this floor; < 0: do not (needs one feature block)
     DO_MEAN: tl.constexpr,  # the sum was accumulated (mean and/or mean_sqrt_len requested)
     DO_MAX: tl.constexpr,
     DO_WEIGHTED: tl.constexpr,  # the weighted sum was accumulated
@@ -60,17 +62,21 @@ def _write_results(
     out_row = out_ptr + row * stride_ob
     out_ty = out_ptr.dtype.element_ty
     has_tokens = count > 0
+    # Every requested mode's values first, in the accumulation dtype: the optional L2 normalisation
+    # needs the whole row before anything is stored, and then the output is rounded once.
+    mean = tl.zeros_like(total)
+    root_mean = tl.zeros_like(total)
+    w_mean = tl.zeros_like(total)
+    max_out = tl.zeros_like(total)
+    first_token = tl.zeros_like(total)
+    last_token = tl.zeros_like(total)
     if DO_MEAN:
         # Exact integer count, converted once; an empty row gives 0, never 0/0.
         # Float32 `/` is the fast division (<= 2 ulp): the IEEE one calls a slow-path subroutine
         # with a stack frame on sm_80, which the no-spill AOT check rejects.
         n = tl.maximum(count, 1).to(total.dtype)
-        if col_mean >= 0:
-            mean = tl.where(has_tokens, total / n, 0.0)
-            tl.store(out_row + col_mean + d_offs, mean.to(out_ty), mask=d_in)
-        if col_sqrt >= 0:
-            scaled = tl.where(has_tokens, total / exact_sqrt(n), 0.0)
-            tl.store(out_row + col_sqrt + d_offs, scaled.to(out_ty), mask=d_in)
+        mean = tl.where(has_tokens & (col_mean >= 0), total / n, 0.0)
+        root_mean = tl.where(has_tokens & (col_sqrt >= 0), total / exact_sqrt(n), 0.0)
     if DO_WEIGHTED:
         if HAS_WEIGHTS:
             w_total = tl.load(wsum_ptr + row).to(weighted.dtype)
@@ -80,28 +86,48 @@ def _write_results(
             w_total = c * (c + 1.0) * 0.5
         nonzero = w_total != 0.0  # no real token, or user weights summing to 0: zeros
         w_mean = tl.where(nonzero, weighted / tl.where(nonzero, w_total, 1.0), 0.0)
-        tl.store(out_row + col_weighted + d_offs, w_mean.to(out_ty), mask=d_in & (col_weighted >= 0))
     if DO_MAX:
         empty = max_pos == NO_TOKEN
-        tl.store(out_row + col_max + d_offs, tl.where(empty, 0.0, max_value).to(out_ty), mask=d_in)
-        tl.store(argmax_ptr + row * d + d_offs, tl.where(empty, -1, max_pos), mask=d_in)
+        max_out = tl.where(empty, 0.0, max_value)
     # The gathers cost d loads per row: a uniform runtime branch, not another specialization.
     if col_first >= 0:
         src = hidden_ptr + row * stride_hb + first.to(tl.int64) * stride_ht
         token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
-        tl.store(out_row + col_first + d_offs, token.to(out_ty), mask=d_in)
+        first_token = token.to(total.dtype)
     if col_last >= 0:
         src = hidden_ptr + row * stride_hb + last.to(tl.int64) * stride_ht
         token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
-        tl.store(out_row + col_last + d_offs, token.to(out_ty), mask=d_in)
-    # Per-row sizes for backward, written by one feature block only.
+        last_token = token.to(total.dtype)
+    scale = tl.full((), 1.0, total.dtype)
     owner = pid_d == 0
+    if normalize_eps >= 0:
+        # One program holds the whole row (the launcher picks BLOCK_D >= d): x / max(||x||, eps) as
+        # torch.nn.functional.normalize, from the unrounded values. Absent modes hold zeros.
+        squares = mean * mean + root_mean * root_mean + w_mean * w_mean + max_out * max_out
+        squares += first_token * first_token + last_token * last_token
+        norm = exact_sqrt(tl.sum(squares, axis=0))
+        scale = 1.0 / tl.maximum(norm, normalize_eps)
+        tl.store(norm_ptr + row, norm, mask=owner)
+    if col_mean >= 0:
+        tl.store(out_row + col_mean + d_offs, (mean * scale).to(out_ty), mask=d_in)
+    if col_sqrt >= 0:
+        tl.store(out_row + col_sqrt + d_offs, (root_mean * scale).to(out_ty), mask=d_in)
+    if col_weighted >= 0:
+        tl.store(out_row + col_weighted + d_offs, (w_mean * scale).to(out_ty), mask=d_in)
+    if DO_MAX:
+        tl.store(out_row + col_max + d_offs, (max_out * scale).to(out_ty), mask=d_in)
+        tl.store(argmax_ptr + row * d + d_offs, tl.where(empty, -1, max_pos), mask=d_in)
+    if col_first >= 0:
+        tl.store(out_row + col_first + d_offs, (first_token * scale).to(out_ty), mask=d_in)
+    if col_last >= 0:
+        tl.store(out_row + col_last + d_offs, (last_token * scale).to(out_ty), mask=d_in)
+    # Per-row sizes for backward, written by one feature block only.
     tl.store(stats_ptr + row, count, mask=owner)
     tl.store(stats_ptr + B + row, tl.where(has_tokens, first, -1), mask=owner)
     tl.store(stats_ptr + 2 * B + row, tl.where(has_tokens, last, -1), mask=owner)
 
 
-@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_splits", "chunk_len"])
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_splits", "chunk_len", "normalize_eps"])
 def pool_forward_kernel(
     hidden_ptr,  # (B, T, d) fp16/bf16/fp32/fp64, any strides
     mask_ptr,  # (B, T) integer view of the mask, any strides, nonzero = real; unused unless HAS_MASK
@@ -118,6 +144,7 @@ def pool_forward_kernel(
     cu_seqlens_ptr,  # (B + 1,) int32/int64 segment offsets; PACKED only
     chunk_seg_ptr,  # (grid,) int32 segment of each chunk; PACKED with chunk_len > 0 only
     chunk_start_ptr,  # (B + 1,) int32 first chunk of each segment; PACKED with chunk_len > 0 only
+    norm_ptr,  # (B,) acc dtype: L2 norm of each output row; normalize_eps >= 0 only
     B,  # rows (segments when PACKED)
     T,  # positions per row (total tokens N when PACKED)
     d,
@@ -138,6 +165,7 @@ def pool_forward_kernel(
     col_last,  # -1 when not requested
     col_sqrt,  # mean_sqrt_len, -1 when not requested
     col_weighted,  # weighted_mean, -1 when not requested
+    normalize_eps,  # L2-normalise each output row with this floor; < 0: do not (one feature block)
     MASK_BITS,  # bits of a mask element that make it nonzero (sign bit cleared for float masks)
     HAS_MASK: tl.constexpr,
     DO_MEAN: tl.constexpr,
@@ -237,12 +265,12 @@ def pool_forward_kernel(
             hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
             stride_hb, stride_ht, stride_hd, stride_ob,
             row_total, row_weighted, count, max_value, max_pos, first, last,
-            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr,
+            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr, norm_ptr, normalize_eps,
             DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS,
         )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=[*COLUMN_ARGS, "n_splits"])
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "n_splits", "normalize_eps"])
 def pool_combine_kernel(
     hidden_ptr,  # (B, T, d) any strides: read only for the first/last-token gather
     out_ptr,  # (B, n_modes * d) hidden dtype
@@ -255,6 +283,7 @@ def pool_combine_kernel(
     part_wsum_ptr,  # (B, n_splits, d) acc dtype; DO_WEIGHTED only
     wsum_ptr,  # (B,) acc dtype: sum of the user weights over real tokens; HAS_WEIGHTS only
     chunk_start_ptr,  # (B + 1,) int32 first chunk of each segment; PACKED only
+    norm_ptr,  # (B,) acc dtype: L2 norm of each output row; normalize_eps >= 0 only
     B,
     d,
     n_splits,  # partials per row (padded launches)
@@ -268,6 +297,7 @@ def pool_combine_kernel(
     col_last,  # -1 when not requested
     col_sqrt,  # mean_sqrt_len, -1 when not requested
     col_weighted,  # weighted_mean, -1 when not requested
+    normalize_eps,  # L2-normalise each output row with this floor; < 0: do not
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
     DO_WEIGHTED: tl.constexpr,
@@ -290,9 +320,9 @@ def pool_combine_kernel(
     if n_parts > 1:
         _combine_parts(
             hidden_ptr, out_ptr, argmax_ptr, stats_ptr, part_sum_ptr, part_max_ptr, part_pos_ptr,
-            part_stats_ptr, part_wsum_ptr, wsum_ptr, row, first_part, n_parts, B, d,
+            part_stats_ptr, part_wsum_ptr, wsum_ptr, norm_ptr, row, first_part, n_parts, B, d,
             stride_hb, stride_ht, stride_hd, stride_ob,
-            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+            col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, normalize_eps,
             DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS, ACC_DTYPE, BLOCK_D,
         )  # fmt: skip
 
@@ -300,9 +330,9 @@ def pool_combine_kernel(
 @triton.jit
 def _combine_parts(
     hidden_ptr, out_ptr, argmax_ptr, stats_ptr, part_sum_ptr, part_max_ptr, part_pos_ptr,
-    part_stats_ptr, part_wsum_ptr, wsum_ptr, row, first_part, n_parts, B, d,
+    part_stats_ptr, part_wsum_ptr, wsum_ptr, norm_ptr, row, first_part, n_parts, B, d,
     stride_hb, stride_ht, stride_hd, stride_ob,
-    col_mean, col_max, col_first, col_last, col_sqrt, col_weighted,
+    col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, normalize_eps,
     DO_MEAN: tl.constexpr, DO_MAX: tl.constexpr, DO_WEIGHTED: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -341,6 +371,6 @@ def _combine_parts(
         hidden_ptr, out_ptr, argmax_ptr, stats_ptr, row, pid_d, d_offs, d_in, B, d,
         stride_hb, stride_ht, stride_hd, stride_ob,
         total, weighted, count, best, best_pos, first, last,
-        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr,
+        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, wsum_ptr, norm_ptr, normalize_eps,
         DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS,
     )  # fmt: skip

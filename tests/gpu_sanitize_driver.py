@@ -1,9 +1,11 @@
 """Drive every kernel path on a CUDA device, for compute-sanitizer (memcheck, racecheck).
 
 Not a pytest module: ``compute-sanitizer --tool memcheck python tests/gpu_sanitize_driver.py``.
-Covers every dtype, mask layout and dtype, fused and single modes, forced and heuristic T-splits,
-strided inputs, empty dimensions and empty rows, forward and backward. Exits non-zero on a wrong
-result (against the eager backend), prints OK otherwise.
+Covers every dtype, mask layout and dtype, fused and single modes, user weights, forced and
+heuristic T-splits, strided inputs, empty dimensions and empty rows, forward and backward; packed
+batches (one chunk per sequence and chunked, with and without the max_seqlen hint, empty and long
+sequences) and malformed offsets on the unchecked path (must stay in bounds). Exits non-zero on a
+wrong result (against the eager backend), prints OK otherwise.
 """
 
 import argparse
@@ -12,7 +14,7 @@ import sys
 import torch
 
 import fastpool
-from fastpool import launchers
+from fastpool import launchers, packed_launchers
 
 DEVICE = "cuda"
 
@@ -68,10 +70,13 @@ def main() -> int:
     for dtype, shape, layout, modes in cases(args.quick, args.tiny):
         hidden, mask = make(dtype, shape, layout, gen)
         hidden.requires_grad_()
+        weights = None
+        if "weighted_mean" in modes and layout == "holes":
+            weights = (torch.rand(shape[:2], generator=gen) + 0.5).to(dtype).to(DEVICE)
         results = []
         for backend, override in (("torch", {}), ("triton", {}), ("triton", {"n_splits": 3})):
             with fastpool.use_backend(backend), launchers.config_override(**override):
-                out = fastpool.pool(hidden, mask, mode=modes)
+                out = fastpool.pool(hidden, mask, mode=modes, weights=weights)
                 grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
             results.append((out, grad))
         if DEVICE == "cuda":
@@ -82,8 +87,50 @@ def main() -> int:
             if grad is not None:
                 torch.testing.assert_close(grad, results[0][1], **tol)
         checked += 1
+    checked += packed_cases(args.quick or args.tiny, gen)
     print(f"OK {checked} cases")
     return 0
+
+
+def packed_cases(quick: bool, gen: torch.Generator) -> int:
+    """Packed batches on every path, compared with the eager backend; malformed offsets unchecked."""
+    length_sets = ([0, 5, 0, 300, 1, 2000, 0], [7], [0, 0], [1] * 500 + [3000])
+    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    modes = ["last", "max", "mean_sqrt_len", "weighted_mean", "mean", "cls"]
+    checked = 0
+    for dtype in dtypes:
+        for lengths in length_sets:
+            cu = torch.tensor(
+                [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE
+            )
+            N, d = int(cu[-1]), 264
+            hidden = torch.randn(N, d, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+            weights = (torch.rand(N, generator=gen) + 0.5).to(dtype).to(DEVICE)
+            results = []
+            runs = (("torch", {}, None), ("triton", {}, max(lengths)), ("triton", {"chunk_len": 64}, None))
+            for backend, override, hint in runs:
+                with fastpool.use_backend(backend), launchers.config_override(**override):
+                    out = fastpool.pool(hidden, mode=modes, cu_seqlens=cu, max_seqlen=hint, weights=weights)
+                    grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
+                results.append((out, grad))
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            for out, grad in results[1:]:
+                torch.testing.assert_close(out, results[0][0], rtol=2e-2, atol=2e-2)
+                if grad is not None:
+                    torch.testing.assert_close(grad, results[0][1], rtol=2e-2, atol=2e-2)
+            checked += 1
+    # Malformed offsets straight into the launchers (what an unchecked max_seqlen call could pass).
+    hidden = torch.randn(100, 264, device=DEVICE)
+    bad = torch.tensor([0, 5000, 30, -9, 2**30, 100, 7], dtype=torch.int32, device=DEVICE)
+    for override in ({}, {"chunk_len": 16}):
+        with launchers.config_override(**override):
+            out, argmax, stats = packed_launchers.pool_forward(hidden, bad, modes, None, None)
+            packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, modes)
+            packed_launchers.pool_forward(hidden, bad, modes, None, 10)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return checked + 1
 
 
 if __name__ == "__main__":

@@ -12,17 +12,21 @@ ALL_MODES = ["mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean"]
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 @pytest.mark.parametrize(
-    "modes", ["mean", "max", "cls,last", "last,max,mean_sqrt_len,mean,cls", "weighted_mean,max"]
-)
+    "modes,normalize_eps",
+    [
+        ("mean", -1.0), ("max", -1.0), ("cls,last", -1.0), ("last,max,mean_sqrt_len,mean,cls", -1.0),
+        ("weighted_mean,max", -1.0), ("last,max,mean_sqrt_len,mean,cls", 1e-12), ("mean", 0.5),
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
-def test_opcheck(device, backend_name, modes, with_mask):
+def test_opcheck(device, backend_name, modes, normalize_eps, with_mask):
     gen = torch.Generator().manual_seed(21)
     hidden = torch.randn(3, 7, 5, generator=gen).to(device).requires_grad_()
     mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
     with kernel_config("small-blocks" if backend_name == "triton" else "default"):
-        fwd_args = (hidden, mask, None, modes, backend_name)
+        fwd_args = (hidden, mask, None, modes, backend_name, normalize_eps)
         torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
-        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, None, modes, backend_name)
+        out, argmax, stats, _ = torch.ops.fastpool.pool_fwd(hidden.detach(), *fwd_args[1:])
         grad_out = torch.randn_like(out)
         torch.library.opcheck(
             torch.ops.fastpool.pool_bwd.default,
@@ -38,9 +42,9 @@ def test_opcheck_with_user_weights(device, backend_name):
     mask = make_mask("holes", 3, 7, gen).to(device)
     modes = "max,weighted_mean"
     with kernel_config("small-blocks" if backend_name == "triton" else "default"):
-        fwd_args = (hidden, mask, weights, modes, backend_name)
+        fwd_args = (hidden, mask, weights, modes, backend_name, 1e-12)
         torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
-        out, argmax, stats = torch.ops.fastpool.pool_fwd(hidden.detach(), mask, weights, modes, backend_name)
+        out, argmax, stats, _ = torch.ops.fastpool.pool_fwd(hidden.detach(), *fwd_args[1:])
         torch.library.opcheck(
             torch.ops.fastpool.pool_bwd.default,
             (

@@ -267,9 +267,9 @@ def test_opcheck(device, backend_name, with_weights):
     weights = (torch.rand(7, generator=gen) + 0.5).to(device) if with_weights else None
     modes = "max,weighted_mean,cls,mean"
     with config("chunked" if backend_name == "triton" else "one-chunk"):
-        args = (hidden, cu, weights, modes, backend_name, -1)
+        args = (hidden, cu, weights, modes, backend_name, 1e-12 if with_weights else -1.0, -1)
         torch.library.opcheck(torch.ops.fastpool.packed_pool_fwd.default, args)
-        out, argmax, stats = torch.ops.fastpool.packed_pool_fwd(hidden.detach(), *args[1:])
+        out, argmax, stats, _ = torch.ops.fastpool.packed_pool_fwd(hidden.detach(), *args[1:])
         bwd = (torch.randn_like(out), cu, weights, argmax, stats, 7, hidden.dtype, modes, backend_name, -1)
         torch.library.opcheck(torch.ops.fastpool.packed_pool_bwd.default, bwd)
 
