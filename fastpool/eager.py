@@ -108,14 +108,20 @@ def _masked_sum(
     return total
 
 
-def token_dots(hidden: torch.Tensor, vectors: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """(B, T) in ``acc``: the dot product of every token hidden[b, t] with vectors[b] (B, d)."""
+def token_dots(
+    hidden: torch.Tensor, vectors: torch.Tensor, acc: torch.dtype, real: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) in ``acc``: the dot product of every token hidden[b, t] with vectors[b] (B, d); 0 where
+    ``real`` is False (padding is zeroed first, so NaN there reaches no value and no gradient)."""
     v = vectors.to(acc).unsqueeze(-1)  # (B, d, 1)
     exact_matmul = _full_precision_matmul(hidden.device)
-    pieces = [
-        (torch.bmm(h, v[rows]) if exact_matmul else (h * v[rows].transpose(1, 2)).sum(-1, keepdim=True))
-        for rows, h in _rows_in_chunks(hidden, acc)
-    ]
+
+    def dots(rows: slice, h: torch.Tensor) -> torch.Tensor:
+        if real is not None:
+            h = torch.where(real[rows].unsqueeze(-1), h, torch.zeros((), dtype=acc, device=h.device))
+        return torch.bmm(h, v[rows]) if exact_matmul else (h * v[rows].transpose(1, 2)).sum(-1, keepdim=True)
+
+    pieces = [dots(rows, h) for rows, h in _rows_in_chunks(hidden, acc)]
     B, T, _ = hidden.shape
     return torch.cat(pieces).squeeze(-1) if pieces else torch.zeros((B, T), dtype=acc, device=hidden.device)
 
@@ -136,7 +142,7 @@ def weights_grad(
     acc = accumulation_dtype(hidden.dtype)
     real = real_tokens(mask)
     w, total = user_weights(weights, real, acc)
-    dots = token_dots(hidden, grad_block, acc)
+    dots = token_dots(hidden, grad_block, acc, real)
     nonzero = total != 0
     keep = nonzero.unsqueeze(1) if real is None else real & nonzero.unsqueeze(1)
     zero = torch.zeros((), dtype=acc, device=dots.device)

@@ -66,10 +66,26 @@ def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
 
 
 def _segment_sum(
-    hidden: torch.Tensor, seg: torch.Tensor, S: int, acc: torch.dtype, weights: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    seg: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    acc: torch.dtype,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(S, d) per-segment sum of ``weights * hidden`` (or of hidden) in ``acc``."""
+    """(S, d) per-segment sum of ``weights * hidden`` (or of hidden) in ``acc``.
+
+    On CPU ``index_add_`` over bounded chunks (sequential, deterministic); on other devices, where
+    ``index_add_`` uses atomics, ``segment_reduce`` over the whole widened tensor (deterministic).
+    """
     N, d = hidden.shape
+    S = cu_seqlens.shape[0] - 1
+    if hidden.device.type != "cpu":
+        x = hidden.to(acc)
+        if weights is not None:
+            x = x * weights.unsqueeze(1)
+        if N == 0:
+            return torch.zeros((S, d), dtype=acc, device=hidden.device)
+        return torch.segment_reduce(x, "sum", offsets=cu_seqlens, axis=0)
     total = torch.zeros((S, d), dtype=acc, device=hidden.device)
     for rows in _token_chunks(N, d):
         x = hidden[rows].to(acc)
@@ -89,14 +105,18 @@ def _segment_max(
     values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
     if N > 0:
         values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
-    index = torch.full((S, d), N, dtype=torch.int64, device=device)
+    # The first position holding the maximum: the max of minus the positions that hit it, in
+    # float64 (exact integers; scatter "amax" on floats is several times faster than "amin" on int64).
+    best = values.repeat_interleave(count.long(), dim=0, output_size=N)
+    has_nan = bool(torch.isnan(values).any())
+    neg_first = torch.full((S, d), -float(N), dtype=torch.float64, device=device)
     for rows in _token_chunks(N, d):
-        x = hidden[rows]
-        best = values[seg[rows]]
-        hit = (x == best) | (torch.isnan(x) & torch.isnan(best))
-        positions = torch.arange(rows.start, rows.start + x.shape[0], device=device).unsqueeze(1)
-        candidates = torch.where(hit, positions, N)
-        index = index.scatter_reduce(0, seg[rows].unsqueeze(1).expand_as(x), candidates, "amin")
+        x, b = hidden[rows], best[rows]
+        hit = (x == b) | (torch.isnan(x) & torch.isnan(b)) if has_nan else x == b
+        positions = torch.arange(rows.start, rows.start + x.shape[0], device=device, dtype=torch.float64)
+        candidates = torch.where(hit, -positions.unsqueeze(1), -float(N))
+        neg_first = neg_first.scatter_reduce(0, seg[rows].unsqueeze(1).expand_as(x), candidates, "amax")
+    index = (-neg_first).to(torch.int64)
     empty = (count == 0).unsqueeze(1)
     index = torch.where(empty, -1, index).to(torch.int32)
     return values, index
@@ -138,13 +158,13 @@ def pool_forward(
     for name in modes:
         if name in ("mean", "mean_sqrt_len"):
             if total is None:
-                total = _segment_sum(hidden, seg, S, acc)
+                total = _segment_sum(hidden, seg, cu_seqlens, acc)
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
             denom = denom if name == "mean" else denom.sqrt()
             pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
         elif name == "weighted_mean":
             w, w_total = token_weights(cu_seqlens, seg, weights, acc)
-            weighted = _segment_sum(hidden, seg, S, acc, w)
+            weighted = _segment_sum(hidden, seg, cu_seqlens, acc, w)
             nonzero = (w_total != 0).unsqueeze(1)
             pieces.append(
                 torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)

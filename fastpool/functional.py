@@ -114,8 +114,9 @@ def _pool(
     backend = resolve_backend(device)
     batch = validate_packed(hidden, mask, cu_seqlens, max_seqlen, weights, backend)
     return ops.packed_pool_forward(
-        batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen, normalize_eps
-    )
+        batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen, normalize_eps,
+        batch.check_offsets,
+    )  # fmt: skip
 
 
 def pool(

@@ -138,7 +138,8 @@ def _forward_config(
     if needs_loop and 0 < programs < target:
         n_splits = max(1, min(triton_cdiv(target, programs), T // MIN_TOKENS_PER_SPLIT))
     config = LaunchConfig(block_t=block_t, block_d=block_d, n_splits=n_splits)
-    config = replace(config, **dict(overrides))
+    fields = LaunchConfig.__dataclass_fields__
+    config = replace(config, **{k: v for k, v in overrides if k in fields})
     config = replace(config, block_d=max(config.block_d, min_block_d))
     per_split = triton_cdiv(max(T, 1), config.n_splits)
     per_split = triton_cdiv(per_split, config.block_t) * config.block_t

@@ -120,8 +120,13 @@ def packed_forward_impl(
     backend: str,
     normalize_eps: float,
     max_seqlen: int,
+    check_offsets: bool = False,
 ) -> Outputs:
     """The forward of ``packed_pool_fwd`` without any dispatch: (out, argmax, stats, norms)."""
+    if check_offsets:
+        from .packed import check_offsets as check
+
+        check(cu_seqlens, hidden.shape[0])
     impl = _impl(backend, packed=True)
     names = modes.split(",")
     if impl is eager_packed:
@@ -138,18 +143,24 @@ def packed_pool_fwd(
     backend: str,
     normalize_eps: float,
     max_seqlen: int,
+    check_offsets: bool,
 ) -> Outputs:
     """Fused pooling of a packed batch. hidden (N, d); cu_seqlens (S + 1,) int32/int64 offsets;
-    weights (N,) float or None; max_seqlen an upper bound on segment lengths (-1: unknown).
+    weights (N,) float or None; max_seqlen an upper bound on segment lengths (-1: unknown);
+    check_offsets: check the offsets' values first (when the caller could not, under compile).
 
     Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)), stats
     (3, S) int32: length, first and last token index of each segment (-1 if empty), and norms.
     """
-    return packed_forward_impl(hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen)
+    return packed_forward_impl(
+        hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen, check_offsets
+    )
 
 
 @packed_pool_fwd.register_fake
-def _packed_pool_fwd_fake(hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen):
+def _packed_pool_fwd_fake(
+    hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen, check_offsets
+):
     return _fake_outputs(hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], modes, normalize_eps)
 
 
@@ -189,8 +200,10 @@ def _packed_pool_bwd_fake(grad_out, cu_seqlens, weights, argmax, stats, N, dtype
 
 def _setup_context(ctx, inputs, output):
     # Padded: (hidden, mask, weights, modes, backend, normalize_eps); packed: the same with
-    # cu_seqlens in place of the mask, then max_seqlen. Position 1 never takes a gradient.
+    # cu_seqlens in place of the mask, then max_seqlen and check_offsets. Position 1 never takes
+    # a gradient.
     hidden, layout, weights, modes, backend, normalize_eps, *packed = inputs
+    ctx.n_inputs = len(inputs)
     out, argmax, stats, norms = output
     # The integer outputs never carry gradient: no zero tensors materialised for them.
     ctx.set_materialize_grads(False)
@@ -246,7 +259,7 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
 
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats, _grad_norms):
     layout, weights, argmax, stats, hidden, out, norms = ctx.saved_tensors
-    grads = [None] * (7 if ctx.packed else 6)
+    grads = [None] * ctx.n_inputs
     if grad_out is None:
         return tuple(grads)
     if ctx.normalize_eps >= 0:
@@ -333,9 +346,10 @@ def packed_pool_forward(
     backend: str,
     max_seqlen: int,
     normalize_eps: float = -1.0,
+    check_offsets: bool = False,
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
-    inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen)
+    inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
     if torch.compiler.is_compiling():
         return packed_pool_fwd(*inputs)
     if _wants_autograd(hidden, weights, backend):

@@ -12,20 +12,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .limits import FLOAT_DTYPES, MAX_SEQUENCE_LENGTH
+from .limits import FLOAT_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
 class PackedInput:
-    """A validated packed batch: hidden (N, d), cu_seqlens (S + 1,), weights (N,) or None,
-    max_seqlen (-1 when unknown; a bound on the segment lengths otherwise)."""
+    """A validated packed batch: hidden (N, d), cu_seqlens (S + 1,) contiguous, weights (N,) or None,
+    max_seqlen (-1 when unknown; a bound on the segment lengths otherwise), and whether the offsets'
+    values still have to be checked (under torch.compile, where they can only be read inside the op)."""
 
     hidden: torch.Tensor
     cu_seqlens: torch.Tensor
     weights: torch.Tensor | None
     max_seqlen: int
+    check_offsets: bool
 
 
 def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -44,10 +46,18 @@ def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tens
     return hidden.values(), hidden.offsets(), hidden._maybe_max_seqlen
 
 
-def _unwrap_weights(weights: object, N: int, device: torch.device) -> torch.Tensor | None:
+def _unwrap_weights(
+    weights: object, N: int, device: torch.device, cu_seqlens: torch.Tensor, trusted: bool
+) -> torch.Tensor | None:
     if weights is None:
         return None
     if isinstance(weights, torch.Tensor) and weights.is_nested:
+        offsets = weights.offsets()
+        same = offsets is cu_seqlens or (
+            offsets.shape == cu_seqlens.shape and (trusted or bool(torch.equal(offsets, cu_seqlens)))
+        )
+        if not same:
+            raise ValueError("weights: expected a nested tensor with hidden's offsets, got other offsets")
         weights = weights.values()
     if not isinstance(weights, torch.Tensor):
         raise TypeError(
@@ -99,7 +109,8 @@ def validate_packed(
     The offsets' values are checked on the host (one sync) unless ``max_seqlen`` is given for a
     CUDA tensor on the Triton backend, which then runs without any host-device sync; there the
     kernels clamp every offset into [0, N] so malformed offsets can never read or write out of
-    bounds, but the result is unspecified.
+    bounds, but the result is unspecified (gradient rows of tokens no sequence covers are not
+    written). Under torch.compile the check runs inside the op, on the real offsets.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor of shape (N, d), got {type(hidden).__name__}")
@@ -118,7 +129,9 @@ def validate_packed(
     if N > MAX_SEQUENCE_LENGTH:
         raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {N}")
     if mask is not None:
-        raise ValueError("mask: expected None with cu_seqlens (a packed batch has no padding), got a mask")
+        raise ValueError(
+            "mask: expected None for packed input (cu_seqlens or a nested tensor: no padding), got a mask"
+        )
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(
             f"cu_seqlens: expected a torch.Tensor of shape (S + 1,), got {type(cu_seqlens).__name__}"
@@ -131,15 +144,23 @@ def validate_packed(
         raise ValueError(
             f"cu_seqlens: expected device {hidden.device} (hidden's device), got {cu_seqlens.device}"
         )
+    if cu_seqlens.shape[0] - 1 >= MAX_BATCH:
+        raise ValueError(
+            f"cu_seqlens: expected fewer than {MAX_BATCH} sequences, got {cu_seqlens.shape[0] - 1}"
+        )
+    # The kernels read the offsets with unit stride; a copy costs S + 1 integers at most.
+    cu_seqlens = cu_seqlens.contiguous()
     if max_seqlen is None:
         max_seqlen = nested_max
-    if max_seqlen is not None and (
-        isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
-    ):
-        raise TypeError(f"max_seqlen: expected a non-negative Python int or None, got {max_seqlen!r}")
-    weights = _unwrap_weights(weights, N, hidden.device)
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise TypeError(f"max_seqlen: expected a Python int or None, got {max_seqlen!r}")
+        if max_seqlen < 0:
+            raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen}")
     trusted = max_seqlen is not None and hidden.device.type == "cuda" and backend == "triton"
-    if not trusted and not torch.compiler.is_compiling():
-        longest = check_offsets(cu_seqlens, N)
-        max_seqlen = longest if max_seqlen is None else min(max_seqlen, longest)
-    return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen)
+    weights = _unwrap_weights(weights, N, hidden.device, cu_seqlens, trusted)
+    check = not trusted
+    if check and not torch.compiler.is_compiling():
+        max_seqlen = check_offsets(cu_seqlens, N)  # the real longest: a better launch hint
+        check = False
+    return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen, check)

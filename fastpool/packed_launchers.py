@@ -90,10 +90,12 @@ def _plan(cu_seqlens, N, d, element_size, second_accumulator, max_seqlen, device
     return plan, block_t, block_d
 
 
-def _weights_args(weights, cu_seqlens, acc, device):
+def _weights_args(weights, cu_seqlens, acc, device, N):
     if weights is None:
         return _placeholder(device, acc), _placeholder(device, acc), 0
-    sums = eager_packed.segment_sums(weights.to(acc), cu_seqlens)
+    # segment_reduce trusts its offsets: give it clamped ones (equal to cu_seqlens when well formed).
+    safe = torch.cummax(cu_seqlens.long().clamp(0, N), 0).values
+    sums = eager_packed.segment_sums(weights.to(acc), safe)
     return weights, sums, weights.stride(0)
 
 
@@ -145,7 +147,7 @@ def pool_forward(
     plan, block_t, block_d = _plan(
         cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device, whole_row or 0
     )
-    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device)
+    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device, N)
     if plan.chunk_len > 0:
         parts = (plan.programs, d)
         part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
@@ -221,7 +223,7 @@ def pool_backward(
     cols = mode_columns(modes, d)
     plan, block_t, block_d = _plan(cu_seqlens, N, d, grad.element_size(), False, max_seqlen, device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device)
+    weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device, N)
     if plan.chunk_len > 0:
         chunk_seg, chunk_start = plan.chunk_seg, plan.chunk_start
     else:

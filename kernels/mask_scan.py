@@ -125,8 +125,9 @@ def packed_range(
     seg_begin = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c).to(tl.int32), 0), N)
     seg_end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c + 1).to(tl.int32), seg_begin), N)
     if chunk_len > 0:
-        t_begin = tl.minimum(seg_begin + j * chunk_len, seg_end)
-        t_end = tl.minimum(t_begin + chunk_len, seg_end)
+        # Differences first: begin + chunk_len could pass 2**31 near the end of a long batch.
+        t_begin = seg_begin + tl.minimum(j * chunk_len, seg_end - seg_begin)
+        t_end = t_begin + tl.minimum(chunk_len, seg_end - t_begin)
     else:
         t_begin = seg_begin
         t_end = seg_end

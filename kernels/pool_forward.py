@@ -197,7 +197,7 @@ def pool_forward_kernel(
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(2)
         t_begin = split * tokens_per_split
-        t_end = tl.minimum(t_begin + tokens_per_split, T)
+        t_end = t_begin + tl.minimum(tokens_per_split, T - t_begin)  # no int32 overflow near 2**31
         part = row * n_splits + split
         is_part = n_splits > 1
         valid = row < B

@@ -4,6 +4,9 @@ import numpy as np
 import oracle
 import pytest
 import torch
+import triton
+import triton.language as tl
+from fastpool.kernels.mask_scan import packed_range
 from helpers import to_numpy
 from tolerances import REDUCTION, for_mode
 from torch._dynamo.testing import CompileCounter
@@ -202,7 +205,12 @@ BAD_INPUTS = [
     ("hidden", ValueError, lambda: fastpool.mean_pool(torch.randn(6), cu_seqlens=CU)),
     ("hidden", TypeError, lambda: fastpool.mean_pool(H.long(), cu_seqlens=CU)),
     ("mask", ValueError, lambda: fastpool.mean_pool(H, torch.ones(6), cu_seqlens=CU)),
-    ("max_seqlen", TypeError, lambda: fastpool.mean_pool(H, cu_seqlens=CU, max_seqlen=-1)),
+    ("max_seqlen", ValueError, lambda: fastpool.mean_pool(H, cu_seqlens=CU, max_seqlen=-1)),
+    (
+        "cu_seqlens",
+        ValueError,
+        lambda: fastpool.mean_pool(H, cu_seqlens=torch.zeros(1).int().expand(2**30 + 1)),
+    ),
     ("max_seqlen", TypeError, lambda: fastpool.mean_pool(H, cu_seqlens=CU, max_seqlen=True)),
     ("max_seqlen", TypeError, lambda: fastpool.mean_pool(H, cu_seqlens=CU, max_seqlen=4.0)),
     ("max_seqlen", ValueError, lambda: fastpool.mean_pool(H[None], max_seqlen=4)),
@@ -226,6 +234,91 @@ def test_bad_packed_input_gets_a_clear_error(argument, error, call):
     message = str(info.value)
     assert message.startswith(f"{argument}:"), message
     assert "expected" in message and "got" in message, message
+
+
+def test_nested_weights_must_share_hidden_offsets():
+    pieces = [torch.randn(n, 3) for n in (2, 3)]
+    nested = torch.nested.nested_tensor(pieces, layout=torch.jagged)
+    other = torch.nested.nested_tensor([torch.rand(3), torch.rand(2)], layout=torch.jagged)
+    with pytest.raises(ValueError, match="^weights: expected a nested tensor with hidden's offsets"):
+        fastpool.weighted_mean_pool(nested, None, other)
+    same = torch.nested.nested_tensor_from_jagged(torch.rand(5) + 0.5, nested.offsets())
+    out = fastpool.weighted_mean_pool(nested, None, same)
+    w = same.values()
+    want = torch.stack(
+        [(w[:2, None] * pieces[0]).sum(0) / w[:2].sum(), (w[2:, None] * pieces[1]).sum(0) / w[2:].sum()]
+    )
+    torch.testing.assert_close(out, want)
+
+
+def test_strided_offsets(backend, device):
+    gen = torch.Generator().manual_seed(49)
+    hidden = torch.randn(10, 4, generator=gen).to(device)
+    cu = torch.tensor([[0, 9], [3, 9], [3, 9], [7, 9], [10, 9]], dtype=torch.int32, device=device)[:, 0]
+    with config("chunked"):
+        out = fastpool.pool(hidden, mode=["mean", "max", "last"], cu_seqlens=cu)
+    want = fastpool.pool(hidden, mode=["mean", "max", "last"], cu_seqlens=cu.contiguous())
+    torch.testing.assert_close(out, want)
+
+
+def test_offsets_are_checked_under_torch_compile(device):
+    compiled = torch.compile(
+        lambda h, cu: fastpool.mean_pool(h, cu_seqlens=cu), fullgraph=True, backend="eager"
+    )
+    hidden = torch.randn(7, 3, device=device)
+    with fastpool.use_backend("torch"):
+        torch.testing.assert_close(
+            compiled(hidden, offsets([3, 4]).to(device)),
+            fastpool.mean_pool(hidden, cu_seqlens=offsets([3, 4]).to(device)),
+        )
+        with pytest.raises(ValueError, match="^cu_seqlens: expected"):
+            compiled(hidden, torch.tensor([2, 5, 7], dtype=torch.int32, device=device))
+
+
+def test_unchecked_user_weight_sums_never_read_past_the_weights(device):
+    hidden = torch.ones(7, 3, device=device)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32, device=device)  # ends past N = 7
+    results = []
+    for tail in (0.0, 1e6):
+        buffer = torch.full((16,), tail, device=device)
+        buffer[:7] = 1.0
+        out, *_ = packed_launchers.pool_forward(hidden, cu, ["weighted_mean"], buffer[:7], 4)
+        results.append(out)
+    torch.testing.assert_close(results[0], results[1])
+
+
+@triton.jit
+def range_probe(cu_ptr, seg_ptr, start_ptr, out_ptr, S, N, chunk_len):
+    chunk = tl.program_id(0)
+    seg, t_begin, t_end, _, _ = packed_range(cu_ptr, seg_ptr, start_ptr, chunk, S, N, chunk_len)
+    tl.store(out_ptr + chunk * 2, t_begin)
+    tl.store(out_ptr + chunk * 2 + 1, t_end)
+
+
+def test_chunk_range_has_no_int32_overflow_near_the_token_limit(device):
+    N = fastpool.functional.MAX_SEQUENCE_LENGTH
+    cu = torch.tensor([0, 2_145_000_000, 2_145_000_100, N], dtype=torch.int64, device=device)
+    chunk_len = 4_000_000
+    plan = packed_launchers.chunk_plan(cu, N, chunk_len, None)
+    out = torch.empty(plan.programs * 2, dtype=torch.int32, device=device)
+    range_probe[(plan.programs,)](cu, plan.chunk_seg, plan.chunk_start, out, 3, N, chunk_len)
+    ranges = [r for r in out.view(-1, 2).tolist()[: int(plan.chunk_start[-1])] if r[1] > r[0]]
+    assert all(0 <= a < b <= N for a, b in ranges)
+    assert sum(b - a for a, b in ranges) == N
+
+
+def test_double_backward_ignores_nan_padding_with_user_weights(backend, device):
+    gen = torch.Generator().manual_seed(50)
+    hidden = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64).to(device)
+    hidden[0, 3] = float("nan")
+    hidden.requires_grad_()
+    weights = (torch.rand(2, 4, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], device=device)
+    out = fastpool.pool(hidden, mask, mode="weighted_mean", weights=weights)
+    grad_h, grad_w = torch.autograd.grad((out**2).sum(), (hidden, weights), create_graph=True)
+    (grad_h.sum() + grad_w.sum()).backward()
+    assert torch.isfinite(hidden.grad[~torch.isnan(hidden)]).all() and torch.isfinite(weights.grad).all()
+    assert torch.count_nonzero(hidden.grad[0, 3]) == 0 and weights.grad[0, 3] == 0
 
 
 def test_malformed_offsets_on_the_unchecked_path_stay_in_bounds(device):
