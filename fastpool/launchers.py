@@ -94,7 +94,10 @@ def token_block(element_size: int, second_accumulator: bool = False) -> int:
 
 def normalized_block_d(d: int, element_size: int) -> int | None:
     """BLOCK_D that puts a whole row of d features in one program (for the fused normalisation),
-    or None when that row would exceed MAX_NORMALIZED_ROW_BYTES."""
+    or None when that row would exceed MAX_NORMALIZED_ROW_BYTES or the dtype is float64 (whose
+    square root and division would need a stack frame in the epilogue)."""
+    if element_size >= 8:
+        return None
     block = max(feature_block(element_size), 1 << max(0, d - 1).bit_length())
     return block if block * element_size <= MAX_NORMALIZED_ROW_BYTES else None
 

@@ -37,14 +37,18 @@ def config(name):
 
 
 def cases():
+    """Every dtype x length pattern with all modes fused, on both backends and both launch shapes;
+    each mode alone on every length pattern in float32 and bfloat16."""
     for dtype in DTYPES:
         for lengths in LENGTHS:
-            for modes in [(m,) for m in ALL_MODES] + [ALL_MODES]:
-                yield "torch", "one-chunk", dtype, lengths, modes
-                yield "triton", "chunked", dtype, lengths, modes
+            yield "torch", "one-chunk", dtype, lengths, ALL_MODES
+            yield "triton", "chunked", dtype, lengths, ALL_MODES
+            yield "triton", "one-chunk", dtype, lengths, ALL_MODES
     for dtype in (torch.float32, torch.bfloat16):
         for lengths in LENGTHS:
-            yield "triton", "one-chunk", dtype, lengths, ALL_MODES
+            for mode in ALL_MODES:
+                yield "torch", "one-chunk", dtype, lengths, (mode,)
+                yield "triton", "chunked", dtype, lengths, (mode,)
 
 
 @pytest.mark.parametrize(
@@ -326,7 +330,7 @@ def test_malformed_offsets_on_the_unchecked_path_stay_in_bounds(device):
     hidden = torch.randn(10, 4, device=device)
     cu = torch.tensor([0, 50, 3, -7, 10], dtype=torch.int32, device=device)
     with launchers.config_override(**PACKED_CONFIGS["chunked"]):
-        out, argmax, stats = packed_launchers.pool_forward(hidden, cu, ["mean", "max", "last"], None, None)
+        out, argmax, stats, _ = packed_launchers.pool_forward(hidden, cu, ["mean", "max", "last"], None, None)
     assert out.shape == (4, 12)
     assert bool(((stats[1:] >= -1) & (stats[1:] < 10)).all()) and bool((argmax < 10).all())
 
@@ -360,7 +364,7 @@ def test_opcheck(device, backend_name, with_weights):
     weights = (torch.rand(7, generator=gen) + 0.5).to(device) if with_weights else None
     modes = "max,weighted_mean,cls,mean"
     with config("chunked" if backend_name == "triton" else "one-chunk"):
-        args = (hidden, cu, weights, modes, backend_name, 1e-12 if with_weights else -1.0, -1)
+        args = (hidden, cu, weights, modes, backend_name, 1e-12 if with_weights else -1.0, -1, with_weights)
         torch.library.opcheck(torch.ops.fastpool.packed_pool_fwd.default, args)
         out, argmax, stats, _ = torch.ops.fastpool.packed_pool_fwd(hidden.detach(), *args[1:])
         bwd = (torch.randn_like(out), cu, weights, argmax, stats, 7, hidden.dtype, modes, backend_name, -1)
