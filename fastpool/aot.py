@@ -199,7 +199,11 @@ def _normalized_row_specializations(dtype: str, size: int) -> list[Specializatio
             }  # fmt: skip
             div = ("d", "stride_hb", "stride_ht", "stride_ob")
             label = f"fwd-normalized {dtype} block_d={block_d} mask={mask_name} max={int(do_max)} contiguous"
-            specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div))
+            specs.append(
+                Specialization(
+                    "pool_forward_kernel", label, types, constexprs, div, num_warps=config.num_warps
+                )
+            )
         types = {
             "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "stats_ptr": "*i32",
             "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
@@ -211,7 +215,12 @@ def _normalized_row_specializations(dtype: str, size: int) -> list[Specializatio
             "ACC_DTYPE": acc, "BLOCK_D": block_d, "stride_hd": 1,
         }  # fmt: skip
         label = f"combine-normalized {dtype} block_d={block_d} contiguous"
-        specs.append(Specialization("pool_combine_kernel", label, types, constexprs, ("d", "stride_ob")))
+        warps = launchers.forward_warps(block_d, size)
+        specs.append(
+            Specialization(
+                "pool_combine_kernel", label, types, constexprs, ("d", "stride_ob"), num_warps=warps
+            )
+        )
         block_d *= 2
     return specs
 

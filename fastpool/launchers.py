@@ -102,6 +102,12 @@ def normalized_block_d(d: int, element_size: int) -> int | None:
     return block if block * element_size <= MAX_NORMALIZED_ROW_BYTES else None
 
 
+def forward_warps(block_d: int, element_size: int) -> int:
+    """Warps of a forward program: NUM_WARPS for the standard feature block, scaled with a widened
+    one (up to 16) so each thread keeps the same number of features in registers."""
+    return NUM_WARPS * max(1, min(4, block_d // feature_block(element_size)))
+
+
 def forward_config(
     B: int, T: int, d: int, element_size: int, needs_loop: bool, second_accumulator: bool, sm_count: int,
     min_block_d: int = 0,
@@ -140,7 +146,9 @@ def _forward_config(
     target = PROGRAMS_PER_SM * sm_count
     if needs_loop and 0 < programs < target:
         n_splits = max(1, min(triton_cdiv(target, programs), T // MIN_TOKENS_PER_SPLIT))
-    config = LaunchConfig(block_t=block_t, block_d=block_d, n_splits=n_splits)
+    config = LaunchConfig(
+        block_t=block_t, block_d=block_d, n_splits=n_splits, num_warps=forward_warps(block_d, element_size)
+    )
     fields = LaunchConfig.__dataclass_fields__
     config = replace(config, **{k: v for k, v in overrides if k in fields})
     config = replace(config, block_d=max(config.block_d, min_block_d))

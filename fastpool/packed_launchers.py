@@ -28,6 +28,7 @@ from .launchers import (
     _overrides,
     _placeholder,
     feature_block,
+    forward_warps,
     kernel_columns,
     normalized_block_d,
     sm_count,
@@ -83,11 +84,12 @@ def _plan(cu_seqlens, N, d, element_size, second_accumulator, max_seqlen, device
     block_t = max(1, token_block(element_size, second_accumulator) * feature_block(element_size) // block_d)
     block_d = max(_overrides.get("block_d", block_d), min_block_d)
     block_t = _overrides.get("block_t", block_t)
+    warps = _overrides.get("num_warps", forward_warps(block_d, element_size))
     length = chunk_length(N, d, block_d, block_t, sm_count(device))
     plan = chunk_plan(cu_seqlens, N, length, max_seqlen)
     if plan.programs > MAX_GRID_X:
         raise ValueError(f"cu_seqlens: expected at most {MAX_GRID_X} chunks, got {plan.programs}")
-    return plan, block_t, block_d
+    return plan, block_t, block_d, warps
 
 
 def _weights_args(weights, cu_seqlens, acc, device, N):
@@ -144,7 +146,7 @@ def pool_forward(
     whole_row = normalized_block_d(d, hidden.element_size()) if normalize else None
     fused_eps = normalize_eps if whole_row is not None else -1.0
     norm_arg = norms if whole_row is not None else _placeholder(device, acc)
-    plan, block_t, block_d = _plan(
+    plan, block_t, block_d, warps = _plan(
         cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device, whole_row or 0
     )
     weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device, N)
@@ -179,7 +181,7 @@ def pool_forward(
             -1,
             HAS_MASK=False, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
             HAS_WEIGHTS=has_weights, PACKED=True, ACC_DTYPE=acc_tl, BLOCK_T=block_t, BLOCK_D=block_d,
-            SCAN_BLOCK=SCAN_BLOCK, num_warps=_overrides.get("num_warps", 4),
+            SCAN_BLOCK=SCAN_BLOCK, num_warps=warps,
         )  # fmt: skip
         if plan.chunk_len > 0:
             pool_combine_kernel[(S, n_dblocks)](
@@ -187,7 +189,7 @@ def pool_forward(
                 wsum, chunk_start, norm_arg, S, d, 1, 0, stride_ht, stride_hd, out.stride(0),
                 *col_args, fused_eps,
                 DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
-                PACKED=True, ACC_DTYPE=acc_tl, BLOCK_D=block_d, num_warps=_overrides.get("num_warps", 4),
+                PACKED=True, ACC_DTYPE=acc_tl, BLOCK_D=block_d, num_warps=warps,
             )  # fmt: skip
     if normalize and whole_row is None:
         out, norms = eager.finish_rows([out], hidden.dtype, normalize_eps)
@@ -221,7 +223,7 @@ def pool_backward(
     if S == 0:
         return grad.zero_()  # no segment covers a token
     cols = mode_columns(modes, d)
-    plan, block_t, block_d = _plan(cu_seqlens, N, d, grad.element_size(), False, max_seqlen, device)
+    plan, block_t, block_d, warps = _plan(cu_seqlens, N, d, grad.element_size(), False, max_seqlen, device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device, N)
     if plan.chunk_len > 0:
@@ -235,6 +237,6 @@ def pool_backward(
             S, N, d, plan.chunk_len, *grad_out.stride(), stride_wt, *grad.stride(),
             *kernel_columns(cols),
             HAS_WEIGHTS=weights is not None, ACC_DTYPE=_acc_dtype(dtype), BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=_overrides.get("num_warps", 4),
+            num_warps=warps,
         )  # fmt: skip
     return grad
