@@ -233,6 +233,85 @@ def _user_weights(
     return weights, sums, *weights.stride()
 
 
+@dataclass
+class ForwardSetup:
+    """What a forward launch (padded or packed) decides before choosing its grid: the mode flags,
+    the outputs, and whether the normalisation is fused (one program per row) or left to torch."""
+
+    col_args: tuple[int, ...]
+    do_mean: bool
+    do_max: bool
+    do_weighted: bool
+    has_weights: bool
+    acc: torch.dtype
+    out: torch.Tensor
+    argmax: torch.Tensor
+    stats: torch.Tensor
+    norms: torch.Tensor
+    whole_row: int | None  # BLOCK_D holding a whole row when the normalisation is fused
+    fused_eps: float  # the kernels' normalize_eps: -1 unless fused
+
+    @property
+    def second_accumulator(self) -> bool:
+        return self.do_max or self.do_weighted
+
+
+def forward_setup(
+    hidden: torch.Tensor, rows: int, d: int, modes: Sequence[str], has_weights: bool, normalize_eps: float
+) -> ForwardSetup:
+    """Mode flags and outputs of a forward over ``rows`` rows of d features."""
+    device = hidden.device
+    cols = mode_columns(modes, d)
+    do_weighted = cols["weighted_mean"] >= 0
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    normalize = normalize_eps >= 0
+    whole_row = normalized_block_d(d, hidden.element_size()) if normalize and d > 0 else None
+    return ForwardSetup(
+        col_args=kernel_columns(cols),
+        # The rank-weighted path keeps the plain sum too: the T-split fold shifts ranks with it.
+        do_mean=cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or (do_weighted and not has_weights),
+        do_max=cols["max"] >= 0,
+        do_weighted=do_weighted,
+        has_weights=has_weights,
+        acc=acc,
+        out=torch.empty((rows, len(modes) * d), dtype=hidden.dtype, device=device),
+        argmax=torch.empty((rows, d if cols["max"] >= 0 else 0), dtype=torch.int32, device=device),
+        stats=torch.empty((3, rows), dtype=torch.int32, device=device),
+        norms=torch.zeros((rows if normalize else 0,), dtype=acc, device=device),
+        whole_row=whole_row,
+        fused_eps=normalize_eps if whole_row is not None else -1.0,
+    )
+
+
+def partial_buffers(setup: ForwardSetup, parts: tuple[int, ...], device: torch.device) -> tuple:
+    """(part_sum, part_max, part_pos, part_stats, part_wsum) for ``parts`` = (..., d) partials;
+    placeholders where a mode does not need them, all placeholders for ``parts=()`` (no split)."""
+    acc = setup.acc
+    if not parts:
+        return (
+            *([_placeholder(device, acc)] * 2),
+            *([_placeholder(device, torch.int32)] * 2),
+            _placeholder(device, acc),
+        )
+
+    def buffer(needed: bool, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(parts, dtype=dtype, device=device) if needed else _placeholder(device, dtype)
+
+    part_stats = torch.empty((*parts[:-1], 3), dtype=torch.int32, device=device)
+    return (
+        buffer(setup.do_mean, acc), buffer(setup.do_max, acc), buffer(setup.do_max, torch.int32), part_stats,
+        buffer(setup.do_weighted, acc),
+    )  # fmt: skip
+
+
+def finish(setup: ForwardSetup, dtype: torch.dtype, normalize_eps: float) -> tuple:
+    """The forward's outputs, normalised by torch when the kernels did not (rows wider than a program)."""
+    out, norms = setup.out, setup.norms
+    if normalize_eps >= 0 and setup.whole_row is None and out.numel():
+        out, norms = eager.finish_rows([out], dtype, normalize_eps)
+    return out, setup.argmax, setup.stats, norms
+
+
 def pool_forward(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -260,31 +339,25 @@ def pool_forward(
 
     B, T, d = hidden.shape
     device = hidden.device
-    cols = mode_columns(modes, d)
-    col_args = kernel_columns(cols)
-    do_weighted = cols["weighted_mean"] >= 0
-    has_weights = weights is not None
-    # The rank-weighted path keeps the plain sum too: the T-split fold shifts ranks with it.
-    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or (do_weighted and not has_weights)
-    do_max = cols["max"] >= 0
-    out = torch.empty((B, len(modes) * d), dtype=hidden.dtype, device=device)
-    argmax = torch.empty((B, d if do_max else 0), dtype=torch.int32, device=device)
-    stats = torch.empty((3, B), dtype=torch.int32, device=device)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    normalize = normalize_eps >= 0
-    norms = torch.zeros((B if normalize else 0,), dtype=acc, device=device)
+    setup = forward_setup(hidden, B, d, modes, weights is not None, normalize_eps)
     if B == 0:
-        return out, argmax, stats, norms
+        return finish(setup, hidden.dtype, normalize_eps)
     if d == 0:
         # Nothing to pool, but backward still needs the per-row sizes.
-        return out, argmax, eager.row_stats(real_tokens(mask), B, T, device), norms
-    whole_row = normalized_block_d(d, hidden.element_size()) if normalize else None
-    fused_eps = normalize_eps if whole_row is not None else -1.0
-
+        setup.stats = eager.row_stats(real_tokens(mask), B, T, device)
+        return finish(setup, hidden.dtype, normalize_eps)
+    out, argmax, stats, acc = setup.out, setup.argmax, setup.stats, setup.acc
     # The weighted sum adds a second accumulator tile: it takes the smaller tile, like the max.
-    needs_loop, second_accumulator = do_mean or do_max or do_weighted, do_max or do_weighted
+    needs_loop = setup.do_mean or setup.second_accumulator
     config = forward_config(
-        B, T, d, hidden.element_size(), needs_loop, second_accumulator, sm_count(device), whole_row or 0
+        B,
+        T,
+        d,
+        hidden.element_size(),
+        needs_loop,
+        setup.second_accumulator,
+        sm_count(device),
+        setup.whole_row or 0,
     )
     if mask is None:
         mask_view, mask_bits, stride_mb, stride_mt = stats, -1, 0, 0
@@ -292,55 +365,34 @@ def pool_forward(
         mask_view, mask_bits = integer_view(mask)
         stride_mb, stride_mt = mask_view.stride()
     weights_arg, wsum, stride_wb, stride_wt = _user_weights(weights, mask, acc, device)
-    norm_arg = norms if whole_row is not None else _placeholder(device, acc)
+    norm_arg = setup.norms if setup.whole_row is not None else _placeholder(device, acc)
     split = config.n_splits > 1
-    if split:
-        parts = (B, config.n_splits, d)
-        part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
-        part_max = torch.empty(parts, dtype=acc, device=device) if do_max else _placeholder(device, acc)
-        part_pos = (
-            torch.empty(parts, dtype=torch.int32, device=device)
-            if do_max
-            else _placeholder(device, torch.int32)
-        )
-        part_stats = torch.empty((B, config.n_splits, 3), dtype=torch.int32, device=device)
-        part_wsum = torch.empty(parts, dtype=acc, device=device) if do_weighted else _placeholder(device, acc)
-    else:
-        part_sum = part_max = part_wsum = _placeholder(device, acc)
-        part_pos = part_stats = _placeholder(device, torch.int32)
-    argmax_arg = argmax if do_max else stats
+    partials = partial_buffers(setup, (B, config.n_splits, d) if split else (), device)
+    argmax_arg = argmax if setup.do_max else stats
+    flags = dict(
+        DO_MEAN=setup.do_mean, DO_MAX=setup.do_max, DO_WEIGHTED=setup.do_weighted,
+        HAS_WEIGHTS=setup.has_weights, PACKED=False, ACC_DTYPE=_acc_dtype(hidden.dtype),
+        BLOCK_D=config.block_d, num_warps=config.num_warps,
+    )  # fmt: skip
     n_dblocks = _check_feature_blocks(d, config.block_d)
     grid = (B, n_dblocks, config.n_splits)
-    acc_tl = _acc_dtype(hidden.dtype)
     with _on_device(device):
         pool_forward_kernel[grid](
-            hidden, mask_view, out, argmax_arg, stats,
-            part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
+            hidden, mask_view, out, argmax_arg, stats, *partials, weights_arg, wsum,
             stats, stats, stats,  # packed-only work list: unused
             norm_arg,
             B, T, d, config.tokens_per_split, config.n_splits, 0,
             *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
-            *col_args,
-            fused_eps,
-            mask_bits,
-            HAS_MASK=mask is not None, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
-            HAS_WEIGHTS=has_weights, PACKED=False, ACC_DTYPE=acc_tl,
-            BLOCK_T=config.block_t, BLOCK_D=config.block_d,
-            SCAN_BLOCK=config.scan_block, num_warps=config.num_warps,
+            *setup.col_args, setup.fused_eps, mask_bits,
+            HAS_MASK=mask is not None, BLOCK_T=config.block_t, SCAN_BLOCK=config.scan_block, **flags,
         )  # fmt: skip
         if split:
             pool_combine_kernel[(B, n_dblocks)](
-                hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                wsum, stats, norm_arg, B, d, config.n_splits, *hidden.stride(), out.stride(0),
-                *col_args, fused_eps,
-                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
-                PACKED=False, ACC_DTYPE=acc_tl,
-                BLOCK_D=config.block_d,
-                num_warps=config.num_warps,
+                hidden, out, argmax_arg, stats, *partials, wsum, stats, norm_arg,
+                B, d, config.n_splits, *hidden.stride(), out.stride(0), *setup.col_args, setup.fused_eps,
+                **flags,
             )  # fmt: skip
-    if normalize and whole_row is None:
-        out, norms = eager.finish_rows([out], hidden.dtype, normalize_eps)
-    return out, argmax, stats, norms
+    return finish(setup, hidden.dtype, normalize_eps)
 
 
 def pool_backward(

@@ -281,36 +281,33 @@ pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 packed_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-class PoolFunction(torch.autograd.Function):
-    """Eager fast path: the same implementation and backward as ``pool_fwd``, without custom-op dispatch."""
+def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``implementation`` with the ops' own setup_context and backward."""
 
-    @staticmethod
     def forward(ctx, *inputs):
-        output = forward_impl(*inputs)
+        output = implementation(*inputs)
         ctx.mark_non_differentiable(output[1], output[2], output[3])
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
         return output
 
-    @staticmethod
     def backward(ctx, *grads):
         return _backward(ctx, *grads)
 
+    namespace = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": doc}
+    return type(name, (torch.autograd.Function,), namespace)
 
-class PackedPoolFunction(torch.autograd.Function):
-    """Eager fast path of ``packed_pool_fwd`` (same implementation and backward)."""
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = packed_forward_impl(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
-        _setup_context(ctx, inputs, output)
-        ctx.direct = True
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+PoolFunction = _fast_path(
+    forward_impl,
+    "PoolFunction",
+    "Eager fast path of ``pool_fwd``: same implementation and backward, no dispatch.",
+)
+PackedPoolFunction = _fast_path(
+    packed_forward_impl,
+    "PackedPoolFunction",
+    "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
+)
 
 
 def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
@@ -319,6 +316,17 @@ def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend:
     dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
     wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
     return (wants_grad and torch.is_grad_enabled()) or dual
+
+
+def _run(op, function, implementation, inputs: tuple) -> Outputs:
+    """The custom op while compiling; else the autograd function when a gradient (or a loud
+    forward-AD failure) is needed; else the implementation itself."""
+    hidden, _, weights, _, backend, *_ = inputs
+    if torch.compiler.is_compiling():
+        return op(*inputs)
+    if _wants_autograd(hidden, weights, backend):
+        return function.apply(*inputs)
+    return implementation(*inputs)
 
 
 def pool_forward(
@@ -331,11 +339,7 @@ def pool_forward(
 ) -> Outputs:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     inputs = (hidden, mask, weights, modes, backend, float(normalize_eps))
-    if torch.compiler.is_compiling():
-        return pool_fwd(*inputs)
-    if _wants_autograd(hidden, weights, backend):
-        return PoolFunction.apply(*inputs)
-    return forward_impl(*inputs)
+    return _run(pool_fwd, PoolFunction, forward_impl, inputs)
 
 
 def packed_pool_forward(
@@ -350,8 +354,4 @@ def packed_pool_forward(
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
     inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
-    if torch.compiler.is_compiling():
-        return packed_pool_fwd(*inputs)
-    if _wants_autograd(hidden, weights, backend):
-        return PackedPoolFunction.apply(*inputs)
-    return packed_forward_impl(*inputs)
+    return _run(packed_pool_fwd, PackedPoolFunction, packed_forward_impl, inputs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import eager, eager_packed
+from . import eager_packed
 from .launchers import (
     MIN_TOKENS_PER_SPLIT,
     PROGRAMS_PER_SM,
@@ -28,9 +28,11 @@ from .launchers import (
     _overrides,
     _placeholder,
     feature_block,
+    finish,
+    forward_setup,
     forward_warps,
     kernel_columns,
-    normalized_block_d,
+    partial_buffers,
     sm_count,
     token_block,
     triton_cdiv,
@@ -127,73 +129,53 @@ def pool_forward(
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
-    cols = mode_columns(modes, d)
-    col_args = kernel_columns(cols)
-    do_weighted = cols["weighted_mean"] >= 0
-    has_weights = weights is not None
-    do_mean = cols["mean"] >= 0 or cols["mean_sqrt_len"] >= 0 or (do_weighted and not has_weights)
-    do_max = cols["max"] >= 0
-    out = torch.empty((S, len(modes) * d), dtype=hidden.dtype, device=device)
-    argmax = torch.empty((S, d if do_max else 0), dtype=torch.int32, device=device)
-    stats = torch.empty((3, S), dtype=torch.int32, device=device)
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    normalize = normalize_eps >= 0
-    norms = torch.zeros((S if normalize else 0,), dtype=acc, device=device)
+    setup = forward_setup(hidden, S, d, modes, weights is not None, normalize_eps)
     if S == 0:
-        return out, argmax, stats, norms
+        return finish(setup, hidden.dtype, normalize_eps)
     if d == 0:
-        return out, argmax, eager_packed.packed_stats(cu_seqlens), norms
-    whole_row = normalized_block_d(d, hidden.element_size()) if normalize else None
-    fused_eps = normalize_eps if whole_row is not None else -1.0
-    norm_arg = norms if whole_row is not None else _placeholder(device, acc)
+        setup.stats = eager_packed.packed_stats(cu_seqlens)
+        return finish(setup, hidden.dtype, normalize_eps)
+    out, argmax, stats, acc = setup.out, setup.argmax, setup.stats, setup.acc
+    norm_arg = setup.norms if setup.whole_row is not None else _placeholder(device, acc)
     plan, block_t, block_d, warps = _plan(
-        cu_seqlens, N, d, hidden.element_size(), do_max or do_weighted, max_seqlen, device, whole_row or 0
+        cu_seqlens,
+        N,
+        d,
+        hidden.element_size(),
+        setup.second_accumulator,
+        max_seqlen,
+        device,
+        setup.whole_row or 0,
     )
     weights_arg, wsum, stride_wt = _weights_args(weights, cu_seqlens, acc, device, N)
-    if plan.chunk_len > 0:
-        parts = (plan.programs, d)
-        part_sum = torch.empty(parts, dtype=acc, device=device) if do_mean else _placeholder(device, acc)
-        part_max = torch.empty(parts, dtype=acc, device=device) if do_max else _placeholder(device, acc)
-        part_pos = (
-            torch.empty(parts, dtype=torch.int32, device=device)
-            if do_max
-            else _placeholder(device, torch.int32)
-        )
-        part_stats = torch.empty((plan.programs, 3), dtype=torch.int32, device=device)
-        part_wsum = torch.empty(parts, dtype=acc, device=device) if do_weighted else _placeholder(device, acc)
-        chunk_seg, chunk_start = plan.chunk_seg, plan.chunk_start
-    else:
-        part_sum = part_max = part_wsum = _placeholder(device, acc)
-        part_pos = part_stats = chunk_seg = chunk_start = _placeholder(device, torch.int32)
-    argmax_arg = argmax if do_max else stats
+    chunked = plan.chunk_len > 0
+    partials = partial_buffers(setup, (plan.programs, d) if chunked else (), device)
+    no_list = _placeholder(device, torch.int32)
+    chunk_seg, chunk_start = (plan.chunk_seg, plan.chunk_start) if chunked else (no_list, no_list)
+    argmax_arg = argmax if setup.do_max else stats
     n_dblocks = _check_feature_blocks(d, block_d)
-    acc_tl = _acc_dtype(hidden.dtype)
     stride_ht, stride_hd = hidden.stride()
+    flags = dict(
+        DO_MEAN=setup.do_mean, DO_MAX=setup.do_max, DO_WEIGHTED=setup.do_weighted,
+        HAS_WEIGHTS=setup.has_weights, PACKED=True, ACC_DTYPE=_acc_dtype(hidden.dtype), BLOCK_D=block_d,
+        num_warps=warps,
+    )  # fmt: skip
     with _on_device(device):
         pool_forward_kernel[(plan.programs, n_dblocks, 1)](
-            hidden, stats, out, argmax_arg, stats,
-            part_sum, part_max, part_pos, part_stats, part_wsum, weights_arg, wsum,
+            hidden, stats, out, argmax_arg, stats, *partials, weights_arg, wsum,
             cu_seqlens, chunk_seg, chunk_start, norm_arg,
             S, N, d, 0, 1, plan.chunk_len,
             0, stride_ht, stride_hd, 0, 0, 0, stride_wt, out.stride(0),
-            *col_args,
-            fused_eps,
-            -1,
-            HAS_MASK=False, DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted,
-            HAS_WEIGHTS=has_weights, PACKED=True, ACC_DTYPE=acc_tl, BLOCK_T=block_t, BLOCK_D=block_d,
-            SCAN_BLOCK=SCAN_BLOCK, num_warps=warps,
+            *setup.col_args, setup.fused_eps, -1,
+            HAS_MASK=False, BLOCK_T=block_t, SCAN_BLOCK=SCAN_BLOCK, **flags,
         )  # fmt: skip
-        if plan.chunk_len > 0:
+        if chunked:
             pool_combine_kernel[(S, n_dblocks)](
-                hidden, out, argmax_arg, stats, part_sum, part_max, part_pos, part_stats, part_wsum,
-                wsum, chunk_start, norm_arg, S, d, 1, 0, stride_ht, stride_hd, out.stride(0),
-                *col_args, fused_eps,
-                DO_MEAN=do_mean, DO_MAX=do_max, DO_WEIGHTED=do_weighted, HAS_WEIGHTS=has_weights,
-                PACKED=True, ACC_DTYPE=acc_tl, BLOCK_D=block_d, num_warps=warps,
+                hidden, out, argmax_arg, stats, *partials, wsum, chunk_start, norm_arg,
+                S, d, 1, 0, stride_ht, stride_hd, out.stride(0), *setup.col_args, setup.fused_eps,
+                **flags,
             )  # fmt: skip
-    if normalize and whole_row is None:
-        out, norms = eager.finish_rows([out], hidden.dtype, normalize_eps)
-    return out, argmax, stats, norms
+    return finish(setup, hidden.dtype, normalize_eps)
 
 
 def pool_backward(

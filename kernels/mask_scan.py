@@ -133,3 +133,21 @@ def packed_range(
         t_end = seg_end
     t_end = tl.where(seg < S, t_end, t_begin)
     return seg, t_begin, t_end, seg_begin, n_parts
+
+
+@triton.jit
+def weight_total(
+    wsum_ptr,  # (rows,) acc dtype: sums of the user weights; HAS_WEIGHTS only
+    row,  # int64 scalar
+    count,  # int32 scalar: real tokens of the row
+    ACC_DTYPE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+):
+    """The sum of weighted_mean's weights over a row: the user weights' precomputed sum, or the
+    rank weights' 1 + 2 + ... + count in float (exact to count = 5791 in float32, rounded once beyond)."""
+    if HAS_WEIGHTS:
+        total = tl.load(wsum_ptr + row).to(ACC_DTYPE)
+    else:
+        c = count.to(ACC_DTYPE)
+        total = c * (c + 1.0) * 0.5
+    return total

@@ -12,7 +12,7 @@ float64) and cast once.
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, exact_sqrt, packed_range
+from .mask_scan import COLUMN_ARGS, exact_sqrt, packed_range, weight_total
 
 
 @triton.jit
@@ -135,13 +135,11 @@ def pool_backward_kernel(
     weight = tl.zeros((BLOCK_T,), ACC_DTYPE)
     total_weight = tl.zeros((), ACC_DTYPE)
     if col_weighted >= 0:
+        total_weight = weight_total(wsum_ptr, row, count, ACC_DTYPE, HAS_WEIGHTS)
         if HAS_WEIGHTS:
-            total_weight = tl.load(wsum_ptr + row).to(ACC_DTYPE)
             w = tl.load(weights_ptr + row * stride_wb + t.to(tl.int64) * stride_wt, mask=real, other=0.0)
             weight = w.to(ACC_DTYPE)  # 0 at padding (never loaded)
         else:
-            c = count.to(ACC_DTYPE)
-            total_weight = c * (c + 1.0) * 0.5  # 1..n summed
             if HAS_MASK:
                 rank = tl.load(ranks_ptr + row * T + t, mask=t_in, other=0)
             else:
@@ -207,11 +205,7 @@ def packed_backward_kernel(
         last = tl.load(stats_ptr + 2 * S + row)
         total_weight = tl.zeros((), ACC_DTYPE)
         if col_weighted >= 0:
-            if HAS_WEIGHTS:
-                total_weight = tl.load(wsum_ptr + row).to(ACC_DTYPE)
-            else:
-                c = count.to(ACC_DTYPE)
-                total_weight = c * (c + 1.0) * 0.5
+            total_weight = weight_total(wsum_ptr, row, count, ACC_DTYPE, HAS_WEIGHTS)
         lanes = tl.arange(0, BLOCK_T)
         for t0 in range(t_begin, t_end, BLOCK_T):
             t = t0 + lanes

@@ -19,7 +19,16 @@ split order. No atomics: the result is bit-for-bit deterministic.
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, NO_TOKEN, better_max, exact_sqrt, lanes_argmax, packed_range, row_span
+from .mask_scan import (
+    COLUMN_ARGS,
+    NO_TOKEN,
+    better_max,
+    exact_sqrt,
+    lanes_argmax,
+    packed_range,
+    row_span,
+    weight_total,
+)
 
 
 @triton.jit
@@ -78,12 +87,7 @@ def _write_results(
         mean = tl.where(has_tokens & (col_mean >= 0), total / n, 0.0)
         root_mean = tl.where(has_tokens & (col_sqrt >= 0), total / exact_sqrt(n), 0.0)
     if DO_WEIGHTED:
-        if HAS_WEIGHTS:
-            w_total = tl.load(wsum_ptr + row).to(weighted.dtype)
-        else:
-            # Sum of the weights 1..n, in float: exact to n = 5791 in float32, rounded once beyond.
-            c = count.to(weighted.dtype)
-            w_total = c * (c + 1.0) * 0.5
+        w_total = weight_total(wsum_ptr, row, count, weighted.dtype, HAS_WEIGHTS)
         nonzero = w_total != 0.0  # no real token, or user weights summing to 0: zeros
         w_mean = tl.where(nonzero, weighted / tl.where(nonzero, w_total, 1.0), 0.0)
     if DO_MAX:

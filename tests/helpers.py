@@ -2,6 +2,7 @@
 
 import contextlib
 
+import pytest
 import torch
 
 from fastpool import launchers
@@ -60,3 +61,13 @@ def np_mask(mask: torch.Tensor | None):
     if mask is None:
         return None
     return mask.detach().cpu().to(torch.float64).numpy()
+
+
+def assert_clear_error(argument: str, error: type, call) -> None:
+    """``call()`` raises ``error`` with a message that starts with the argument's name and says
+    what was expected and what was got."""
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith(f"{argument}:"), message
+    assert "expected" in message and "got" in message, message

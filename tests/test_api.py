@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_clear_error
 
 import fastpool
 from fastpool import eager, launchers
@@ -45,11 +46,7 @@ BAD_INPUTS = [
     "argument,error,call", BAD_INPUTS, ids=[f"{a}-{i}" for i, (a, _, _) in enumerate(BAD_INPUTS)]
 )
 def test_bad_input_gets_a_clear_error(argument, error, call):
-    with pytest.raises(error) as info:
-        call()
-    message = str(info.value)
-    assert message.startswith(f"{argument}:"), message
-    assert "expected" in message and "got" in message, message
+    assert_clear_error(argument, error, call)
 
 
 def test_error_names_shapes_and_dtypes():
