@@ -148,8 +148,8 @@ def pool(
     normalize, eps : when ``normalize``, each output row (all modes together) is divided by
         ``max(||row||_2, eps)`` as ``torch.nn.functional.normalize`` does, from the unrounded
         float32 values and rounded once. On the Triton backend this is fused into the kernel's
-        epilogue when a row fits one program (d up to 2048 for 16-bit dtypes, 1024 for float32,
-        512 for float64); wider rows are normalised by torch after pooling.
+        epilogue when a row fits one program (d up to 2048 for 16-bit dtypes, 1024 for float32);
+        wider rows, and float64, are normalised by torch after pooling.
 
     Returns
     -------

@@ -36,8 +36,9 @@ SCAN_BLOCK = 1024
 NUM_WARPS = 4
 # L2 normalisation is fused into the forward epilogue when one program can hold a whole output row:
 # the feature block widens to cover d up to this many bytes (2048 features in 16-bit dtypes, 1024
-# in float32, 512 in float64), with BLOCK_T shrunk to keep the tile size. Wider rows are pooled
-# first and normalised by torch (one more small pass over the (B, n * d) output).
+# in float32), with BLOCK_T shrunk to keep the tile size and warps scaled with the block. Wider
+# rows, and float64, are pooled first and normalised by torch (one more small pass over the
+# (B, n * d) output).
 MAX_NORMALIZED_ROW_BYTES = 4096
 # When no GPU is there to ask (the interpreter), size grids as for an H100.
 DEFAULT_SM_COUNT = 132
