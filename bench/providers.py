@@ -298,14 +298,6 @@ class SentenceTransformersProvider(Provider):
         # Some versions fill padding with -1e9 in place: give them a copy, not the shared input.
         return h.clone()
 
-    def canonical(self, op: str, out: torch.Tensor) -> torch.Tensor:
-        # Pooling concatenates max before mean; fastpool and the eager idiom put mean first.
-        if op == "mean+max":
-            d = out.shape[1] // 2
-            return torch.cat([out[:, d:], out[:, :d]], dim=1)
-        return out
-
-
 class IndexAddProvider(Provider):
     """Packed: index_add_ (mean, float32 accumulation) / scatter_reduce amax (max); see above."""
 
