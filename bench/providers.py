@@ -298,6 +298,7 @@ class SentenceTransformersProvider(Provider):
         # Some versions fill padding with -1e9 in place: give them a copy, not the shared input.
         return h.clone()
 
+
 class IndexAddProvider(Provider):
     """Packed: index_add_ (mean, float32 accumulation) / scatter_reduce amax (max); see above."""
 
