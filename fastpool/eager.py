@@ -228,37 +228,71 @@ def pool_forward(
     real = real_tokens(mask)
     stats = row_stats(real, B, T, hidden.device)
     count = stats[0]
+
+    def weighted() -> tuple[torch.Tensor, torch.Tensor]:
+        if weights is None:
+            w = token_ranks(real, B, T, hidden.device).to(acc)  # exact integers in float32 to 2**24
+            c = count.to(acc)
+            w_total = c * (c + 1) / 2
+        else:
+            w, w_total = user_weights(weights, real, acc)
+        return _masked_sum(hidden, real, acc, w), w_total
+
+    return assemble_modes(
+        modes, stats, hidden.dtype, normalize_eps,
+        plain_sum=lambda: _masked_sum(hidden, real, acc),
+        weighted_sum=weighted,
+        maximum=lambda: _masked_max(hidden, real, count),
+        gather=lambda position: _gather(hidden, position),
+    )  # fmt: skip
+
+
+def assemble_modes(
+    modes: Sequence[str],
+    stats: torch.Tensor,
+    dtype: torch.dtype,
+    normalize_eps: float,
+    plain_sum,
+    weighted_sum,
+    maximum,
+    gather,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, argmax, stats, norms) of an eager forward, padded or packed, from its layout's pieces.
+
+    stats (3, rows) int32 (count, first, last); ``plain_sum()`` -> (rows, d) sum over real tokens
+    in the accumulation dtype; ``weighted_sum()`` -> (weighted sum, (rows,) sum of the weights);
+    ``maximum()`` -> (values, int32 positions); ``gather(position)`` -> (rows, d) token at each
+    position (zeros at -1). Each piece is computed at most once, in the order of ``modes``.
+    """
+    count = stats[0]
+    acc = accumulation_dtype(dtype)
+    zero = torch.zeros((), dtype=acc, device=count.device)
     pieces: list[torch.Tensor] = []
-    argmax = torch.empty((B, 0), dtype=torch.int32, device=hidden.device)
+    argmax = torch.empty((count.shape[0], 0), dtype=torch.int32, device=count.device)
     total = None
     for name in modes:
         if name in ("mean", "mean_sqrt_len"):
             if total is None:
-                total = _masked_sum(hidden, real, acc)
+                total = plain_sum()
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
             denom = denom if name == "mean" else denom.sqrt()
-            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, torch.zeros((), dtype=acc)))
+            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
         elif name == "weighted_mean":
-            if weights is None:
-                w = token_ranks(real, B, T, hidden.device).to(acc)  # exact integers in float32 to 2**24
-                c = count.to(acc)
-                w_total = c * (c + 1) / 2
-            else:
-                w, w_total = user_weights(weights, real, acc)
-            weighted = _masked_sum(hidden, real, acc, w)
+            weighted, w_total = weighted_sum()
             nonzero = (w_total != 0).unsqueeze(1)
-            w_total = torch.where(nonzero, w_total.unsqueeze(1), 1)
-            pieces.append(torch.where(nonzero, weighted / w_total, torch.zeros((), dtype=acc)))
+            pieces.append(
+                torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
+            )
         elif name == "max":
-            values, argmax = _masked_max(hidden, real, count)
+            values, argmax = maximum()
             pieces.append(values)
         elif name == "cls":
-            pieces.append(_gather(hidden, stats[1]))
+            pieces.append(gather(stats[1]))
         elif name == "last":
-            pieces.append(_gather(hidden, stats[2]))
+            pieces.append(gather(stats[2]))
         else:
             raise ValueError(f"mode: unknown mode {name!r}")
-    out, norms = finish_rows(pieces, hidden.dtype, normalize_eps)
+    out, norms = finish_rows(pieces, dtype, normalize_eps)
     return out, argmax, stats, norms
 
 

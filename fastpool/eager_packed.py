@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .eager import _WIDEN_CHUNK_BYTES, _full_precision_matmul, accumulation_dtype, finish_rows
+from .eager import _WIDEN_CHUNK_BYTES, _full_precision_matmul, accumulation_dtype, assemble_modes
 from .modes import mode_columns
 
 
@@ -145,41 +145,23 @@ def pool_forward(
     Returns out (S, len(modes) * d) in hidden's dtype, argmax (S, d) int32 global token indices
     (or (S, 0) without "max"), stats (3, S) int32 and norms (S,) (or (0,)).
     """
-    N, d = hidden.shape
-    S = cu_seqlens.shape[0] - 1
+    N = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     stats = packed_stats(cu_seqlens)
     count = stats[0]
     seg = segment_ids(cu_seqlens, N)
-    pieces: list[torch.Tensor] = []
-    argmax = torch.empty((S, 0), dtype=torch.int32, device=hidden.device)
-    total = None
-    zero = torch.zeros((), dtype=acc, device=hidden.device)
-    for name in modes:
-        if name in ("mean", "mean_sqrt_len"):
-            if total is None:
-                total = _segment_sum(hidden, seg, cu_seqlens, acc)
-            denom = count.clamp(min=1).to(acc).unsqueeze(1)
-            denom = denom if name == "mean" else denom.sqrt()
-            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
-        elif name == "weighted_mean":
-            w, w_total = token_weights(cu_seqlens, seg, weights, acc)
-            weighted = _segment_sum(hidden, seg, cu_seqlens, acc, w)
-            nonzero = (w_total != 0).unsqueeze(1)
-            pieces.append(
-                torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
-            )
-        elif name == "max":
-            values, argmax = _segment_max(hidden, seg, count)
-            pieces.append(values)
-        elif name == "cls":
-            pieces.append(_gather(hidden, stats[1]))
-        elif name == "last":
-            pieces.append(_gather(hidden, stats[2]))
-        else:
-            raise ValueError(f"mode: unknown mode {name!r}")
-    out, norms = finish_rows(pieces, hidden.dtype, normalize_eps)
-    return out, argmax, stats, norms
+    return assemble_modes(
+        modes, stats, hidden.dtype, normalize_eps,
+        plain_sum=lambda: _segment_sum(hidden, seg, cu_seqlens, acc),
+        weighted_sum=lambda: _weighted_sum(hidden, seg, cu_seqlens, weights, acc),
+        maximum=lambda: _segment_max(hidden, seg, count),
+        gather=lambda position: _gather(hidden, position),
+    )  # fmt: skip
+
+
+def _weighted_sum(hidden, seg, cu_seqlens, weights, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    w, w_total = token_weights(cu_seqlens, seg, weights, acc)
+    return _segment_sum(hidden, seg, cu_seqlens, acc, w), w_total
 
 
 def pool_backward(

@@ -63,13 +63,19 @@ def chunk_length(N: int, d: int, block_d: int, block_t: int, sms: int) -> int:
     return triton_cdiv(length, block_t) * block_t
 
 
+def clamped_offsets(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
+    """(S + 1,) int64 offsets clamped into [0, N] and made non-decreasing: equal to cu_seqlens when
+    it is well formed, and safe to hand to torch ops that trust their offsets when it is not."""
+    return torch.cummax(cu_seqlens.long().clamp(0, N), 0).values
+
+
 def chunk_plan(cu_seqlens: torch.Tensor, N: int, chunk_len: int, max_seqlen: int | None) -> ChunkPlan:
     """Build the work list of a packed launch on the device (no sync)."""
     S = cu_seqlens.shape[0] - 1
     if max_seqlen is not None and max_seqlen <= chunk_len:
         return ChunkPlan(0, S, None, None)
     # Clamped and made non-decreasing so malformed offsets still give at most N // chunk_len + S chunks.
-    cu = torch.cummax(cu_seqlens.long().clamp(0, N), 0).values
+    cu = clamped_offsets(cu_seqlens, N)
     lengths = cu[1:] - cu[:-1]
     chunks = torch.clamp((lengths + chunk_len - 1) // chunk_len, min=1)  # an empty segment still owns one
     programs = S + N // chunk_len
@@ -98,8 +104,7 @@ def _weights_args(weights, cu_seqlens, acc, device, N):
     if weights is None:
         return _placeholder(device, acc), _placeholder(device, acc), 0
     # segment_reduce trusts its offsets: give it clamped ones (equal to cu_seqlens when well formed).
-    safe = torch.cummax(cu_seqlens.long().clamp(0, N), 0).values
-    sums = eager_packed.segment_sums(weights.to(acc), safe)
+    sums = eager_packed.segment_sums(weights.to(acc), clamped_offsets(cu_seqlens, N))
     return weights, sums, weights.stride(0)
 
 
