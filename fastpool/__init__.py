@@ -5,6 +5,7 @@ everything else eager PyTorch with the same semantics (see ``fastpool.functional
 """
 
 from . import nn
+from .attention import attention_pool
 from .backend import use_backend
 from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool, weighted_mean_pool
 from .modes import MODES
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "__version__",
+    "attention_pool",
     "cls_pool",
     "last_token_pool",
     "max_pool",

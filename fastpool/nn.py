@@ -39,3 +39,31 @@ class Pooling(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={list(self.modes)}, normalize={self.normalize}, eps={self.eps}"
+
+
+class AttentionPooling(torch.nn.Module):
+    """Learned attention pooling: ``nn.Linear(d, heads)`` scores each token, ``fastpool.attention_pool``
+    weighs the real tokens with a softmax of those scores.
+
+    Parameters
+    ----------
+    d : feature size of hidden; must be divisible by ``heads``.
+    heads : number of heads, each pooling its own d/heads consecutive features.
+
+    ``forward(hidden, mask=None)``: hidden (B, T, d), mask (B, T) (nonzero = real) or None -> (B, d).
+    """
+
+    def __init__(self, d: int, heads: int = 1, device=None, dtype=None):
+        super().__init__()
+        if heads < 1 or d % heads != 0:
+            raise ValueError(f"heads: expected a positive divisor of d = {d}, got {heads}")
+        self.d, self.heads = int(d), int(heads)
+        self.scorer = torch.nn.Linear(d, heads, device=device, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        from .attention import attention_pool
+
+        return attention_pool(hidden, self.scorer(hidden), mask)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, heads={self.heads}"

@@ -234,3 +234,44 @@ def packed_weights_grad(
     for s, (a, b) in enumerate(segments(cu_seqlens)):
         grad[a:b] = weights_grad(hidden[None, a:b], None, weights[None, a:b], grad_out[s : s + 1])[0]
     return grad
+
+
+def attention(hidden: np.ndarray, scores: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """(B, d): per row and head, softmax over the real tokens' scores weighs them.
+
+    scores (B, T, H); head h pools features h*d/H:(h+1)*d/H. Real tokens with a -inf score weigh 0;
+    a head with no real token of finite score gives zeros.
+    """
+    B, T, d = hidden.shape
+    H = scores.shape[2]
+    dh = d // H
+    out = np.zeros((B, d), dtype=np.float64)
+    for b in range(B):
+        real = real_positions(mask, b, T)
+        for h in range(H):
+            live = [t for t in real if float(scores[b, t, h]) != -math.inf]
+            if not live:
+                continue
+            top = max(float(scores[b, t, h]) for t in live)
+            e = {t: math.exp(float(scores[b, t, h]) - top) for t in live}
+            total = sum(e.values())
+            for j in range(h * dh, (h + 1) * dh):
+                out[b, j] = sum(e[t] / total * float(hidden[b, t, j]) for t in live if e[t] > 0)
+    return out
+
+
+def global_pool(x: np.ndarray, mode: str) -> np.ndarray:
+    """(B, C): mean or max of a (B, C, *spatial) feature map over its spatial positions (NaN wins)."""
+    B, C = x.shape[:2]
+    flat = x.reshape(B, C, -1).astype(np.float64)
+    out = np.zeros((B, C), dtype=np.float64)
+    for b in range(B):
+        for c in range(C):
+            values = [float(v) for v in flat[b, c]]
+            if mode == "mean":
+                out[b, c] = sum(values) / len(values) if values else math.nan
+            elif any(math.isnan(v) for v in values):
+                out[b, c] = math.nan
+            else:
+                out[b, c] = max(values)
+    return out

@@ -1,0 +1,214 @@
+"""fastpool.attention_pool and fastpool.nn.AttentionPooling against the float64 oracle, on both backends."""
+
+import contextlib
+
+import oracle
+import pytest
+import torch
+from helpers import make_mask, to_numpy
+from tolerances import REDUCTION
+from torch._dynamo.testing import CompileCounter
+
+import fastpool
+from fastpool import attention_launchers
+
+
+@contextlib.contextmanager
+def small_blocks(block_t=4, block_d=2):
+    """Blocks small enough that interpreter shapes cross several token and feature blocks."""
+    saved = dict(attention_launchers.OVERRIDE)
+    attention_launchers.OVERRIDE.update(block_t=block_t, block_d=block_d)
+    try:
+        yield
+    finally:
+        attention_launchers.OVERRIDE.clear()
+        attention_launchers.OVERRIDE.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _small():
+    with small_blocks():
+        yield
+
+
+def expected(hidden, scores, mask):
+    s3 = scores if scores.dim() == 3 else scores.unsqueeze(-1)
+    ref = oracle.attention(to_numpy(hidden), to_numpy(s3), to_numpy(mask))
+    return torch.from_numpy(ref).to(hidden.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_kind", ["none", "right", "holes", "empty-row"])
+@pytest.mark.parametrize("heads", [0, 1, 3])
+def test_matches_oracle(device, backend, dtype, mask_kind, heads):
+    gen = torch.Generator().manual_seed(1)
+    B, T, d = 3, 9, 6
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    scores = (3 * torch.randn(B, T, *((heads,) if heads else ()), generator=gen)).to(dtype)
+    mask = make_mask(mask_kind, B, T, gen)
+    out = fastpool.attention_pool(hidden.to(device), scores.to(device), None if mask is None else mask.to(device))
+    assert out.shape == (B, d) and out.dtype == dtype
+    torch.testing.assert_close(out.cpu(), expected(hidden, scores, mask), **REDUCTION[dtype])
+
+
+def test_strided_inputs_and_float_mask(device, backend):
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(2, 11, 8, generator=gen)
+    hidden = base.transpose(0, 1)[:, ::2].transpose(0, 1)  # (2, 6, 8) non-contiguous
+    hidden = torch.randn(8, 6, 3, generator=gen).permute(2, 1, 0)  # (3, 6, 8) transposed
+    scores = torch.randn(3, 2, 6, generator=gen).transpose(1, 2)  # (3, 6, 2) strided
+    mask = (torch.rand(3, 6, generator=gen) < 0.7).float()
+    mask[0, 0] = -0.0  # -0.0 is padding, as in every mode
+    out = fastpool.attention_pool(hidden.to(device), scores.to(device), mask.to(device))
+    torch.testing.assert_close(out.cpu(), expected(hidden, scores, mask), **REDUCTION[torch.float32])
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_gradcheck_float64(device, backend, heads):
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 7, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    scores = torch.randn(3, 7, heads, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    mask = make_mask("empty-row", 3, 7, gen).to(device)
+    assert torch.autograd.gradcheck(lambda h, s: fastpool.attention_pool(h, s, mask), (hidden, scores))
+
+
+def test_gradient_of_two_dimensional_scores(device, backend):
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    scores = torch.randn(2, 5, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    out = fastpool.attention_pool(hidden, scores)
+    gh, gs = torch.autograd.grad(out.square().sum(), (hidden, scores))
+    ref = (torch.softmax(scores, 1)[..., None] * hidden).sum(1)
+    rh, rs = torch.autograd.grad(ref.square().sum(), (hidden, scores))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close((gh, gs), (rh, rs))
+    assert gs.shape == scores.shape
+
+
+def test_padding_garbage_never_leaks(device, backend):
+    gen = torch.Generator().manual_seed(5)
+    B, T, d = 3, 10, 4
+    hidden = torch.randn(B, T, d, generator=gen)
+    scores = torch.randn(B, T, 2, generator=gen)
+    mask = make_mask("right", B, T, gen)
+    mask[2] = False  # an empty row
+    hidden[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+    scores[~mask] = torch.tensor([float("nan"), float("inf")])
+    h = hidden.to(device).requires_grad_()
+    s = scores.to(device).requires_grad_()
+    out = fastpool.attention_pool(h, s, mask.to(device))
+    gh, gs = torch.autograd.grad(out.sum(), (h, s))
+    clean_h = torch.where(mask[..., None], hidden, 0.0)
+    torch.testing.assert_close(out.cpu(), expected(clean_h, scores.nan_to_num(0, 0, 0), mask))
+    assert torch.isfinite(gh).all() and torch.isfinite(gs).all()
+    assert (gh.cpu()[~mask] == 0).all() and (gs.cpu()[~mask] == 0).all()
+    assert (out.cpu()[2] == 0).all()
+
+
+def test_neg_inf_and_large_scores(device, backend):
+    hidden = torch.arange(2 * 4 * 2, dtype=torch.float32).reshape(2, 4, 2)
+    scores = torch.tensor(
+        [[[1e30, -float("inf")], [1e30, -float("inf")], [-float("inf"), -float("inf")], [0.0, -float("inf")]],
+         [[80000.0, 1.0], [80001.0, 2.0], [-float("inf"), 3.0], [79999.0, 4.0]]]
+    )  # fmt: skip
+    hidden[0, 2] = float("inf")  # a real token of weight 0: its value must not reach the output
+    h = hidden.to(device).requires_grad_()
+    s = scores.to(device).requires_grad_()
+    out = fastpool.attention_pool(h, s)
+    torch.testing.assert_close(out.cpu(), expected(hidden, scores, None))
+    assert out.cpu()[0, 1] == 0  # head 1 of row 0: only -inf scores
+    gh, gs = torch.autograd.grad(out.sum(), (h, s))
+    assert torch.isfinite(gh).all() and torch.isfinite(gs).all()
+    assert gs.cpu()[0, :, 1].eq(0).all() and gs.cpu()[0, 2, 0] == 0
+
+
+def test_empty_dimensions(device, backend):
+    for B, T, d in [(0, 3, 4), (2, 0, 4), (2, 3, 0)]:
+        h = torch.randn(B, T, d, device=device, requires_grad=True)
+        s = torch.randn(B, T, device=device, requires_grad=True)
+        out = fastpool.attention_pool(h, s)
+        assert out.shape == (B, d) and (out == 0).all() if T == 0 else out.shape == (B, d)
+        gh, gs = torch.autograd.grad(out.sum(), (h, s), allow_unused=True)
+        assert gh.shape == h.shape and (gs is None or (gs == 0).all())
+
+
+def test_batch_invariance(device, backend):
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(5, 9, 6, generator=gen).to(device)
+    scores = torch.randn(5, 9, 3, generator=gen).to(device)
+    mask = make_mask("holes", 5, 9, gen).to(device)
+    full = fastpool.attention_pool(hidden, scores, mask)
+    assert torch.equal(full[2:3], fastpool.attention_pool(hidden[2:3], scores[2:3], mask[2:3]))
+
+
+@pytest.mark.parametrize(
+    "make,arg,message",
+    [
+        (lambda h: (h, h[..., 0].long()), "scores", "dtype"),
+        (lambda h: (h, h[:, :2, 0]), "scores", "(B, T)"),
+        (lambda h: (h, torch.zeros(2, 5, 4)), "scores", "divides d = 6"),
+        (lambda h: (h, torch.zeros(2, 5, 1, 1)), "scores", "2 or 3 dimensions"),
+        (lambda h: (h, [1.0]), "scores", "torch.Tensor"),
+        (lambda h: (h[0], h[0, :, 0]), "hidden", "3 dimensions"),
+    ],
+)
+def test_bad_input_names_the_argument(make, arg, message):
+    hidden, scores = make(torch.zeros(2, 5, 6))
+    with pytest.raises((TypeError, ValueError), match=arg) as info:
+        fastpool.attention_pool(hidden, scores)
+    assert message in str(info.value)
+
+
+def test_bad_mask_names_the_argument():
+    with pytest.raises(ValueError, match="mask"):
+        fastpool.attention_pool(torch.zeros(2, 5, 6), torch.zeros(2, 5), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_opcheck(device, backend_name, with_mask):
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(3, 7, 4, generator=gen).to(device).requires_grad_()
+    scores = torch.randn(3, 7, 2, generator=gen).to(device).requires_grad_()
+    mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
+    args = (hidden, scores, mask, backend_name)
+    torch.library.opcheck(torch.ops.fastpool.attention_pool_fwd.default, args)
+    out, m, total = torch.ops.fastpool.attention_pool_fwd(hidden.detach(), scores.detach(), mask, backend_name)
+    bwd_args = (torch.randn_like(out), hidden.detach(), scores.detach(), mask, out, m, total, backend_name)
+    torch.library.opcheck(torch.ops.fastpool.attention_pool_bwd.default, bwd_args)
+
+
+def attention_loss(hidden, scores, mask):
+    return fastpool.attention_pool(hidden, scores, mask).square().sum()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fullgraph_compile_matches_eager(device, backend_name):
+    counter = CompileCounter()
+    compiled = torch.compile(attention_loss, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(8)
+    with fastpool.use_backend(backend_name):
+        for B, T in [(2, 5), (3, 7), (4, 9)]:
+            hidden = torch.randn(B, T, 4, generator=gen).to(device).requires_grad_()
+            scores = torch.randn(B, T, 2, generator=gen).to(device).requires_grad_()
+            mask = make_mask("holes", B, T, gen).to(device)
+            loss = compiled(hidden, scores, mask)
+            grads = torch.autograd.grad(loss, (hidden, scores))
+            ref = attention_loss(hidden, scores, mask)
+            torch.testing.assert_close(loss, ref)
+            torch.testing.assert_close(grads, torch.autograd.grad(ref, (hidden, scores)))
+    assert counter.frame_count <= 2
+
+
+def test_attention_pooling_module_trains(device, backend):
+    torch.manual_seed(9)
+    module = fastpool.nn.AttentionPooling(4, heads=2).to(device)
+    hidden = torch.randn(3, 6, 4, device=device)
+    mask = torch.ones(3, 6, dtype=torch.bool, device=device)
+    mask[1, 3:] = False
+    out = module(hidden, mask)
+    torch.testing.assert_close(out, fastpool.attention_pool(hidden, module.scorer(hidden), mask))
+    out.square().sum().backward()
+    assert module.scorer.weight.grad is not None and module.scorer.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="heads"):
+        fastpool.nn.AttentionPooling(5, heads=2)
