@@ -38,8 +38,8 @@ def expected(hidden, scores, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("mask_kind", ["none", "right", "holes", "empty-row"])
-@pytest.mark.parametrize("heads", [0, 1, 3])
+@pytest.mark.parametrize("mask_kind", ["none", "empty-row"])
+@pytest.mark.parametrize("heads", [0, 3])
 def test_matches_oracle(device, backend, dtype, mask_kind, heads):
     gen = torch.Generator().manual_seed(1)
     B, T, d = 3, 9, 6
