@@ -41,7 +41,13 @@ def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -
 
 def _full_precision_matmul(device: torch.device) -> bool:
     """Whether float32 matmuls on ``device`` keep full float32 precision (no TF32 / bf16 passes)."""
-    if torch.get_float32_matmul_precision() != "highest":
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        # The new fp32_precision API makes the legacy query raise (issue 12 item 5): take the
+        # select-and-sum path, which never depends on matmul precision.
+        return False
+    if precision != "highest":
         return False
     return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
 
