@@ -209,7 +209,10 @@ def finish_rows(
         return out.contiguous(), torch.empty(0, dtype=acc, device=out.device)
     rows = torch.cat([p.to(acc) for p in pieces], dim=1)
     norms = torch.linalg.vector_norm(rows, dim=1)
-    out = (rows / norms.clamp_min(normalize_eps).unsqueeze(1)).to(dtype)
+    denominator = norms.clamp_min(normalize_eps)
+    # eps = 0 and an all-zero row (an empty row): 0 / 1 = 0, never 0 / 0.
+    denominator = torch.where(denominator > 0, denominator, 1.0)
+    out = (rows / denominator.unsqueeze(1)).to(dtype)
     return out, norms
 
 

@@ -25,6 +25,7 @@ on the host, one sync; with it, CUDA tensors run without any host-device sync (s
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal, overload
 
@@ -158,8 +159,10 @@ def pool(
     """
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a real number (float, int or NumPy scalar), got {type(eps).__name__}")
+    if not eps >= 0:  # also rejects NaN
+        raise ValueError(f"eps: expected a non-negative finite floor, got {float(eps)!r}")
     normalize_eps = float(eps) if normalize else -1.0
     return _pool(hidden, mask, normalize_modes(mode), weights, cu_seqlens, max_seqlen, normalize_eps)[0]
 

@@ -112,7 +112,9 @@ def _write_results(
         squares = mean * mean + root_mean * root_mean + w_mean * w_mean + max_out * max_out
         squares += first_token * first_token + last_token * last_token
         norm = tl.sqrt(tl.sum(squares, axis=0))  # approximate (<= 2 ulp): sqrt_rn needed a stack frame here
-        scale = 1.0 / tl.maximum(norm, normalize_eps)
+        # eps = 0 and an all-zero row: 0 / 1 = 0, never 0 / 0.
+        denominator = tl.maximum(norm, normalize_eps)
+        scale = 1.0 / tl.where(denominator > 0, denominator, 1.0)
         tl.store(norm_ptr + row, norm, mask=owner)
     if col_mean >= 0:
         tl.store(out_row + col_mean + d_offs, (mean * scale).to(out_ty), mask=d_in)
@@ -360,8 +362,10 @@ def _combine_parts(
             if not HAS_WEIGHTS:
                 # Ranks in split s were counted from 1: shift them by the real tokens before it,
                 # sum_k (k + offset) x_k = partial weighted sum + offset * partial sum.
+                # No shift before the first real token: 0 * (a partial sum holding inf) is NaN.
                 offset = count.to(ACC_DTYPE)
-                weighted += offset * tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+                shifted = offset * tl.load(part_sum_ptr + part * d + d_offs, mask=d_in, other=0.0)
+                weighted += tl.where(count > 0, shifted, 0.0)
         count += tl.load(part_stats_ptr + part * 3)
         first = tl.minimum(first, tl.load(part_stats_ptr + part * 3 + 1))
         last = tl.maximum(last, tl.load(part_stats_ptr + part * 3 + 2))
