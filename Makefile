@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml setup.cfg Makefile
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(JOBS)
+	$(PY) -P -m pytest -n $(JOBS)
 
 bench: $(VENV)/.installed
 	FASTPOOL_BACKEND=auto $(PY) bench/run.py

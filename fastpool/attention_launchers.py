@@ -54,7 +54,7 @@ def attention_pool_forward(
     Memory traffic: reads B*T*d hidden elements and B*T*H scores (plus B*T mask bytes) once per
     feature block of a head (once for d/H <= BLOCK_D), writes B*d outputs and 2*B*H statistics.
     """
-    from kernels.attention_pool import attention_pool_forward_kernel
+    from .kernels.attention_pool import attention_pool_forward_kernel
 
     B, T, d = hidden.shape
     H = scores.shape[2]
@@ -98,7 +98,7 @@ def attention_pool_backward(
     Memory traffic: reads B*T*d hidden elements and B*T*H scores once, writes B*T*d + B*T*H
     gradient elements; grad_out and out (B, d) are read once per token block.
     """
-    from kernels.attention_pool import attention_pool_backward_kernel
+    from .kernels.attention_pool import attention_pool_backward_kernel
 
     B, T, d = hidden.shape
     H = scores.shape[2]
