@@ -30,7 +30,11 @@ ROW_BYTES = 512
 SCAN_BLOCK = 1024
 NUM_WARPS = 4
 # Software-pipelining depth of the forward loop over a chunk without holes.
-NUM_STAGES = 3
+NUM_STAGES = 4
+# Register cap of the forward kernel. Without one, ptxas keeps some variants near 48 registers and
+# spills a few bytes outside the token loops; with it every variant fits without spilling (the
+# heaviest mix uses ~127), which still leaves 4 programs of 128 threads per multiprocessor.
+FORWARD_MAX_REGISTERS = 128
 # Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
 PROGRAMS_PER_SM = 4
 # Backward: bytes of one output tile (BLOCK_T * BLOCK_D * element size).
@@ -137,24 +141,27 @@ def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 _counters: dict[tuple, torch.Tensor] = {}
+_epoch = 0
 
 
-def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 zeros for the tickets of a split launch, from a buffer cached per device and stream.
+def ticket_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
+    """(counters, epoch): n int64 ticket counters of a split launch, from a buffer cached per device
+    and stream, and this launch's epoch tag (see ``kernels.mask_scan.draw_ticket``).
 
-    The kernels leave every counter at 0 when they finish (the last program of a row resets its
-    own), so the buffer is zeroed once when it is allocated and never again: no memset per call.
+    The kernels leave every counter of a completed row at 0, and ignore counts tagged with another
+    epoch, so the buffer is zeroed once when it is allocated and never again: no memset per call.
     Keyed by the current stream, so launches on different streams never share counters.
     """
+    global _epoch
+    _epoch = _epoch % (2**31 - 1) + 1
     key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (device,)
     buffer = _counters.get(key)
     if buffer is None or buffer.numel() < n:
-        buffer = torch.zeros(max(n, 1024, 2 * (0 if buffer is None else buffer.numel())), dtype=torch.int32,
-                             device=device)  # fmt: skip
-        if type(buffer) is not torch.Tensor:  # fake / functional tensors: a fresh zeroed buffer per call
-            return buffer
-        _counters[key] = buffer
-    return buffer
+        size = max(n, 1024, 2 * (0 if buffer is None else buffer.numel()))
+        buffer = torch.zeros(size, dtype=torch.int64, device=device)
+        if type(buffer) is torch.Tensor:  # never cache a fake or functional tensor
+            _counters[key] = buffer
+    return buffer, _epoch
 
 
 def on_device(device: torch.device):
@@ -235,7 +242,7 @@ def forward_setup(
         out=torch.empty((rows, n_cols), dtype=hidden.dtype, device=device),
         argmax=torch.empty((rows, d if do_max and track_positions else 0), dtype=torch.int32, device=device),
         stats=torch.empty((3, rows), dtype=torch.int32, device=device),
-        norms=torch.zeros((rows if normalize else 0,), dtype=acc, device=device),
+        norms=torch.empty((rows if normalize else 0,), dtype=acc, device=device),
         rowbuf=torch.empty((rows, n_cols) if normalize else (0, 0), dtype=acc, device=device),
         wsum=torch.empty((rows if has_weights else 0,), dtype=acc, device=device),
         wmean=torch.empty((rows if store_wmean else 0, d), dtype=acc, device=device),
@@ -252,7 +259,9 @@ def partial_buffers(setup: ForwardSetup, slots: int, d: int, n_dblocks: int, dev
     acc = setup.acc
 
     def buffer(needed: bool, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=device) if needed and slots else placeholder(device, dtype)
+        return (
+            torch.empty(shape, dtype=dtype, device=device) if needed and slots else placeholder(device, dtype)
+        )
 
     return (
         buffer(setup.do_mean, (slots, d), acc),
@@ -262,6 +271,16 @@ def partial_buffers(setup: ForwardSetup, slots: int, d: int, n_dblocks: int, dev
         buffer(True, (slots, n_dblocks, 3), torch.int32),
         buffer(setup.has_weights, (slots, n_dblocks), acc),
     )
+
+
+def mode_flags(setup: ForwardSetup, hidden: torch.Tensor, packed: bool) -> dict:
+    """The forward kernel's mode and layout constexprs."""
+    return dict(
+        DO_MEAN=setup.do_mean, DO_MAX=setup.do_max, TRACK_POS=setup.track_positions,
+        DO_WEIGHTED=setup.do_weighted, HAS_WEIGHTS=setup.has_weights, PACKED=packed,
+        ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_D=setup.block_d, num_warps=setup.num_warps,
+        maxnreg=FORWARD_MAX_REGISTERS,
+    )  # fmt: skip
 
 
 def outputs(setup: ForwardSetup, prefix: torch.Tensor) -> tuple:

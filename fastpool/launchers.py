@@ -22,14 +22,14 @@ from .launch import (
     NUM_STAGES,
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
-    ForwardSetup,
     check_feature_blocks,
     feature_block,
-    outputs,
     forward_setup,
     has_overrides,
     kernel_columns,
+    mode_flags,
     on_device,
+    outputs,
     overridden,
     partial_buffers,
     placeholder,
@@ -101,15 +101,6 @@ def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[t
     return view, bits, *view.stride()
 
 
-def mode_flags(setup: ForwardSetup, hidden: torch.Tensor, packed: bool) -> dict:
-    """The forward kernel's mode and layout constexprs."""
-    return dict(
-        DO_MEAN=setup.do_mean, DO_MAX=setup.do_max, TRACK_POS=setup.track_positions,
-        DO_WEIGHTED=setup.do_weighted, HAS_WEIGHTS=setup.has_weights, PACKED=packed,
-        ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_D=setup.block_d, num_warps=setup.num_warps,
-    )  # fmt: skip
-
-
 def pool_forward(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -123,7 +114,7 @@ def pool_forward(
 
     hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None;
     weights (B, T) float, any strides, or None (weighted_mean's user weights); normalize_eps >= 0:
-    L2-normalise each output row (fused in the epilogue when ``normalized_block_d`` allows);
+    L2-normalise each output row (in the same launch: the last feature block of a row to finish);
     track_positions: keep max positions (indices or a gradient are needed; else values only);
     for_backward: also return what the backward kernels need (see below).
 
@@ -168,10 +159,12 @@ def pool_forward(
     prefix = torch.empty((B, grid.n_slots if store_prefix else 0), dtype=torch.int32, device=device)
     mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
     acc_placeholder = placeholder(device, setup.acc)
-    weights_arg, (stride_wb, stride_wt) = (weights, weights.stride()) if weights is not None else (acc_placeholder, (0, 0))
+    weights_arg, (stride_wb, stride_wt) = (
+        (weights, weights.stride()) if weights is not None else (acc_placeholder, (0, 0))
+    )
     partials = partial_buffers(setup, B * grid.n_slots if split else 0, d, n_dblocks, device)
     n_tickets = setup.ticket_count(B, n_dblocks, split)
-    counters = ticket_counters(device, n_tickets) if n_tickets else stats
+    counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
     with on_device(device):
         pool_forward_kernel[(B, n_dblocks, grid.programs_per_row)](
             hidden, mask_view, out, setup.argmax if setup.track_positions else stats, stats,
@@ -181,7 +174,7 @@ def pool_forward(
             *partials, counters, weights_arg, stats,
             setup.norms if setup.normalize_eps >= 0 else acc_placeholder,
             setup.rowbuf if setup.normalize_eps >= 0 else acc_placeholder,
-            B, T, d, grid.chunks_per_program, grid.n_slots, 0,
+            B, T, d, grid.chunks_per_program, grid.n_slots, 0, epoch,
             *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
             *setup.col_args, setup.normalize_eps, int(setup.wmean.numel() > 0), int(store_prefix), mask_bits,
             HAS_MASK=mask is not None, LANES=grid.lanes, CHUNK=grid.chunk, SCAN_BLOCK=grid.scan_block,

@@ -30,7 +30,9 @@ from .launch import CHUNK
 
 _BACKENDS = ("triton", "torch")
 
-Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Outputs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]
 
 
 def _impl(backend: str, packed: bool = False):
@@ -47,8 +49,17 @@ def _hint(max_seqlen: int) -> int | None:
 
 
 def _fake_outputs(
-    hidden: torch.Tensor, rows, d, T, modes: str, normalize_eps: float, backend: str, has_weights: bool,
-    track_positions: bool, for_backward: bool, has_mask: bool,
+    hidden: torch.Tensor,
+    rows,
+    d,
+    T,
+    modes: str,
+    normalize_eps: float,
+    backend: str,
+    has_weights: bool,
+    track_positions: bool,
+    for_backward: bool,
+    has_mask: bool,
 ) -> Outputs:
     names = modes.split(",")
     acc = eager.accumulation_dtype(hidden.dtype)
@@ -92,7 +103,9 @@ def forward_impl(
     if backend == "torch":
         outputs = eager.pool_forward(hidden, mask, names, weights, normalize_eps)
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
-    return _impl(backend).pool_forward(hidden, mask, names, weights, normalize_eps, track_positions, for_backward)
+    return _impl(backend).pool_forward(
+        hidden, mask, names, weights, normalize_eps, track_positions, for_backward
+    )
 
 
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
@@ -287,7 +300,9 @@ def packed_pool_bwd(
 
 
 @packed_pool_bwd.register_fake
-def _packed_pool_bwd_fake(grad_out, cu_seqlens, weights, argmax, stats, wsum, N, dtype, modes, backend, max_seqlen):
+def _packed_pool_bwd_fake(
+    grad_out, cu_seqlens, weights, argmax, stats, wsum, N, dtype, modes, backend, max_seqlen
+):
     return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
@@ -349,13 +364,27 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
         return packed_pool_bwd(
-            grad_out, layout, weights, argmax, stats, wsum, ctx.T, ctx.dtype, ctx.modes, backend, ctx.max_seqlen
+            grad_out,
+            layout,
+            weights,
+            argmax,
+            stats,
+            wsum,
+            ctx.T,
+            ctx.dtype,
+            ctx.modes,
+            backend,
+            ctx.max_seqlen,
         )
-    return pool_bwd(grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend)
+    return pool_bwd(
+        grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend
+    )
 
 
 def _backward(ctx, grad_out, *_grads_of_other_outputs):
     layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
+    # Saved forward results are constants of the backward (no gradient flows through them).
+    wsum, wmean = wsum.detach(), wmean.detach()
     grads = [None] * ctx.n_inputs
     if grad_out is None:
         return tuple(grads)

@@ -23,10 +23,11 @@ from .launch import (
     SCAN_BLOCK,
     check_feature_blocks,
     feature_block,
-    outputs,
     forward_setup,
     kernel_columns,
+    mode_flags,
     on_device,
+    outputs,
     overridden,
     partial_buffers,
     placeholder,
@@ -35,7 +36,6 @@ from .launch import (
     triton_acc_dtype,
     triton_cdiv,
 )
-from .launchers import mode_flags
 from .modes import mode_columns
 
 
@@ -108,7 +108,7 @@ def pool_forward(
     weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_placeholder, 0)
     partials = partial_buffers(setup, programs if split else 0, d, n_dblocks, device)
     n_tickets = setup.ticket_count(S, n_dblocks, split)
-    counters = ticket_counters(device, n_tickets) if n_tickets else stats
+    counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
     stride_ht, stride_hd = hidden.stride()
     with on_device(device):
         pool_forward_kernel[(programs, n_dblocks, 1)](
@@ -119,7 +119,7 @@ def pool_forward(
             *partials, counters, weights_arg, cu_seqlens,
             setup.norms if setup.normalize_eps >= 0 else acc_placeholder,
             setup.rowbuf if setup.normalize_eps >= 0 else acc_placeholder,
-            S, N, d, 1 if split else 2**30, 0, search_steps(S),
+            S, N, d, 1 if split else 2**30, 0, search_steps(S), epoch,
             0, stride_ht, stride_hd, 0, 0, 0, stride_wt, out.stride(0),
             *setup.col_args, setup.normalize_eps, int(setup.wmean.numel() > 0), 0, -1,
             HAS_MASK=False, LANES=overridden("lanes", LANES), CHUNK=chunk,

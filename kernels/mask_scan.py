@@ -170,3 +170,62 @@ def weight_total(
         c = count.to(ACC_DTYPE)
         total = c * (c + 1.0) * 0.5
     return total
+
+
+@triton.jit
+def packed_program(
+    cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
+    q,  # int32: the program's index along grid axis 0
+    S,
+    N,
+    search_steps,  # bit length of S
+    CHUNK: tl.constexpr,
+):
+    """(segment, chunk index, segment begin, segment end) of packed program q.
+
+    Program q < S owns chunk 0 of segment q (even an empty segment: its result is zeros). Program
+    S + p owns the chunk of the segment holding token p * CHUNK that starts in the window
+    [p * CHUNK, (p + 1) * CHUNK), if that chunk is not the segment's first; then chunk >= 1, else the
+    program has nothing to do (chunk == 0 for a window program). Offsets are clamped (see
+    ``segment_bounds``); every quantity stays below N + CHUNK, so nothing overflows int32.
+    """
+    is_window = q >= S
+    seg = q
+    if is_window:
+        seg = segment_of_token(cu_seqlens_ptr, (q - S) * CHUNK, S, search_steps)
+    begin, end = segment_bounds(cu_seqlens_ptr, seg, N)
+    k = tl.full((), 0, tl.int32)
+    if is_window:
+        k = tl.cdiv(tl.maximum((q - S) * CHUNK - begin, 0), CHUNK)
+    return seg, k, begin, end
+
+
+@triton.jit
+def draw_ticket(
+    counter,  # pointer to one int64 counter: (epoch << 32) | arrivals, or 0
+    epoch,  # int64 > 0: this launch's tag
+):
+    """Count one arrival and return how many came before it in this launch (acquire-release).
+
+    A counter left by an earlier launch (tagged with another epoch) counts as 0: a launch that
+    never completed a row (only possible with malformed offsets on the unchecked packed path) can
+    never poison a later one. The last arrival resets the counter to 0 (``release_ticket``), so a
+    replayed CUDA graph, whose epoch never changes, starts from 0 too.
+    """
+    tag = epoch.to(tl.int64) << 32
+    current = tl.atomic_add(counter, 0, sem="relaxed")
+    ticket = tl.full((), 0, tl.int64)
+    done = tl.full((), 0, tl.int32)
+    while done == 0:
+        fresh = (current >> 32) != epoch.to(tl.int64)
+        ticket = tl.where(fresh, 0, current & 0xFFFFFFFF)
+        seen = tl.atomic_cas(counter, current, tag + ticket + 1, sem="acq_rel")
+        done = (seen == current).to(tl.int32)
+        current = seen
+    return ticket
+
+
+@triton.jit
+def release_ticket(counter):
+    """Reset a counter after the last arrival of a launch."""
+    tl.atomic_xchg(counter, tl.full((), 0, tl.int64), sem="relaxed")

@@ -16,7 +16,7 @@ later chunk that starts in a window of the token axis) and writes every token of
 import triton
 import triton.language as tl
 
-from .mask_scan import COLUMN_ARGS, exact_sqrt, segment_bounds, segment_of_token, weight_total
+from .mask_scan import COLUMN_ARGS, exact_sqrt, packed_program, weight_total
 
 
 @triton.jit
@@ -236,19 +236,9 @@ def packed_backward_kernel(
     [p * CHUNK, (p + 1) * CHUNK). Chunks partition the tokens of a well-formed batch, so every
     element of grad is written exactly once.
     """
-    q = tl.program_id(0)
-    is_window = q >= S
-    seg = q
-    if is_window:
-        seg = segment_of_token(cu_seqlens_ptr, (q - S) * CHUNK, S, search_steps)
-    seg_begin, seg_end = segment_bounds(cu_seqlens_ptr, seg, N)
-    k = 0
-    if is_window:
-        k = tl.cdiv((q - S) * CHUNK - seg_begin, CHUNK)
+    seg, k, seg_begin, seg_end = packed_program(cu_seqlens_ptr, tl.program_id(0), S, N, search_steps, CHUNK)
     n_chunks = tl.cdiv(seg_end - seg_begin, CHUNK)
-    active = k < n_chunks
-    if is_window:
-        active = active & (k >= 1)
+    active = (k < n_chunks) & ((k >= 1) | (tl.program_id(0) < S))
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d_offs < d
     if active:

@@ -35,12 +35,13 @@ from .mask_scan import (
     NO_TOKEN,
     better_max,
     chunk_span,
+    draw_ticket,
     exact_sqrt,
     first_real_token,
     lanes_argmax,
     lanes_max,
-    segment_bounds,
-    segment_of_token,
+    packed_program,
+    release_ticket,
     weight_total,
 )
 
@@ -375,7 +376,7 @@ def _reciprocal(x):
 
 @triton.jit(
     do_not_specialize=[
-        *COLUMN_ARGS, "MASK_BITS", "chunks_per_program", "n_slots", "search_steps", "normalize_eps",
+        *COLUMN_ARGS, "MASK_BITS", "chunks_per_program", "n_slots", "search_steps", "epoch", "normalize_eps",
         "store_wmean", "store_prefix",
     ]
 )  # fmt: skip
@@ -394,7 +395,7 @@ def pool_forward_kernel(
     part_pos_ptr,  # (slots, d) int32: its position; TRACK_POS only
     part_stats_ptr,  # (slots, n_dblocks, 3) int32: per-chunk count, first, last
     part_wt_ptr,  # (slots, n_dblocks) acc dtype: per-chunk user weight sums; HAS_WEIGHTS only
-    counter_ptr,  # (rows * n_dblocks + rows,) int32 tickets, all 0 before and after every launch
+    counter_ptr,  # (rows * n_dblocks + rows,) int64 tickets (see draw_ticket), 0 after every complete launch
     weights_ptr,  # (B, T) / (N,) float user weights, any strides; HAS_WEIGHTS only
     cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets; PACKED only
     norm_ptr,  # (rows,) acc dtype: L2 norm of each output row; normalize_eps >= 0 only
@@ -405,6 +406,7 @@ def pool_forward_kernel(
     chunks_per_program,  # G: chunks one program pools (>= a row's chunks: one program per row; packed: 1 or all)
     n_slots,  # padded: cdiv(T, CHUNK), the partial slots of a row
     search_steps,  # PACKED: bit length of S (binary search of a window's segment)
+    epoch,  # int64 > 0: this launch's ticket tag
     stride_hb,  # 0 when PACKED: positions are global token indices
     stride_ht,
     stride_hd,
@@ -441,16 +443,18 @@ def pool_forward_kernel(
     pid_d = tl.program_id(1)
     n_dblocks = tl.num_programs(1)
     n_cols = (col_mean >= 0).to(tl.int32) + (col_max >= 0).to(tl.int32) + (col_first >= 0).to(tl.int32)
-    n_cols = (n_cols + (col_last >= 0).to(tl.int32) + (col_sqrt >= 0).to(tl.int32) + (col_weighted >= 0).to(tl.int32)) * d
+    n_cols = (
+        n_cols
+        + (col_last >= 0).to(tl.int32)
+        + (col_sqrt >= 0).to(tl.int32)
+        + (col_weighted >= 0).to(tl.int32)
+    ) * d
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d_offs < d
     if PACKED:
-        q = tl.program_id(0)
-        is_window = q >= rows
-        seg = q
-        if is_window:
-            seg = segment_of_token(cu_seqlens_ptr, (q - rows) * CHUNK, rows, search_steps)
-        seg_begin, seg_end = segment_bounds(cu_seqlens_ptr, seg, T)
+        seg, k_begin, seg_begin, seg_end = packed_program(
+            cu_seqlens_ptr, tl.program_id(0), rows, T, search_steps, CHUNK
+        )
         row = seg.to(tl.int64)
         first_row = tl.where(seg_end > seg_begin, seg_begin, NO_TOKEN)
         row_end = seg_end
@@ -458,13 +462,7 @@ def pool_forward_kernel(
         # chunks_per_program is 1 when the grid has window programs, else larger than any segment
         # (then a segment program pools all of its segment, even one longer than max_seqlen said).
         n_programs = tl.cdiv(n_chunks, chunks_per_program)
-        k_begin = 0
-        if is_window:
-            # The chunk of `seg` that starts in this window, if any (chunk 0 belongs to program seg).
-            k_begin = tl.cdiv((q - rows) * CHUNK - seg_begin, CHUNK)
-            active = (k_begin >= 1) & (k_begin < n_chunks)
-        else:
-            active = True
+        active = (tl.program_id(0) < rows) | ((k_begin >= 1) & (k_begin < n_chunks))
         k_end = tl.minimum(k_begin + chunks_per_program, n_chunks)
         chunks = 1
     else:
@@ -538,10 +536,12 @@ def pool_forward_kernel(
                     tl.store(part_pos_ptr + slot * d + d_offs, max_pos, mask=d_in)
             # Release the partials, then draw a ticket; the last of the row's programs folds.
             tl.debug_barrier()
-            ticket = tl.atomic_add(counter_ptr + row * n_dblocks + pid_d, 1, sem="acq_rel")
-            finish = ticket == n_programs - 1
+            finish = draw_ticket(counter_ptr + row * n_dblocks + pid_d, epoch) == n_programs - 1
             if finish:
-                tl.atomic_xchg(counter_ptr + row * n_dblocks + pid_d, 0, sem="relaxed")
+                release_ticket(counter_ptr + row * n_dblocks + pid_d)
+                # Fold every program's partial in order, this program's own included.
+                max_value = tl.full((BLOCK_D,), float("-inf"), ACC_DTYPE)
+                max_pos = tl.full((BLOCK_D,), NO_TOKEN, tl.int32)
                 seg_first = seg_begin_or_zero(first_row, PACKED)
                 for k in range(0, n_chunks):
                     slot = _slot(row, k, seg_first, rows, n_slots, CHUNK, PACKED)
@@ -551,7 +551,9 @@ def pool_forward_kernel(
                     chunk_wsum = tl.zeros((BLOCK_D,), ACC_DTYPE)
                     chunk_wt = tl.zeros((), ACC_DTYPE)
                     if DO_MEAN:
-                        chunk_sum = tl.load(part_sum_ptr + slot * d + d_offs, mask=d_in, other=0.0, volatile=True)
+                        chunk_sum = tl.load(
+                            part_sum_ptr + slot * d + d_offs, mask=d_in, other=0.0, volatile=True
+                        )
                     if DO_WEIGHTED:
                         chunk_wsum = tl.load(
                             part_wsum_ptr + slot * d + d_offs, mask=d_in, other=0.0, volatile=True
@@ -569,7 +571,9 @@ def pool_forward_kernel(
                     if DO_MAX and (k % chunks == 0):
                         value = tl.load(part_max_ptr + slot * d + d_offs, mask=d_in, other=0.0, volatile=True)
                         if TRACK_POS:
-                            pos = tl.load(part_pos_ptr + slot * d + d_offs, mask=d_in, other=NO_TOKEN, volatile=True)
+                            pos = tl.load(
+                                part_pos_ptr + slot * d + d_offs, mask=d_in, other=NO_TOKEN, volatile=True
+                            )
                             take = better_max(value, pos, max_value, max_pos)
                             max_value = tl.where(take, value, max_value)
                             max_pos = tl.where(take, pos, max_pos)
@@ -588,10 +592,18 @@ def pool_forward_kernel(
                 # The row's feature blocks draw tickets; the last one normalises the whole row.
                 tl.debug_barrier()
                 row_counter = counter_ptr + rows * n_dblocks + row
-                if tl.atomic_add(row_counter, 1, sem="acq_rel") == n_dblocks - 1:
-                    tl.atomic_xchg(row_counter, 0, sem="relaxed")
+                if draw_ticket(row_counter, epoch) == n_dblocks - 1:
+                    release_ticket(row_counter)
                     _normalize_row(
-                        rowbuf_ptr, out_ptr, norm_ptr, row, n_cols, stride_ob, normalize_eps, ACC_DTYPE, BLOCK_D
+                        rowbuf_ptr,
+                        out_ptr,
+                        norm_ptr,
+                        row,
+                        n_cols,
+                        stride_ob,
+                        normalize_eps,
+                        ACC_DTYPE,
+                        BLOCK_D,
                     )
 
 
