@@ -1,0 +1,113 @@
+"""Launch a ``@triton.jit`` kernel through its compiled launcher, without ``JITFunction.run`` per call.
+
+``kernel[grid](*args)`` binds and specialises every argument, computes a cache key and builds launch
+metadata on every call: at serving shapes that host work costs more than the kernel. A
+``KernelLauncher`` does that once per *launch key* — a tuple the caller builds from exactly what
+Triton specialises on for its arguments (dtypes, 16-byte alignment of the tensors, the value of each
+integer argument that is not ``do_not_specialize``: equal to 1, divisible by 16, wider than 32 bits)
+— and afterwards calls the compiled kernel's own launcher with the same arguments.
+
+The fast path is used only where it is known to be equivalent to the plain launch: a real Triton
+JIT function (not the interpreter), Triton's launcher with the call signature this module expects
+(checked once per kernel, see ``_launcher_usable``), constexpr parameters after all the others, and
+no launch hooks installed (profilers). Anywhere else every call takes the plain ``kernel[grid](...)``
+path; ``tests/test_fast_launch.py`` checks both paths launch the same compiled kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+_DISABLED = os.environ.get("FASTPOOL_PLAIN_LAUNCH", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def specialization(value: int) -> int:
+    """What Triton specialises on for an integer argument: 1 (the value 1), 16 (divisible by 16), 0
+    (neither), plus 2 when it needs 64 bits. One small int for a launch key."""
+    wide = 2 if not -(2**31) <= value < 2**31 else 0
+    if value == 1:
+        return 1 + wide
+    return (16 if value % 16 == 0 else 0) + wide
+
+
+def aligned(tensor) -> bool:
+    """Whether a tensor's data pointer is 16-byte aligned (Triton specialises pointers on it)."""
+    return tensor.data_ptr() % 16 == 0
+
+
+class KernelLauncher:
+    """Launches one kernel: plainly the first time for each launch key, then straight through the
+    compiled kernel's launcher."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._plans: dict = {}
+        self._checked: bool | None = None
+
+    def __call__(self, key, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+        """Launch ``kernel[grid](*args, **constexprs, **options)``.
+
+        args: every non-constexpr argument, in the kernel's parameter order; constexprs: the
+        constexpr parameters by name; options: launch options (num_warps, maxnreg). ``key`` must
+        determine Triton's specialisation of ``args`` and the values of ``constexprs`` and
+        ``options``; None disables the fast path for this call.
+        """
+        plan = self._plans.get(key) if key is not None else None
+        if plan is not None and _hooks_idle():
+            compiled, tail, driver = plan
+            stream = driver.get_current_stream(driver.get_current_device())
+            compiled.run(
+                grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
+                None, None, None, *args, *tail,
+            )  # fmt: skip
+            return
+        compiled = self.kernel[grid](*args, **constexprs, **options)
+        if key is not None and self._usable(compiled):
+            tail = tuple(constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
+            self._plans[key] = (compiled, tail, _driver())
+
+    def _usable(self, compiled) -> bool:
+        if self._checked is None:
+            self._checked = _launcher_usable(self.kernel, compiled)
+        return self._checked
+
+    def clear(self) -> None:
+        """Forget the cached plans (tests)."""
+        self._plans.clear()
+
+
+def _driver():
+    from triton.runtime.driver import driver
+
+    return driver.active
+
+
+def _hooks_idle() -> bool:
+    from triton import knobs
+
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return _chain_empty(enter) and _chain_empty(leave)
+
+
+def _chain_empty(hook) -> bool:
+    return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
+
+
+def _launcher_usable(kernel, compiled) -> bool:
+    """Whether this Triton exposes what the fast path calls, in the shape it expects."""
+    if _DISABLED:
+        return False
+    try:
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    if not isinstance(kernel, JITFunction) or not isinstance(compiled, CompiledKernel):
+        return False  # the interpreter, or a Triton whose launch returns something else
+    params = getattr(kernel, "params", None)
+    if not params or not all(hasattr(p, "is_constexpr") and hasattr(p, "name") for p in params):
+        return False
+    flags = [p.is_constexpr for p in params]
+    if True in flags and False in flags[flags.index(True) :]:
+        return False  # a constexpr before an ordinary argument: the tail order would be wrong
+    return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
