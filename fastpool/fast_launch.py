@@ -44,8 +44,8 @@ class KernelLauncher:
         self._plans: dict = {}
         self._checked: bool | None = None
 
-    def __call__(self, key, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
-        """Launch ``kernel[grid](*args, **constexprs, **options)``.
+    def __call__(self, key, grid: tuple[int, int, int], args: tuple, constexprs: dict, options: dict) -> None:
+        """Launch ``kernel[grid](*args, **constexprs, **options)``; grid has three dimensions.
 
         args: every non-constexpr argument, in the kernel's parameter order; constexprs: the
         constexpr parameters by name; options: launch options (num_warps, maxnreg). ``key`` must
@@ -82,11 +82,18 @@ def _driver():
     return driver.active
 
 
-def _hooks_idle() -> bool:
-    from triton import knobs
+_knobs = None
 
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    return _chain_empty(enter) and _chain_empty(leave)
+
+def _hooks_idle() -> bool:
+    """No launch hook is installed (profilers install them; then every call takes the plain path)."""
+    global _knobs
+    if _knobs is None:
+        from triton import knobs
+
+        _knobs = knobs
+    runtime = _knobs.runtime
+    return _chain_empty(runtime.launch_enter_hook) and _chain_empty(runtime.launch_exit_hook)
 
 
 def _chain_empty(hook) -> bool:
@@ -95,19 +102,32 @@ def _chain_empty(hook) -> bool:
 
 def _launcher_usable(kernel, compiled) -> bool:
     """Whether this Triton exposes what the fast path calls, in the shape it expects."""
-    if _DISABLED:
-        return False
+    return not _DISABLED and kernel_supported(kernel) and compiled_supported(compiled)
+
+
+def kernel_supported(kernel) -> bool:
+    """A JIT function (not the interpreter's) whose constexpr parameters all come after the others, so
+    the launcher's argument list is the ordinary arguments followed by the constexprs."""
     try:
-        from triton.compiler.compiler import CompiledKernel
         from triton.runtime.jit import JITFunction
     except ImportError:
         return False
-    if not isinstance(kernel, JITFunction) or not isinstance(compiled, CompiledKernel):
-        return False  # the interpreter, or a Triton whose launch returns something else
+    if not isinstance(kernel, JITFunction):
+        return False
     params = getattr(kernel, "params", None)
     if not params or not all(hasattr(p, "is_constexpr") and hasattr(p, "name") for p in params):
         return False
-    flags = [p.is_constexpr for p in params]
-    if True in flags and False in flags[flags.index(True) :]:
-        return False  # a constexpr before an ordinary argument: the tail order would be wrong
-    return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata"))
+    flags = [bool(p.is_constexpr) for p in params]
+    return not (True in flags and False in flags[flags.index(True) :])
+
+
+def compiled_supported(compiled) -> bool:
+    """What ``kernel[grid](...)`` returned is a compiled kernel with the launcher, function handle and
+    packed metadata the fast path passes on."""
+    try:
+        from triton.compiler.compiler import CompiledKernel
+    except ImportError:
+        return False
+    return isinstance(compiled, CompiledKernel) and all(
+        hasattr(compiled, name) for name in ("run", "function", "packed_metadata")
+    )

@@ -81,6 +81,13 @@ def _forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
     return ForwardGrid(n_slots, per_program, triton_cdiv(n_slots, per_program))
 
 
+# The integer arguments of each kernel that Triton specialises on (value 1, divisibility by 16): the
+# launch keys below include each of them (tests/test_fast_launch.py checks these lists against the
+# kernels' do_not_specialize lists). Every other integer argument is do_not_specialize.
+FORWARD_SPECIALIZED = ("d", "stride_hb", "stride_ht", "stride_hd", "stride_mt", "stride_wt", "stride_ob")
+BACKWARD_SPECIALIZED = ("d", "stride_gob", "stride_god", "stride_mt", "stride_wt", "stride_gb", "stride_gt", "stride_gd")
+
+
 def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(mask view, MASK_BITS, stride_mb, stride_mt): the integer view the kernels read, or a fallback
     pointer (never read) without a mask."""
@@ -274,7 +281,7 @@ def pool_backward(
             aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
             mask_bits >= 2**31,
         )  # fmt: skip
-    grid = (B * n_tblocks, check_feature_blocks(d, block_d))
+    grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
     with on_device(device):
         backward_launcher()(key, grid, args, constexprs, options)
     return grad
@@ -316,7 +323,7 @@ def weights_backward(
         BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
     with on_device(device):
-        weights_launcher()(None, (B, triton_cdiv(T, block_t)), args, constexprs, dict(num_warps=NUM_WARPS))
+        weights_launcher()(None, (B, triton_cdiv(T, block_t), 1), args, constexprs, dict(num_warps=NUM_WARPS))
     return grad
 
 
