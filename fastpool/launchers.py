@@ -31,7 +31,7 @@ from .launch import (
     forward_plan,
     has_overrides,
     kernel_columns,
-    on_device,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -201,8 +201,7 @@ def pool_forward(
         specialization(stride_ob), aligned(hidden), mask is None or aligned(mask_view),
         weights is None or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
-    with on_device(device):
-        forward_launcher()(key, (B, n_dblocks, grid.programs_per_row), args, plan.constexprs, plan.options)
+    launch_on(device, forward_launcher(), key, (B, n_dblocks, grid.programs_per_row), args, plan.constexprs, plan.options)
     return outs.result(prefix)
 
 
@@ -282,8 +281,7 @@ def pool_backward(
             mask_bits >= 2**31,
         )  # fmt: skip
     grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
-    with on_device(device):
-        backward_launcher()(key, grid, args, constexprs, options)
+    launch_on(device, backward_launcher(), key, grid, args, constexprs, options)
     return grad
 
 
@@ -322,8 +320,8 @@ def weights_backward(
         HAS_MASK=mask is not None, PACKED=False, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
         BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
-    with on_device(device):
-        weights_launcher()(None, (B, triton_cdiv(T, block_t), 1), args, constexprs, dict(num_warps=NUM_WARPS))
+    grid = (B, triton_cdiv(T, block_t), 1)
+    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad
 
 
