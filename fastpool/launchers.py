@@ -25,6 +25,8 @@ from .launch import (
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
     ForwardOutputs,
+    next_epoch,
+    stream_key,
     empty,
     check_feature_blocks,
     feature_block,
@@ -85,7 +87,16 @@ def _forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
 # launch keys below include each of them (tests/test_fast_launch.py checks these lists against the
 # kernels' do_not_specialize lists). Every other integer argument is do_not_specialize.
 FORWARD_SPECIALIZED = ("d", "stride_hb", "stride_ht", "stride_hd", "stride_mt", "stride_wt", "stride_ob")
-BACKWARD_SPECIALIZED = ("d", "stride_gob", "stride_god", "stride_mt", "stride_wt", "stride_gb", "stride_gt", "stride_gd")
+BACKWARD_SPECIALIZED = (
+    "d",
+    "stride_gob",
+    "stride_god",
+    "stride_mt",
+    "stride_wt",
+    "stride_gb",
+    "stride_gt",
+    "stride_gd",
+)
 
 
 def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -158,13 +169,22 @@ def pool_forward(
     """
     B, T, d = hidden.shape
     device = hidden.device
+    if lean and not has_overrides():
+        repeat = _repeat_signature(
+            hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device
+        )
+        call = _repeat_calls.get(repeat)
+        if call is not None:
+            return call.launch(hidden, mask, weights, normalize_eps)
     plan = forward_plan(
         modes, hidden.dtype, mask is not None, weights is not None, normalize_eps >= 0, track_positions,
         for_backward, False,
     )  # fmt: skip
     outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty)
     if plan.store_prefix:
-        prefix = torch.empty((B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device)
+        prefix = torch.empty(
+            (B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device
+        )
     else:
         prefix = empty(device, torch.int32)
     if B == 0 or d == 0:
@@ -201,8 +221,88 @@ def pool_forward(
         specialization(stride_ob), aligned(hidden), mask is None or aligned(mask_view),
         weights is None or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
-    launch_on(device, forward_launcher(), key, (B, n_dblocks, grid.programs_per_row), args, plan.constexprs, plan.options)
+    grid_dims = (B, n_dblocks, grid.programs_per_row)
+    launch_on(device, forward_launcher(), key, grid_dims, args, plan.constexprs, plan.options)
+    if lean and key is not None:
+        _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0))
     return outs.result(prefix)
+
+
+# --- repeated inference calls ----------------------------------------------------------------------
+# An inference call (``lean``) with the same signature as an earlier one (modes, dtypes, shapes,
+# strides, alignment, device and stream) reuses everything but the tensors it was given: its plan,
+# grid, workspaces and launch key. Per call it allocates the output (and argmax when indices are
+# asked for) and launches: what a serving loop calling with fixed shapes pays.
+
+_repeat_calls: dict[tuple, RepeatCall] = {}
+_REPEAT_LIMIT = 256
+
+
+def _repeat_signature(hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device) -> tuple:
+    stream = stream_key(device)
+    hidden_part = (hidden.dtype, hidden.stride(), aligned(hidden))
+    mask_part = None if mask is None else (mask.dtype, mask.stride(), aligned(mask))
+    weights_part = None if weights is None else (weights.dtype, weights.stride(), aligned(weights))
+    normalize = normalize_eps >= 0
+    return (modes, B, T, d, hidden_part, mask_part, weights_part, normalize, track_positions, stream)
+
+
+def _remember(signature: tuple, call: RepeatCall) -> None:
+    if len(_repeat_calls) >= _REPEAT_LIMIT:
+        _repeat_calls.clear()
+    _repeat_calls[signature] = call
+
+
+class RepeatCall:
+    """A launch to repeat with new tensors: the argument tuple of the first call, cut around the
+    per-call entries (hidden, mask, out, argmax, weights, epoch, normalize_eps)."""
+
+    __slots__ = (
+        "plan",
+        "grid",
+        "key",
+        "device",
+        "tickets",
+        "shape",
+        "dtype",
+        "argmax_shape",
+        "parts",
+        "stats",
+    )
+
+    def __init__(self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool):
+        self.plan, self.grid, self.key, self.device, self.tickets = plan, grid, key, device, tickets
+        self.shape, self.dtype = outs.out.shape, outs.out.dtype
+        self.argmax_shape = outs.argmax.shape if plan.track_positions else None
+        self.stats = outs.stats
+        # Positions in the kernel's argument list: 0 hidden, 1 mask, 2 out, 3 argmax, 15 weights,
+        # 25 epoch, 40 normalize_eps.
+        self.parts = (args[4:15], args[16:25], args[26:40], args[41:])
+        if not self.plan.has_weights:
+            self.parts = (args[4:15] + (args[15],) + args[16:25],) + self.parts[2:]
+
+    def launch(self, hidden, mask, weights, normalize_eps: float) -> tuple:
+        plan = self.plan
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        argmax = (
+            torch.empty(self.argmax_shape, dtype=torch.int32, device=self.device)
+            if self.argmax_shape
+            else None
+        )
+        epoch = next_epoch() if self.tickets else 1
+        stats = self.stats
+        mask_arg = stats if mask is None else integer_view(mask)[0]
+        if plan.has_weights:
+            head, middle, tail, rest = self.parts
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, weights, *middle, epoch, *tail,
+                    normalize_eps, *rest)  # fmt: skip
+        else:
+            head, tail, rest = self.parts
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, epoch, *tail, normalize_eps,
+                    *rest)  # fmt: skip
+        launch_on(self.device, forward_launcher(), self.key, self.grid, args, plan.constexprs, plan.options)
+        empty_int = empty(self.device, torch.int32)
+        return out, empty_int if argmax is None else argmax, stats, None, None, None, empty_int
 
 
 def _without_features(outs: ForwardOutputs, mask, B: int, T: int, d: int, prefix: torch.Tensor) -> tuple:
