@@ -338,51 +338,87 @@ def pool_backward(
     Memory traffic: writes ``B * T * d * element_size`` bytes (each element exactly once, no memset);
     reads grad_out (``B * n_modes * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
     """
-    names = modes.split(",")
     B = stats.shape[1]
-    d = grad_out.shape[1] // len(names)
     device = grad_out.device
-    grad = torch.empty((B, T, d), dtype=dtype, device=device)
-    if grad.numel() == 0:
-        return grad
-    slots = mode_columns(names, 1)
-    size = grad.element_size()
-    block_t = overridden("block_t", token_block(size))
-    block_d = overridden("block_d", feature_block(size))
-    mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
-    acc_dummy = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
-    if weights is not None:
-        weights_arg, (stride_wb, stride_wt) = weights, weights.stride()
-    else:
-        weights_arg, stride_wb, stride_wt = acc_dummy, 0, 0
-    ranks_from_prefix = slots["weighted_mean"] >= 0 and weights is None and mask is not None
-    n_tblocks = triton_cdiv(T, block_t)
-    stride_gob, stride_god = grad_out.stride()
-    args = (
-        grad_out, mask_view, argmax if slots["max"] >= 0 else stats, stats,
-        prefix if ranks_from_prefix else stats, weights_arg, wsum if weights is not None else acc_dummy, grad,
-        B, T, d, n_tblocks, prefix.shape[1] if ranks_from_prefix else 0,
-        stride_gob, stride_god, stride_mb, stride_mt, stride_wb, stride_wt, *grad.stride(),
-        *kernel_columns(slots), mask_bits,
-    )  # fmt: skip
-    constexprs = dict(
-        HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
-        CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
-    )  # fmt: skip
-    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
-    key = None
+    signature = None
     if not has_overrides():
-        key = (
-            device, dtype, grad_out.dtype, mask_view.dtype if mask is not None else None,
-            weights.dtype if weights is not None else None, specialization(d), specialization(stride_gob),
-            specialization(stride_god), specialization(stride_mb), specialization(stride_mt),
-            specialization(stride_wb), specialization(stride_wt), *map(specialization, grad.stride()),
-            aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
-            mask_bits >= 2**31,
+        signature = (
+            modes, B, T, dtype, grad_out.dtype, grad_out.shape[1], grad_out.stride(), aligned(grad_out),
+            None if mask is None else (mask.dtype, mask.stride(), aligned(mask)),
+            None if weights is None else (weights.dtype, weights.stride(), aligned(weights)),
+            stream_key(device),
         )  # fmt: skip
-    grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
-    launch_on(device, backward_launcher(), key, grid, args, constexprs, options)
-    return grad
+        call = _backward_calls.get(signature)
+        if call is not None:
+            return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
+    call = BackwardCall(grad_out, mask, stats, T, dtype, modes, weights, prefix, signature is not None)
+    if signature is not None and call.grid is not None:
+        if len(_backward_calls) >= _REPEAT_LIMIT:
+            _backward_calls.clear()
+        _backward_calls[signature] = call
+    return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
+
+
+_backward_calls: dict[tuple, BackwardCall] = {}
+
+
+class BackwardCall:
+    """Everything about a backward launch but its tensors, for one call signature (modes, dtypes,
+    shapes, strides, alignment, stream): built once, then each call allocates the gradient and
+    launches."""
+
+    __slots__ = ("shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks")
+
+    def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool):
+        names = modes.split(",")
+        B = stats.shape[1]
+        d = grad_out.shape[1] // len(names)
+        self.shape, self.dtype, self.device = (B, T, d), dtype, grad_out.device
+        self.grid = None
+        if B * T * d == 0:
+            return
+        self.slots = slots = mode_columns(names, 1)
+        size = torch.empty((), dtype=dtype).element_size()
+        block_t = overridden("block_t", token_block(size))
+        block_d = overridden("block_d", feature_block(size))
+        mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
+        stride_wb, stride_wt = weights.stride() if weights is not None else (0, 0)
+        self.ranks = slots["weighted_mean"] >= 0 and weights is None and mask is not None
+        n_tblocks = triton_cdiv(T, block_t)
+        stride_gob, stride_god = grad_out.stride()
+        grad_strides = (T * d, d, 1)  # the gradient is allocated contiguous
+        self.tail = (
+            B, T, d, n_tblocks, prefix.shape[1] if self.ranks else 0,
+            stride_gob, stride_god, stride_mb, stride_mt, stride_wb, stride_wt, *grad_strides,
+            *kernel_columns(slots), mask_bits,
+        )  # fmt: skip
+        self.constexprs = dict(
+            HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
+            CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
+        self.options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+        self.key = None
+        if cacheable:
+            self.key = (
+                self.device, dtype, grad_out.dtype, mask_view.dtype if mask is not None else None,
+                weights.dtype if weights is not None else None,
+                *map(specialization, (d, stride_gob, stride_god, stride_mt, stride_wt, *grad_strides)),
+                aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
+                mask_bits >= 2**31,
+            )  # fmt: skip
+        self.grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
+
+    def launch(self, grad_out, mask, argmax, stats, weights, wsum, prefix) -> torch.Tensor:
+        grad = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.grid is None:
+            return grad
+        dummy = placeholder(self.device, wsum.dtype) if weights is None else wsum
+        args = (
+            grad_out, stats if mask is None else integer_view(mask)[0], argmax if self.slots["max"] >= 0 else stats,
+            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad, *self.tail,
+        )  # fmt: skip
+        launch_on(self.device, backward_launcher(), self.key, self.grid, args, self.constexprs, self.options)
+        return grad
 
 
 def weights_backward(
