@@ -178,15 +178,18 @@ def stream_key(device: torch.device) -> tuple:
     return (device, torch._C._cuda_getCurrentRawStream(index))
 
 
-def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int, fresh: bool = False) -> torch.Tensor:
     """A cached buffer of at least ``numel`` elements for one role in a launch (partial results, the
     rows to normalise, outputs nobody reads), per device and stream.
 
     Kernels on one stream run in order, so a launch may reuse what the previous one left: no
     allocation per call. Kernels read the buffer through its pointer only, so it is passed whole
     (never sliced). It grows by doubling; an old buffer still in use by queued kernels is released to
-    the caching allocator, which reuses memory in stream order.
+    the caching allocator, which reuses memory in stream order. ``fresh``: a new buffer (traced
+    launches, see ``fastpool.ops_triton``: a compiled graph allocates its own).
     """
+    if fresh:
+        return torch.empty((numel,), dtype=dtype, device=device)
     key = (*stream_key(device), role, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < numel:
@@ -199,14 +202,17 @@ def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -
     return buffer
 
 
-def ticket_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
+def ticket_counters(device: torch.device, n: int, fresh: bool = False) -> tuple[torch.Tensor, int]:
     """(counters, epoch): n int64 ticket counters of a split launch, from a buffer cached per device
     and stream, and this launch's epoch tag (see ``kernels.mask_scan.draw_ticket``).
 
     The kernels leave every counter of a completed row at 0, and ignore counts tagged with another
     epoch, so the buffer is zeroed once when it is allocated and never again: no memset per call.
-    Keyed by the current stream, so launches on different streams never share counters.
+    Keyed by the current stream, so launches on different streams never share counters. ``fresh``:
+    new zeroed counters and epoch 1 (a traced launch: the graph allocates them per call).
     """
+    if fresh:
+        return torch.zeros((n,), dtype=torch.int64, device=device), 1
     return workspace(device, "tickets", torch.int64, n), next_epoch()
 
 
@@ -336,7 +342,7 @@ class ForwardOutputs:
 
     def __init__(
         self, plan: ForwardPlan, rows: int, d: int, dtype: torch.dtype, device: torch.device, lean: bool = False,
-        share_empty: bool = False,
+        share_empty: bool = False, traced: bool = False,
     ):  # fmt: skip
         acc = plan.acc
         n_cols = plan.n_modes * d
@@ -349,7 +355,7 @@ class ForwardOutputs:
             return torch.empty(shape if needed else absent, dtype=out_dtype, device=device)
 
         self.out = torch.empty((rows, n_cols), dtype=dtype, device=device)
-        self.rowbuf = workspace(device, "rowbuf", acc, rows * n_cols) if plan.normalize else None
+        self.rowbuf = workspace(device, "rowbuf", acc, rows * n_cols, traced) if plan.normalize else None
         self.argmax = output(plan.track_positions, (rows, d), (rows, 0), torch.int32)
         if lean:
             self.stats = workspace(device, "stats", torch.int32, 3 * rows)
@@ -381,7 +387,9 @@ def empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def partial_buffers(plan: ForwardPlan, slots: int, d: int, n_dblocks: int, device: torch.device) -> tuple:
+def partial_buffers(
+    plan: ForwardPlan, slots: int, d: int, n_dblocks: int, device: torch.device, traced: bool = False
+) -> tuple:
     """(part_sum, part_wsum, part_max, part_pos, part_stats, part_wt): the workspace of a launch whose
     rows are split over programs, with ``slots`` chunk slots; placeholders where a mode does not need
     one, all placeholders for ``slots == 0`` (no row is split). From the stream's workspace: a split
@@ -389,7 +397,7 @@ def partial_buffers(plan: ForwardPlan, slots: int, d: int, n_dblocks: int, devic
     acc = plan.acc
 
     def buffer(needed: bool, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return workspace(device, role, dtype, numel) if needed and slots else placeholder(device, dtype)
+        return workspace(device, role, dtype, numel, traced) if needed and slots else placeholder(device, dtype)
 
     return (
         buffer(plan.do_mean, "part_sum", slots * d, acc),
