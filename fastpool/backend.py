@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -10,9 +11,33 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-# A plain module-level stack rather than a ContextVar: torch.compile traces through backend
-# selection (it becomes a guard on this list), and it cannot trace ContextVar.get.
-_override_stack: list[str] = []
+
+
+class _Entry:
+    """One active ``use_backend`` block; compared by identity, so each block removes its own."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+# The selection is per thread and per asyncio task (contextvars): the enclosing use_backend
+# blocks of the current context, innermost last, and the innermost one's name ("" when none).
+_entries: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("fastpool_backend_entries")
+_selected: contextvars.ContextVar[str] = contextvars.ContextVar("fastpool_backend")
+
+
+class _Selection:
+    # torch.compile cannot trace ContextVar.get, but it reads a property implemented in C on a
+    # plain object and guards on the value, evaluating the guard in the calling thread and task.
+    # So compiled code traces through the selection and re-traces when it changes. The property
+    # calls ``_selected.get(self)``: ``self`` is what an unset variable returns.
+    __slots__ = ()
+    name = property(_selected.get)
+
+
+_SELECTION = _Selection()
 
 
 # Looked up once without importing triton, so ``import fastpool`` stays cheap and triton-free.
@@ -36,20 +61,37 @@ def _check(name: str, source: str) -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed fastpool calls on backend ``name`` ("auto", "triton" or "torch").
 
-    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable and nests. The setting is
-    process-wide (not per thread).
+    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable and nests. The selection
+    belongs to the current thread and asyncio task (a ``contextvars`` context): other threads and
+    tasks keep their own, a new thread starts without one, and a task inherits the selection in
+    force where it was created. Each block removes its own entry when it exits, so blocks may
+    exit in any order (interleaved generators, tasks); a block must exit in the thread and task
+    it was entered in (``RuntimeError`` otherwise). Enter it outside ``torch.compile``d code:
+    compiled code reads the selection (and is re-traced when it changes) but cannot change it.
     """
-    _override_stack.append(_check(name, "use_backend(name)"))
+    entry = _Entry(_check(name, "use_backend(name)"))
+    _entries.set((*_entries.get(()), entry))
+    _selected.set(entry.name)
     try:
         yield
     finally:
-        _override_stack.pop()
+        entries = _entries.get(())
+        if not any(e is entry for e in entries):
+            raise RuntimeError(
+                f"use_backend: expected to exit in the thread and asyncio task that entered "
+                f"use_backend({entry.name!r}), got an exit from another context"
+            )
+        remaining = tuple(e for e in entries if e is not entry)
+        _entries.set(remaining)
+        _selected.set(remaining[-1].name if remaining else "")
 
 
 def requested_backend() -> str:
-    """The backend asked for now: the innermost ``use_backend``, else ``FASTPOOL_BACKEND``, else auto."""
-    if _override_stack:
-        return _override_stack[-1]
+    """The backend asked for now: the innermost ``use_backend`` of this thread and task, else
+    ``FASTPOOL_BACKEND``, else auto."""
+    name = _SELECTION.name
+    if isinstance(name, str) and name:
+        return name
     return _check(os.environ.get("FASTPOOL_BACKEND", "auto").strip().lower() or "auto", "FASTPOOL_BACKEND")
 
 
