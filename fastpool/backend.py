@@ -112,7 +112,8 @@ def resolve_backend(device: torch.device) -> str:
     if name == "triton":
         if not triton_available():
             raise RuntimeError("fastpool backend 'triton' was requested but triton is not installed")
-        if device.type != "cuda" and not triton_interpreter_enabled():
+        # Meta tensors never reach a kernel (only the ops' fake kernels): no interpreter needed.
+        if device.type not in ("cuda", "meta") and not triton_interpreter_enabled():
             raise RuntimeError(
                 f"fastpool backend 'triton' got {device.type} tensors: Triton kernels run on CUDA "
                 "tensors, or on CPU tensors under the Triton interpreter, which needs TRITON_INTERPRET=1 "

@@ -35,12 +35,13 @@ from . import ops
 from .backend import resolve_backend
 from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 from .modes import normalize_modes
-from .packed import validate_packed
+from .packed import check_dense, validate_packed
 
 
 def _validate(hidden: object, mask: object) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor of shape (B, T, d), got {type(hidden).__name__}")
+    check_dense("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(
             f"hidden: expected 3 dimensions (B, T, d), got {hidden.dim()} with shape {tuple(hidden.shape)}"
@@ -55,6 +56,7 @@ def _validate(hidden: object, mask: object) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor of shape (B, T) or None, got {type(mask).__name__}")
+    check_dense("mask", mask)
     if mask.dtype not in MASK_DTYPES:
         raise TypeError(
             f"mask: expected a bool, integer, float16, bfloat16, float32 or float64 dtype, got {mask.dtype}"
@@ -80,6 +82,7 @@ def _validate_weights(hidden: torch.Tensor, weights: object, modes: tuple[str, .
         raise TypeError(
             f"weights: expected a torch.Tensor of shape (B, T) or None, got {type(weights).__name__}"
         )
+    check_dense("weights", weights)
     if weights.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
     expected = tuple(hidden.shape[:2])

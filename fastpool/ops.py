@@ -319,10 +319,11 @@ def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend:
 
 
 def _run(op, function, implementation, inputs: tuple) -> Outputs:
-    """The custom op while compiling; else the autograd function when a gradient (or a loud
+    """The custom op while compiling or for meta tensors (its fake kernel gives the shapes, and
+    its autograd the gradient's); else the autograd function when a gradient (or a loud
     forward-AD failure) is needed; else the implementation itself."""
     hidden, _, weights, _, backend, *_ = inputs
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or hidden.device.type == "meta":
         return op(*inputs)
     if _wants_autograd(hidden, weights, backend):
         return function.apply(*inputs)

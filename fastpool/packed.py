@@ -30,6 +30,13 @@ class PackedInput:
     check_offsets: bool
 
 
+def check_dense(argument: str, tensor: torch.Tensor) -> None:
+    """TypeError naming ``argument`` unless ``tensor`` is dense (sparse layouts have no strides to
+    hand the kernels and no eager path)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{argument}: expected a dense (strided) tensor, got layout {tensor.layout}")
+
+
 def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     if hidden.layout != torch.jagged:
         raise ValueError(f"hidden: expected a nested tensor with layout torch.jagged, got {hidden.layout}")
@@ -63,6 +70,7 @@ def _unwrap_weights(
         raise TypeError(
             f"weights: expected a torch.Tensor of shape (N,) or None, got {type(weights).__name__}"
         )
+    check_dense("weights", weights)
     if weights.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
     if weights.dim() == 2 and weights.shape[0] == 1:
@@ -117,6 +125,7 @@ def validate_packed(
     nested_max = None
     if hidden.is_nested:
         hidden, cu_seqlens, nested_max = _unwrap_nested(hidden, cu_seqlens)
+    check_dense("hidden", hidden)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if hidden.dim() == 3 and hidden.shape[0] == 1:
@@ -136,6 +145,7 @@ def validate_packed(
         raise TypeError(
             f"cu_seqlens: expected a torch.Tensor of shape (S + 1,), got {type(cu_seqlens).__name__}"
         )
+    check_dense("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in OFFSET_DTYPES:
         raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
@@ -160,6 +170,9 @@ def validate_packed(
     trusted = max_seqlen is not None and hidden.device.type == "cuda" and backend == "triton"
     weights = _unwrap_weights(weights, N, hidden.device, cu_seqlens, trusted)
     check = not trusted
+    # Meta tensors hold no values: only shapes come out (the custom op's fake kernel).
+    if hidden.device.type == "meta":
+        check = False
     if check and not torch.compiler.is_compiling():
         max_seqlen = check_offsets(cu_seqlens, N)  # the real longest: a better launch hint
         check = False

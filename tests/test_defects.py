@@ -69,3 +69,83 @@ def test_rank_weighted_mean_keeps_a_real_inf_in_a_long_packed_sequence(backend):
     out = fastpool.pool(hidden, mode=["weighted_mean", "mean"], cu_seqlens=cu)
     assert out[0, 1] == float("inf") and out[0, 4] == float("inf")
     assert torch.isfinite(out[0, [0, 2, 3, 5]]).all()
+
+
+# Issue 12 item 8: meta tensors give correctly shaped meta results; sparse input is a TypeError.
+
+
+def _meta(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("mode", [*ALL_MODES, ALL_MODES])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_meta_input_gives_meta_results_and_gradients(backend, mode, normalize):
+    hidden = _meta(3, 7, 5, dtype=torch.bfloat16, requires_grad=True)
+    mask = _meta(3, 7, dtype=torch.int64)
+    out = fastpool.pool(hidden, mask, mode=mode, normalize=normalize)
+    n = len(mode) if isinstance(mode, list) else 1
+    assert out.device.type == "meta" and out.shape == (3, n * 5) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert hidden.grad.device.type == "meta" and hidden.grad.shape == (3, 7, 5)
+    assert hidden.grad.dtype == torch.bfloat16
+
+
+def test_meta_max_indices_and_user_weights(backend):
+    hidden = _meta(2, 6, 4)
+    values, index = fastpool.max_pool(hidden, _meta(2, 6, dtype=torch.bool), return_indices=True)
+    assert (values.shape, index.shape, index.dtype, index.device.type) == (
+        (2, 4),
+        (2, 4),
+        torch.int64,
+        "meta",
+    )
+    weights = _meta(2, 6, requires_grad=True)
+    out = fastpool.weighted_mean_pool(hidden.requires_grad_(), None, weights)
+    assert out.shape == (2, 4) and out.device.type == "meta"
+    out.sum().backward()
+    assert weights.grad.shape == (2, 6) and weights.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 5])
+def test_meta_packed_input_with_meta_offsets(backend, max_seqlen):
+    tokens = _meta(9, 4, requires_grad=True)
+    cu = _meta(4, dtype=torch.int32)
+    out = fastpool.pool(tokens, mode=["mean", "max"], cu_seqlens=cu, max_seqlen=max_seqlen, normalize=True)
+    assert out.shape == (3, 8) and out.device.type == "meta"
+    out.sum().backward()
+    assert tokens.grad.shape == (9, 4) and tokens.grad.device.type == "meta"
+    _, index = fastpool.max_pool(tokens[None], cu_seqlens=cu, return_indices=True)
+    assert index.shape == (3, 4) and index.device.type == "meta"
+
+
+def test_meta_results_match_the_shapes_of_real_results(backend):
+    hidden = torch.randn(2, 5, 3)
+    real = fastpool.pool(hidden, mode=["max", "cls"], normalize=True)
+    meta = fastpool.pool(hidden.to("meta"), mode=["max", "cls"], normalize=True)
+    assert (meta.shape, meta.dtype, meta.stride()) == (real.shape, real.dtype, real.stride())
+
+
+def test_sparse_input_is_a_type_error_naming_the_argument():
+    dense = torch.randn(2, 5, 3)
+    mask = torch.ones(2, 5)
+    for call, argument in [
+        (lambda: fastpool.mean_pool(dense.to_sparse()), "hidden"),
+        (lambda: fastpool.mean_pool(dense.to_sparse(2), mask), "hidden"),
+        (lambda: fastpool.max_pool(dense, mask.to_sparse()), "mask"),
+        (lambda: fastpool.max_pool(dense, mask.to_sparse_csr()), "mask"),
+        (lambda: fastpool.weighted_mean_pool(dense, mask, mask.to_sparse()), "weights"),
+        (lambda: fastpool.mean_pool(dense[0].to_sparse(), cu_seqlens=torch.tensor([0, 5])), "hidden"),
+        (lambda: fastpool.mean_pool(dense[0], cu_seqlens=torch.tensor([0, 5]).to_sparse()), "cu_seqlens"),
+        (
+            lambda: fastpool.weighted_mean_pool(
+                dense[0], weights=mask[0].to_sparse(), cu_seqlens=torch.tensor([0, 5])
+            ),
+            "weights",
+        ),
+    ]:
+        with pytest.raises(TypeError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"{argument}: expected a dense"), message
+        assert "got layout torch.sparse" in message, message
