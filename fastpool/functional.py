@@ -33,9 +33,9 @@ import torch
 
 from . import ops
 from .backend import resolve_backend
-from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
+from .limits import FLOAT_DTYPES, MASK_DTYPES
 from .modes import normalize_modes
-from .packed import check_dense, validate_packed
+from .packed import check_dense, check_size_limits, validate_packed
 
 
 def _validate(hidden: object, mask: object) -> None:
@@ -48,10 +48,7 @@ def _validate(hidden: object, mask: object) -> None:
         )
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if hidden.shape[0] >= MAX_BATCH:
-        raise ValueError(f"hidden: B must be below {MAX_BATCH}, got {hidden.shape[0]}")
-    if hidden.shape[1] > MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {hidden.shape[1]}")
+    check_size_limits(hidden.shape[0], hidden.shape[1], packed=False)
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):

@@ -22,6 +22,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import eager, eager_packed
+from .packed import check_size_limits
 
 _BACKENDS = ("triton", "torch")
 
@@ -81,6 +82,9 @@ def pool_fwd(
     (else (B, 0)), stats (3, B) int32: real-token count, first and last real position (-1 if none),
     and norms (B,) (or (0,) without normalisation).
     """
+    # The public checks let symbolic sizes through (torch.export with dynamic dims): the op
+    # runs with concrete ones.
+    check_size_limits(hidden.shape[0], hidden.shape[1], packed=False)
     return forward_impl(hidden, mask, weights, modes, backend, normalize_eps)
 
 
@@ -152,6 +156,7 @@ def packed_pool_fwd(
     Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)), stats
     (3, S) int32: length, first and last token index of each segment (-1 if empty), and norms.
     """
+    check_size_limits(cu_seqlens.shape[0] - 1, hidden.shape[0], packed=True)
     return packed_forward_impl(
         hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen, check_offsets
     )

@@ -37,6 +37,37 @@ def check_dense(argument: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{argument}: expected a dense (strided) tensor, got layout {tensor.layout}")
 
 
+def _beyond(size: int | torch.SymInt, limit: int) -> bool:
+    if isinstance(size, int):
+        return size > limit
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(size > limit)
+
+
+def check_size_limits(rows: int | torch.SymInt, length: int | torch.SymInt, packed: bool) -> None:
+    """ValueError unless rows (B, or S sequences when packed) and length (T, or N tokens) fit the
+    kernels' 32-bit indexing.
+
+    A symbolic size (torch.export / torch.compile with dynamic dimensions) is rejected only when
+    provably beyond its limit, so the check never becomes a shape guard that narrows the traced
+    range; the custom ops repeat it on the concrete sizes when they run (``fastpool.ops``).
+    Under torch.compile (whose tracer would guard on any comparison) only the ops check.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if packed:
+        if _beyond(length, MAX_SEQUENCE_LENGTH):
+            raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {length}")
+        if _beyond(rows, MAX_BATCH - 1):
+            raise ValueError(f"cu_seqlens: expected fewer than {MAX_BATCH} sequences, got {rows}")
+        return
+    if _beyond(rows, MAX_BATCH - 1):
+        raise ValueError(f"hidden: B must be below {MAX_BATCH}, got {rows}")
+    if _beyond(length, MAX_SEQUENCE_LENGTH):
+        raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {length}")
+
+
 def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     if hidden.layout != torch.jagged:
         raise ValueError(f"hidden: expected a nested tensor with layout torch.jagged, got {hidden.layout}")
@@ -135,8 +166,6 @@ def validate_packed(
             f"hidden: expected (N, d) or (1, N, d) with cu_seqlens, got shape {tuple(hidden.shape)}"
         )
     N = hidden.shape[0]
-    if N > MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {N}")
     if mask is not None:
         raise ValueError(
             "mask: expected None for packed input (cu_seqlens or a nested tensor: no padding), got a mask"
@@ -154,10 +183,7 @@ def validate_packed(
         raise ValueError(
             f"cu_seqlens: expected device {hidden.device} (hidden's device), got {cu_seqlens.device}"
         )
-    if cu_seqlens.shape[0] - 1 >= MAX_BATCH:
-        raise ValueError(
-            f"cu_seqlens: expected fewer than {MAX_BATCH} sequences, got {cu_seqlens.shape[0] - 1}"
-        )
+    check_size_limits(cu_seqlens.shape[0] - 1, N, packed=True)
     # The kernels read the offsets with unit stride; a copy costs S + 1 integers at most.
     cu_seqlens = cu_seqlens.contiguous()
     if max_seqlen is None:
