@@ -231,16 +231,33 @@ def _setup_context(ctx, inputs, output):
 
 
 def normalize_backward(
-    grad: torch.Tensor, out: torch.Tensor, norms: torch.Tensor, eps: float
+    grad: torch.Tensor | None,
+    out: torch.Tensor,
+    norms: torch.Tensor,
+    eps: float,
+    grad_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the un-normalised rows v from the gradient of y = v / max(||v||, eps) (as
-    ``F.normalize``): (g - y (y . g)) / ||v|| where ||v|| > eps, g / eps elsewhere. (B, n), float."""
+    ``F.normalize``): (g - y (y . g)) / ||v|| where ||v|| > eps, g / eps elsewhere. (B, n), float.
+
+    ``grad_norms`` (B,) is the gradient reaching the saved norms ||v|| themselves, which happens
+    when a second-order pass differentiates this very formula: it adds grad_norms * v / ||v||
+    (= grad_norms * y * max(||v||, eps) / ||v||; 0 for a zero row)."""
     acc = norms.dtype
-    g, y = grad.to(acc), out.to(acc)
+    y = out.to(acc)
     n = norms.unsqueeze(1)
     above = n > eps
-    projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
-    return torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
+    result = None
+    if grad is not None:
+        g = grad.to(acc)
+        projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
+        result = torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
+    if grad_norms is not None:
+        nonzero = n > 0
+        scale = torch.where(nonzero, n.clamp(min=eps) / torch.where(nonzero, n, 1), 0)
+        through_norms = grad_norms.to(acc).unsqueeze(1) * y * scale
+        result = through_norms if result is None else result + through_norms
+    return result
 
 
 def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
@@ -262,13 +279,16 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
     return pool_bwd(grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
 
 
-def _backward(ctx, grad_out, _grad_argmax, _grad_stats, _grad_norms):
+def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms):
     layout, weights, argmax, stats, hidden, out, norms = ctx.saved_tensors
     grads = [None] * ctx.n_inputs
-    if grad_out is None:
+    normalized = ctx.normalize_eps >= 0
+    # The norms are a differentiable output: a second-order pass through normalize_backward
+    # sends gradient to them (they depend on hidden like the output does).
+    if grad_out is None and (grad_norms is None or not normalized):
         return tuple(grads)
-    if ctx.normalize_eps >= 0:
-        grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps)
+    if normalized:
+        grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps, grad_norms)
     if ctx.needs_input_grad[0]:
         grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats)
     if weights is not None and ctx.needs_input_grad[2]:
@@ -291,7 +311,7 @@ def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Funct
 
     def forward(ctx, *inputs):
         output = implementation(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        ctx.mark_non_differentiable(output[1], output[2])
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
         return output

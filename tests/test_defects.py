@@ -149,3 +149,73 @@ def test_sparse_input_is_a_type_error_naming_the_argument():
         message = str(info.value)
         assert message.startswith(f"{argument}: expected a dense"), message
         assert "got layout torch.sparse" in message, message
+
+
+# Issue 12 item 2: second-order gradients through normalize=True (the row norms depend on hidden).
+
+SECOND_ORDER_MODES = ["mean", "max", "last", "weighted_mean"]
+
+
+def _gradgradcheck(backend, f, inputs):
+    # Under the Triton interpreter every forward is a slow kernel launch: check a random
+    # projection of the second derivative there (fast_mode), the full one on eager.
+    return torch.autograd.gradgradcheck(f, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("eps", [1e-12, 2.5], ids=["tiny-eps", "eps-between-the-norms"])
+def test_gradgradcheck_through_normalize_padded(backend, eps):
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 5, 2, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+
+    def f(h):
+        return fastpool.pool(h, mask, mode=SECOND_ORDER_MODES, normalize=True, eps=eps)
+
+    if eps > 1:  # the first row's norm is below eps, the second's above it
+        norms = torch.linalg.vector_norm(fastpool.pool(hidden, mask, mode=SECOND_ORDER_MODES), dim=1)
+        assert norms[0] < eps < norms[1] or norms[1] < eps < norms[0], norms
+    assert _gradgradcheck(backend, f, (hidden,))
+
+
+def test_gradgradcheck_through_normalize_packed(backend):
+    g = torch.Generator().manual_seed(12)
+    tokens = torch.randn(7, 3, generator=g, dtype=torch.float64).requires_grad_()
+    cu = torch.tensor([0, 3, 3, 7])
+
+    def f(x):
+        return fastpool.pool(x, mode=["mean", "max", "cls"], cu_seqlens=cu, normalize=True)
+
+    assert _gradgradcheck(backend, f, (tokens,))
+
+
+def test_gradgradcheck_through_normalize_with_user_weights(backend):
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.rand(2, 4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]])
+
+    def f(h, w):
+        return fastpool.pool(h, mask, mode=["weighted_mean", "mean"], weights=w, normalize=True)
+
+    assert _gradgradcheck(backend, f, (hidden, weights))
+
+
+def test_hessian_vector_product_through_normalize_matches_f_normalize(backend):
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) < 0.7
+    target = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    direction = torch.randn_like(hidden)
+
+    def loss(h, fused):
+        if fused:
+            out = fastpool.pool(h, mask, mode=["mean", "max"], normalize=True)
+        else:
+            out = torch.nn.functional.normalize(fastpool.pool(h, mask, mode=["mean", "max"]), dim=-1)
+        return ((out - target) ** 2).sum()
+
+    hvps = []
+    for fused in (True, False):
+        _, hvp = torch.autograd.functional.hvp(lambda h, fused=fused: loss(h, fused), hidden, direction)
+        hvps.append(hvp)
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
