@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from . import eager, eager_packed
+from . import eager, eager_packed, transforms
 from .packed import check_size_limits
 
 _BACKENDS = ("triton", "torch")
@@ -263,14 +263,28 @@ def normalize_backward(
 def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
     modes = ctx.modes.split(",")
     if ctx.direct:
-        # create_graph=True needs a differentiable backward: the eager one is built from torch ops
-        # (same semantics, any device); the kernel's output has no graph.
-        backend = "torch" if torch.is_grad_enabled() else ctx.backend
+        if torch.is_grad_enabled() or transforms.active():
+            # create_graph=True and torch.func need a differentiable, vmappable backward.
+            return transforms.PoolBackward.apply(
+                grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend,
+                ctx.packed, ctx.max_seqlen,
+            )  # fmt: skip
         if ctx.packed:
             return _packed_backward_impl(
-                grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, backend, ctx.max_seqlen
+                grad_out,
+                layout,
+                weights,
+                argmax,
+                stats,
+                ctx.T,
+                ctx.dtype,
+                ctx.modes,
+                ctx.backend,
+                ctx.max_seqlen,
             )
-        return _impl(backend).pool_backward(grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights)
+        return _impl(ctx.backend).pool_backward(
+            grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights
+        )
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
         return packed_pool_bwd(
@@ -306,41 +320,59 @@ pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 packed_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Function]:
-    """An autograd.Function running ``implementation`` with the ops' own setup_context and backward."""
+def _fast_path(implementation, name: str, doc: str, packed: bool) -> type[torch.autograd.Function]:
+    """An autograd.Function running ``implementation`` with the ops' own setup_context and backward,
+    and the torch.func rules of ``fastpool.transforms`` (vmap, jvp)."""
 
-    def forward(ctx, *inputs):
-        output = implementation(*inputs)
+    def forward(*inputs):
+        return implementation(*inputs)
+
+    def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1], output[2])
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
-        return output
+        layout, weights = inputs[1], inputs[2]
+        out, argmax, stats, norms = output
+        ctx.save_for_forward(layout, weights, argmax, stats, out, norms)
 
     def backward(ctx, *grads):
         return _backward(ctx, *grads)
 
-    namespace = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": doc}
-    return type(name, (torch.autograd.Function,), namespace)
+    def jvp(ctx, *tangents):
+        return transforms.forward_jvp(ctx, tangents)
+
+    def vmap(info, in_dims, *inputs):
+        return transforms.forward_vmap(function, packed, info, in_dims, inputs)
+
+    namespace = {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "vmap": staticmethod(vmap),
+        "__doc__": doc,
+    }  # fmt: skip
+    function = type(name, (torch.autograd.Function,), namespace)
+    return function
 
 
 PoolFunction = _fast_path(
     forward_impl,
     "PoolFunction",
     "Eager fast path of ``pool_fwd``: same implementation and backward, no dispatch.",
+    packed=False,
 )
 PackedPoolFunction = _fast_path(
     packed_forward_impl,
     "PackedPoolFunction",
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
+    packed=True,
 )
 
 
 def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
-    # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
-    # (no jvp) instead of silently dropping the tangent.
-    dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
+    # Forward-mode AD (dual tensors) on the kernels goes through the Function's jvp rule; the
+    # eager ops handle it themselves. torch.func transforms always need the Function's rules.
+    dual = backend == "triton" and forward_ad._current_level >= 0
     wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
-    return (wants_grad and torch.is_grad_enabled()) or dual
+    return (wants_grad and torch.is_grad_enabled()) or dual or transforms.active()
 
 
 def _run(op, function, implementation, inputs: tuple) -> Outputs:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import transforms
 from .limits import FLOAT_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
@@ -149,7 +150,8 @@ def validate_packed(
     CUDA tensor on the Triton backend, which then runs without any host-device sync; there the
     kernels clamp every offset into [0, N] so malformed offsets can never read or write out of
     bounds, but the result is unspecified (gradient rows of tokens no sequence covers are not
-    written). Under torch.compile the check runs inside the op, on the real offsets.
+    written). Under torch.compile and torch.func transforms the check runs inside the op, on the
+    real offsets.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor of shape (N, d), got {type(hidden).__name__}")
@@ -199,7 +201,8 @@ def validate_packed(
     # Meta tensors hold no values: only shapes come out (the custom op's fake kernel).
     if hidden.device.type == "meta":
         check = False
-    if check and not torch.compiler.is_compiling():
+    # Under torch.compile and torch.func (vmapped offsets hold no readable values) the op checks.
+    if check and not torch.compiler.is_compiling() and not transforms.active():
         max_seqlen = check_offsets(cu_seqlens, N)  # the real longest: a better launch hint
         check = False
     return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen, check)
