@@ -121,8 +121,9 @@ def test_meta_packed_input_with_meta_offsets(backend, max_seqlen):
 
 def test_meta_results_match_the_shapes_of_real_results(backend):
     hidden = torch.randn(2, 5, 3)
-    real = fastpool.pool(hidden, mode=["max", "cls"], normalize=True)
-    meta = fastpool.pool(hidden.to("meta"), mode=["max", "cls"], normalize=True)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 1]])
+    real = fastpool.pool(hidden, mask, mode=["max", "cls"], normalize=True)
+    meta = fastpool.pool(hidden.to("meta"), mask.to("meta"), mode=["max", "cls"], normalize=True)
     assert (meta.shape, meta.dtype, meta.stride()) == (real.shape, real.dtype, real.stride())
 
 
