@@ -38,6 +38,10 @@ class _Selection:
 
 
 _SELECTION = _Selection()
+# Blocks entered inside code that torch.compile traces, where contextvars can be neither read nor set:
+# the tracer follows this stack instead (its pushes and pops cancel out), so a compiled graph keeps
+# the selection its own code makes. Outside tracing it is always empty.
+_traced_entries: list[str] = []
 
 
 # Looked up once without importing triton, so ``import fastpool`` stays cheap and triton-free.
@@ -66,9 +70,17 @@ def use_backend(name: str) -> Iterator[None]:
     tasks keep their own, a new thread starts without one, and a task inherits the selection in
     force where it was created. Each block removes its own entry when it exits, so blocks may
     exit in any order (interleaved generators, tasks); a block must exit in the thread and task
-    it was entered in (``RuntimeError`` otherwise). Enter it outside ``torch.compile``d code:
-    compiled code reads the selection (and is re-traced when it changes) but cannot change it.
+    it was entered in (``RuntimeError`` otherwise). Compiled code traces through the selection in
+    force when it is called (and is re-traced when it changes); a block inside compiled code selects
+    the backend of the calls it encloses.
     """
+    if torch.compiler.is_compiling():
+        _traced_entries.append(_check(name, "use_backend(name)"))
+        try:
+            yield
+        finally:
+            _traced_entries.pop()
+        return
     entry = _Entry(_check(name, "use_backend(name)"))
     _entries.set((*_entries.get(()), entry))
     _selected.set(entry.name)
@@ -89,6 +101,8 @@ def use_backend(name: str) -> Iterator[None]:
 def requested_backend() -> str:
     """The backend asked for now: the innermost ``use_backend`` of this thread and task, else
     ``FASTPOOL_BACKEND``, else auto."""
+    if _traced_entries:
+        return _traced_entries[-1]
     name = _SELECTION.name
     if isinstance(name, str) and name:
         return name

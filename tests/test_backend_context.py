@@ -189,3 +189,24 @@ def test_compiled_code_in_a_selection_calls_that_backend(device, backend_name, m
     with fastpool.use_backend(backend_name):
         torch.testing.assert_close(compiled(hidden), _pool_sum(hidden))
     assert calls == [backend_name, backend_name]  # compiled, then eager
+
+
+def _pool_sum_on(name):
+    def f(hidden):
+        with fastpool.use_backend(name):
+            return fastpool.pool(hidden, mode=["mean", "max"]).sum()
+
+    return f
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_a_block_inside_compiled_code_selects_the_backend_of_its_calls(device, backend_name, monkeypatch):
+    calls = _record_backends(monkeypatch)
+    torch._dynamo.reset()
+    other = "torch" if backend_name == "triton" else "triton"
+    compiled = torch.compile(_pool_sum_on(backend_name), fullgraph=True, backend="aot_eager")
+    hidden = torch.randn(2, 5, 3, device=device)
+    with fastpool.use_backend(other):
+        torch.testing.assert_close(compiled(hidden), _pool_sum(hidden))
+        assert requested_backend() == other  # the traced block left nothing behind
+    assert calls == [backend_name, other]
