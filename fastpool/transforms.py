@@ -146,30 +146,39 @@ def _shifted_offsets(cu_seqlens: torch.Tensor, V: int, N: int) -> torch.Tensor:
     return torch.cat([body, cu_seqlens.new_full((1,), V * N)])
 
 
-def _token_shift(V: int, rows: int, N: int, device) -> torch.Tensor:
+def _token_shift(V: int, N: int, device) -> torch.Tensor:
     return (torch.arange(V, device=device, dtype=torch.int32) * N).view(V, 1, 1)
 
 
 def _positions_to_slices(positions: torch.Tensor, V: int, N: int) -> torch.Tensor:
     """(V, rows, k) global token indices of the folded batch -> indices into each slice (-1 stays)."""
-    shift = _token_shift(V, positions.shape[1], N, positions.device)
-    return torch.where(positions >= 0, positions - shift, positions)
+    return torch.where(positions >= 0, positions - _token_shift(V, N, positions.device), positions)
 
 
 def _positions_to_folded(positions: torch.Tensor, V: int, N: int) -> torch.Tensor:
-    shift = _token_shift(V, positions.shape[1], N, positions.device)
-    return torch.where(positions >= 0, positions + shift, positions)
+    """The inverse of ``_positions_to_slices``."""
+    return torch.where(positions >= 0, positions + _token_shift(V, N, positions.device), positions)
+
+
+def _fits(V: int, rows: int, length: int, packed: bool) -> bool:
+    """Whether the folded batch stays within the kernels' size limits (else: slices)."""
+    from .limits import MAX_BATCH, MAX_SEQUENCE_LENGTH
+
+    if packed:
+        return V * length <= MAX_SEQUENCE_LENGTH and V * rows < MAX_BATCH
+    return V * rows < MAX_BATCH
 
 
 def forward_vmap(function, packed: bool, info, in_dims, inputs):
     """vmap rule of ``ops.PoolFunction`` / ``PackedPoolFunction``."""
-    from .limits import MAX_SEQUENCE_LENGTH
-
     V = info.batch_size
     hidden, layout, weights, modes, backend, eps, *rest = inputs
     h_dim, l_dim, w_dim = in_dims[:3]
     merged = _merged_view(hidden, h_dim, V)
-    if merged is None or (packed and (l_dim is not None or merged.shape[0] > MAX_SEQUENCE_LENGTH)):
+    if merged is None or (packed and l_dim is not None):
+        return _run_slices(function, info, in_dims, inputs)
+    rows = merged.shape[0] // V if not packed else layout.shape[0] - 1
+    if not _fits(V, rows, merged.shape[0] // V, packed):
         return _run_slices(function, info, in_dims, inputs)
     if not packed:
         B = merged.shape[0] // V
@@ -267,12 +276,11 @@ class PoolBackward(torch.autograd.Function):
     def vmap(
         info, in_dims, grad_out, layout, weights, argmax, stats, T, dtype, modes, backend, packed, max_seqlen
     ):
-        from .limits import MAX_SEQUENCE_LENGTH
-
         V = info.batch_size
         g_dim, l_dim, w_dim, a_dim, s_dim = in_dims[:5]
         inputs = (grad_out, layout, weights, argmax, stats, T, dtype, modes, backend, packed, max_seqlen)
-        if packed and (l_dim is not None or V * T > MAX_SEQUENCE_LENGTH):
+        rows = grad_out.shape[0] if g_dim is None else grad_out.movedim(g_dim, 0).shape[1]
+        if (packed and l_dim is not None) or not _fits(V, rows, T, packed):
             return _run_slices(PoolBackward, info, in_dims, inputs)
         g = _folded(grad_out, g_dim, V)
         argmax = (
@@ -281,7 +289,7 @@ class PoolBackward(torch.autograd.Function):
         stats = (
             stats.movedim(s_dim, 1) if s_dim is not None else stats.unsqueeze(1).expand(3, V, stats.shape[1])
         )
-        rows, k = stats.shape[2], argmax.shape[2]
+        k = argmax.shape[2]
         if not packed:
             grad = PoolBackward.apply(
                 g, _folded(layout, l_dim, V), _folded(weights, w_dim, V), argmax.reshape(V * rows, k),

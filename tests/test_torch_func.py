@@ -310,3 +310,22 @@ def test_packed_vmap(backend, offsets_vmapped):
         _close(out[v], normalized(want)[0])
         _close(values[v], oracle.packed_pool(x, c, "max"))
         assert index[v].tolist() == oracle.packed_max_index(x, c).tolist()
+
+
+@pytest.mark.parametrize("offsets_vmapped", [False, True])
+def test_packed_per_sample_gradients(backend, offsets_vmapped):
+    tokens, cu, _, _, gen = _packed_and_padded(14)
+    batch = torch.randn(2, *tokens.shape, generator=gen, dtype=torch.float64)
+    offsets = torch.stack([cu, torch.tensor([0, 1, 5, 6])]) if offsets_vmapped else cu
+    g = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+
+    def loss(x, c):
+        return (fastpool.pool(x, mode=["max", "weighted_mean"], cu_seqlens=c) * g).sum()
+
+    grads = vmap(grad(loss), in_dims=(0, 0 if offsets_vmapped else None))(batch, offsets)
+    for v in range(2):
+        c = (offsets[v] if offsets_vmapped else cu).numpy()
+        x = to_numpy(batch[v])
+        want = oracle.packed_pool_grad(x, c, "max", to_numpy(g[:, :2]))
+        want = want + oracle.packed_pool_grad(x, c, "weighted_mean", to_numpy(g[:, 2:]))
+        _close(grads[v], want)
