@@ -72,15 +72,20 @@ def normalize_vjp(v, g):
     return normalize_jvp(v, g)  # the Jacobian of v / ||v|| is symmetric
 
 
-def expected_vjp(h, mask, g, normalize):
+def expected_vjp(h, mask, g, normalize, modes=MODES):
     if normalize:
-        g = normalize_vjp(oracle_out(h, mask), g)
-    return oracle_vjp(h, mask, g)
+        g = normalize_vjp(oracle_out(h, mask, modes), g)
+    return oracle_vjp(h, mask, g, modes)
 
 
-def expected_jvp(h, mask, t, normalize):
-    v_dot = oracle_jvp(h, mask, t)
-    return normalize_jvp(oracle_out(h, mask), v_dot) if normalize else v_dot
+def expected_jvp(h, mask, t, normalize, modes=MODES):
+    v_dot = oracle_jvp(h, mask, t, modes)
+    return normalize_jvp(oracle_out(h, mask, modes), v_dot) if normalize else v_dot
+
+
+# Jacobians vmap over every output (or input) element: under the Triton interpreter each folded launch
+# costs in proportion to its rows, so they use fewer modes (the single-vector tests cover all of them).
+FEW_MODES = ["max", "weighted_mean", "last"]
 
 
 def _close(got, want):
@@ -134,12 +139,12 @@ def test_jvp(backend, normalize, masked):
 @pytest.mark.parametrize("normalize", [False, True])
 def test_jacfwd_equals_jacrev(backend, normalize):
     hidden, mask, _ = _inputs(4, B=2, T=4)
-    forward = jacfwd(lambda h: _pool(h, mask, normalize))(hidden)
-    reverse = jacrev(lambda h: _pool(h, mask, normalize))(hidden)
+    forward = jacfwd(lambda h: _pool(h, mask, normalize, FEW_MODES))(hidden)
+    reverse = jacrev(lambda h: _pool(h, mask, normalize, FEW_MODES))(hidden)
     h, m = to_numpy(hidden), np_mask(mask)
     e = np.zeros(h.shape)
     e[1, 2, 0] = 1.0  # one column of the Jacobian against the oracle
-    _close(forward[..., 1, 2, 0], expected_jvp(h, m, e, normalize))
+    _close(forward[..., 1, 2, 0], expected_jvp(h, m, e, normalize, FEW_MODES))
     torch.testing.assert_close(forward, reverse, **TOL)
 
 
@@ -156,10 +161,10 @@ def test_forward_ad_on_dual_tensors(backend):
 
 def test_hessian_of_a_normalized_loss(backend):
     hidden, mask, gen = _inputs(6, B=2, T=3)
-    target = torch.randn(2, 2 * len(MODES), generator=gen, dtype=torch.float64)
+    target = torch.randn(2, 2 * len(FEW_MODES), generator=gen, dtype=torch.float64)
 
     def loss(h):
-        return ((_pool(h, mask, True) - target) ** 2).sum()
+        return ((_pool(h, mask, True, FEW_MODES) - target) ** 2).sum()
 
     hessian = jacfwd(jacrev(loss))(hidden)
     reverse_twice = jacrev(jacrev(loss))(hidden)
@@ -286,8 +291,11 @@ def test_packed_transforms_match_the_padded_oracle(backend, normalize):
     t[mask.numpy()] = to_numpy(tangent)
     _, out_dot = jvp(lambda x: _packed_pool(x, cu, normalize), (tokens,), (tangent,))
     _close(out_dot, expected_jvp(h, m, t, normalize))
-    jac = jacrev(lambda x: _packed_pool(x, cu, normalize))(tokens)
-    torch.testing.assert_close(jac, jacfwd(lambda x: _packed_pool(x, cu, normalize))(tokens), **TOL)
+
+    def few(x):
+        return fastpool.pool(x, mode=FEW_MODES, cu_seqlens=cu, normalize=normalize, eps=EPS)
+
+    torch.testing.assert_close(jacrev(few)(tokens), jacfwd(few)(tokens), **TOL)
 
 
 @pytest.mark.parametrize("offsets_vmapped", [False, True])
