@@ -269,22 +269,12 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
                 grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend,
                 ctx.packed, ctx.max_seqlen,
             )  # fmt: skip
+        backend = ctx.backend
         if ctx.packed:
             return _packed_backward_impl(
-                grad_out,
-                layout,
-                weights,
-                argmax,
-                stats,
-                ctx.T,
-                ctx.dtype,
-                ctx.modes,
-                ctx.backend,
-                ctx.max_seqlen,
+                grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, backend, ctx.max_seqlen
             )
-        return _impl(ctx.backend).pool_backward(
-            grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights
-        )
+        return _impl(backend).pool_backward(grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights)
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
         return packed_pool_bwd(
@@ -349,7 +339,7 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> type[torch.
         "backward": staticmethod(backward), "jvp": staticmethod(jvp), "vmap": staticmethod(vmap),
         "__doc__": doc,
     }  # fmt: skip
-    function = type(name, (torch.autograd.Function,), namespace)
+    function = type(name, (torch.autograd.Function,), namespace)  # vmap above refers to it
     return function
 
 
@@ -377,8 +367,8 @@ def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend:
 
 def _run(op, function, implementation, inputs: tuple) -> Outputs:
     """The custom op while compiling or for meta tensors (its fake kernel gives the shapes, and
-    its autograd the gradient's); else the autograd function when a gradient (or a loud
-    forward-AD failure) is needed; else the implementation itself."""
+    its autograd the gradient's); else the autograd function when a gradient, forward-mode AD or
+    a torch.func transform needs it; else the implementation itself."""
     hidden, _, weights, _, backend, *_ = inputs
     if torch.compiler.is_compiling() or hidden.device.type == "meta":
         return op(*inputs)
