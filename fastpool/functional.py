@@ -33,7 +33,7 @@ import torch
 
 from . import ops
 from .backend import resolve_backend
-from .limits import FLOAT_DTYPES, MASK_DTYPES
+from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH  # noqa: F401 (part of the namespace)
 from .modes import normalize_modes
 from .packed import check_dense, check_size_limits, validate_packed
 
