@@ -165,8 +165,10 @@ def pool_forward(
     outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty)
     if plan.store_prefix:
         prefix = torch.empty((B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device)
-    else:
+    elif lean or share_empty:
         prefix = empty(device, torch.int32)
+    else:  # (B, 0) as documented and as the op's fake kernel says: an op returns no shared tensor
+        prefix = torch.empty((B, 0), dtype=torch.int32, device=device)
     if B == 0 or d == 0:
         return _without_features(outs, mask, B, T, d, prefix)
     n_dblocks = check_feature_blocks(d, plan.block_d)

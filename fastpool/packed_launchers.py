@@ -104,7 +104,10 @@ def pool_forward(
         modes, hidden.dtype, False, weights is not None, normalize_eps >= 0, track_positions, for_backward, True
     )
     outs = ForwardOutputs(plan, S, d, hidden.dtype, device, lean, share_empty)
-    prefix = empty(device, torch.int32)
+    if lean or share_empty:
+        prefix = empty(device, torch.int32)
+    else:  # (S, 0) as documented and as the op's fake kernel says: an op returns no shared tensor
+        prefix = torch.empty((S, 0), dtype=torch.int32, device=device)
     if S == 0 or d == 0:
         if S and d == 0:
             from .eager_packed import packed_stats
