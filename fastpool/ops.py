@@ -454,14 +454,13 @@ pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 packed_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fast_path(implementation, name: str, doc: str, packed: bool) -> type[torch.autograd.Function]:
-    """An autograd.Function running ``implementation`` with the ops' own setup_context and backward,
-    and the torch.func rules of ``fastpool.transforms`` (vmap, jvp)."""
+def _fast_path(implementation, name: str, doc: str, packed: bool) -> tuple[type, type]:
+    """Two autograd.Functions running ``implementation`` with the ops' own setup_context and backward,
+    and the jvp rule of ``fastpool.transforms``: the plain one (``forward(ctx, ...)``: its ``apply``
+    binds no signature, a sizeable share of a small call's host cost) for eager calls, and one in
+    setup_context style with the vmap rule too, which torch.func transforms require."""
 
-    def forward(*inputs):
-        return implementation(*inputs, share_empty=True)
-
-    def setup_context(ctx, inputs, output):
+    def setup(ctx, inputs, output, for_forward_ad: bool):
         out, argmax, stats, norms, wsum, wmean, prefix = output
         # The norms are differentiable (second order through normalize=True, jvp); without
         # normalisation they are empty and may be the same shared tensor as wsum or wmean.
@@ -471,8 +470,19 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> type[torch.
             ctx.mark_non_differentiable(argmax, stats, norms, wsum, wmean, prefix)
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
-        # For the jvp rule (forward-mode AD, torch.func.jvp / jacfwd).
-        ctx.save_for_forward(inputs[1], inputs[2], argmax, stats, wsum, prefix, out, norms)
+        if for_forward_ad:  # what the jvp rule reads
+            ctx.save_for_forward(inputs[1], inputs[2], argmax, stats, wsum, prefix, out, norms)
+
+    def plain_forward(ctx, *inputs):
+        output = implementation(*inputs, share_empty=True)
+        setup(ctx, inputs, output, forward_ad._current_level >= 0)
+        return output
+
+    def forward(*inputs):
+        return implementation(*inputs, share_empty=True)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output, True)
 
     def backward(ctx, *grads):
         return _backward(ctx, *grads)
@@ -481,24 +491,28 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> type[torch.
         return transforms.forward_jvp(ctx, tangents)
 
     def vmap(info, in_dims, *inputs):
-        return transforms.forward_vmap(function, packed, info, in_dims, inputs)
+        return transforms.forward_vmap(transformable, packed, info, in_dims, inputs)
 
-    namespace = {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "jvp": staticmethod(jvp), "vmap": staticmethod(vmap),
-        "__doc__": doc,
-    }  # fmt: skip
-    function = type(name, (torch.autograd.Function,), namespace)  # vmap above refers to it
-    return function
+    rules = {"backward": staticmethod(backward), "jvp": staticmethod(jvp), "__doc__": doc}
+    plain = type(name, (torch.autograd.Function,), {**rules, "forward": staticmethod(plain_forward)})
+    transformable = type(
+        name + "ForTransforms",
+        (torch.autograd.Function,),
+        {
+            **rules, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+            "vmap": staticmethod(vmap),
+        },
+    )  # fmt: skip
+    return plain, transformable
 
 
-PoolFunction = _fast_path(
+PoolFunction, PoolFunctionForTransforms = _fast_path(
     forward_impl,
     "PoolFunction",
     "Eager fast path of ``pool_fwd``: same implementation and backward, no dispatch.",
     packed=False,
 )
-PackedPoolFunction = _fast_path(
+PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
     packed_forward_impl,
     "PackedPoolFunction",
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
@@ -506,26 +520,24 @@ PackedPoolFunction = _fast_path(
 )
 
 
-def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
-    # Forward-mode AD (dual tensors) on the kernels goes through the Function's jvp rule; the
-    # eager ops handle it themselves. torch.func transforms always need the Function's rules.
-    dual = backend == "triton" and forward_ad._current_level >= 0
-    wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
-    return (wants_grad and torch.is_grad_enabled()) or dual or _functorch_active()
-
-
-def _run(op, function, implementation, inputs: tuple, return_indices: bool) -> Outputs:
+def _run(op, function, transformable, implementation, inputs: tuple, return_indices: bool) -> Outputs:
     """The custom op while compiling or for meta tensors (its fake kernel gives the shapes, and its
-    autograd the gradient's); else the autograd function when a gradient, forward-mode AD or a
-    torch.func transform needs it; else the implementation itself. Max keeps its positions only
-    when indices are asked for or a gradient may follow."""
+    autograd the gradient's); else the autograd function when a gradient or forward-mode AD needs it
+    (``transformable`` under a torch.func transform); else the implementation itself. Max keeps its
+    positions only when indices are asked for or a gradient may follow."""
     hidden, _, weights, _, backend, *_ = inputs
-    wants = _wants_autograd(hidden, weights, backend)
+    # Forward-mode AD (dual tensors) on the kernels goes through the Function's jvp rule; the eager
+    # ops handle it themselves. torch.func transforms always need the Function's rules.
+    wants = (
+        (hidden.requires_grad or (weights is not None and weights.requires_grad)) and torch.is_grad_enabled()
+    ) or (backend == "triton" and forward_ad._current_level >= 0)
+    functorch = _functorch_active()
+    wants = wants or functorch
     inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
     if hidden.is_meta or torch.compiler.is_compiling():
         return op(*inputs)
     if wants:
-        return function.apply(*inputs)
+        return (transformable if functorch else function).apply(*inputs)
     return implementation(*inputs, lean=True)
 
 
@@ -540,7 +552,7 @@ def pool_forward(
 ) -> Outputs:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     inputs = (hidden, mask, weights, modes, backend, float(normalize_eps))
-    return _run(pool_fwd, PoolFunction, forward_impl, inputs, return_indices)
+    return _run(pool_fwd, PoolFunction, PoolFunctionForTransforms, forward_impl, inputs, return_indices)
 
 
 def packed_pool_forward(
@@ -556,4 +568,7 @@ def packed_pool_forward(
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
     inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
-    return _run(packed_pool_fwd, PackedPoolFunction, packed_forward_impl, inputs, return_indices)
+    return _run(
+        packed_pool_fwd, PackedPoolFunction, PackedPoolFunctionForTransforms, packed_forward_impl, inputs,
+        return_indices,
+    )  # fmt: skip

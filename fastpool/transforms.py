@@ -1,4 +1,5 @@
-"""torch.func support for the pooling autograd Functions (``ops.PoolFunction``, ``PackedPoolFunction``).
+"""torch.func support for the pooling autograd Functions (``ops.PoolFunctionForTransforms``,
+``PackedPoolFunctionForTransforms``; the jvp rule also serves the plain ``PoolFunction``s).
 
 - ``vmap``: the vmapped dimension is folded into the batch (rows for padded input, a longer packed
   batch with shifted offsets for packed input), so one kernel launch serves every vmapped slice.
@@ -54,7 +55,7 @@ def linear_pool(u, layout, weights, argmax, modes: str, backend: str, packed: bo
     blocks = {}
     wmean = None
     if linear:
-        function = ops.PackedPoolFunction if packed else ops.PoolFunction
+        function = ops.PackedPoolFunctionForTransforms if packed else ops.PoolFunctionForTransforms
         extra = (max_seqlen, False) if packed else ()
         # for_backward: J u may itself be differentiated (third order), and the Triton backward of
         # this call then needs what its forward saves.
@@ -188,7 +189,7 @@ def _fits(V: int, rows: int, length: int, packed: bool) -> bool:
 
 
 def forward_vmap(function, packed: bool, info, in_dims, inputs):
-    """vmap rule of ``ops.PoolFunction`` / ``PackedPoolFunction``: inputs (hidden, layout, weights,
+    """vmap rule of ``ops.PoolFunctionForTransforms`` / ``PackedPoolFunctionForTransforms``: inputs (hidden, layout, weights,
     modes, backend, normalize_eps, track_positions, for_backward[, max_seqlen, check_offsets])."""
     V = info.batch_size
     hidden, layout, weights, modes, backend, eps, *flags = inputs
