@@ -11,10 +11,11 @@ import numpy as np
 import oracle
 import pytest
 import torch
-from helpers import make_mask, np_mask, to_numpy
+from helpers import kernel_config, make_mask, np_mask, to_numpy
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import fastpool
+from fastpool import ops
 
 MODES = ["mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean"]
 EPS = 1e-12
@@ -218,6 +219,34 @@ def test_per_sample_gradients(backend):
         _close(grads[v], want)
 
 
+def test_per_sample_gradients_of_rank_weights_over_several_chunks(backend):
+    # With a mask, the Triton backward of rank-weighted mean reads the real tokens before each chunk that
+    # the forward saved (prefix, rows x chunks): vmap folds it into the batch and back, in the forward and
+    # in the backward. Chunks of 8 tokens make T = 19 three chunks.
+    gen = torch.Generator().manual_seed(15)
+    V, B, T = 3, 2, 19
+    hiddens = torch.randn(V, B, T, 2, generator=gen, dtype=torch.float64)
+    masks = torch.stack([make_mask("holes", B, T, gen) for _ in range(V)])
+    g = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    modes = ["weighted_mean", "max"]
+
+    def loss(h, m):
+        return (_pool(h, m, False, modes) * g).sum()
+
+    with kernel_config("split-T"):
+        if backend == "triton":
+            prefix = ops.forward_impl(
+                hiddens[0], masks[0], None, "weighted_mean", backend, -1.0, False, True
+            )[6]
+            assert prefix.shape == (B, 3)
+        grads = vmap(grad(loss))(hiddens, masks)
+        shared_mask = vmap(grad(loss), in_dims=(0, None))(hiddens, masks[0])
+    for v in range(V):
+        h = to_numpy(hiddens[v])
+        _close(grads[v], expected_vjp(h, np_mask(masks[v]), to_numpy(g), False, modes))
+        _close(shared_mask[v], expected_vjp(h, np_mask(masks[0]), to_numpy(g), False, modes))
+
+
 # --- user weights -----------------------------------------------------------------------------------
 
 
@@ -243,6 +272,52 @@ def test_reverse_mode_through_user_weights(backend):
     _close(jac_w[1, 0], oracle.weights_grad(h, m, w, e[:, :2]))
     per_row = vmap(lambda h, w: _pool(h[None], None, False, modes, w[None])[0])(hidden, weights)
     _close(per_row[:, :2], oracle.pool(h, None, "weighted_mean", w))
+
+
+def test_per_sample_gradients_through_user_weights(backend):
+    # vmap folds the Triton forward's weight sums (rows,) and un-rounded weighted means (rows, d) into
+    # the batch and back; grad takes both gradients per sample.
+    gen = torch.Generator().manual_seed(16)
+    V, B, T = 3, 2, 5
+    hiddens = torch.randn(V, B, T, 2, generator=gen, dtype=torch.float64)
+    weights = torch.rand(V, B, T, generator=gen, dtype=torch.float64) + 0.5
+    mask = make_mask("holes", B, T, gen)
+    g = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    modes = ["weighted_mean", "max"]
+
+    def loss(h, w):
+        return (_pool(h, mask, False, modes, w) * g).sum()
+
+    grad_h, grad_w = vmap(grad(loss, argnums=(0, 1)))(hiddens, weights)
+    m, gw, gm = np_mask(mask), to_numpy(g[:, :2]), to_numpy(g[:, 2:])
+    for v in range(V):
+        h, w = to_numpy(hiddens[v]), to_numpy(weights[v])
+        _close(grad_h[v], oracle.pool_grad(h, m, "weighted_mean", gw, w) + oracle.pool_grad(h, m, "max", gm))
+        _close(grad_w[v], oracle.weights_grad(h, m, w, gw))
+
+
+def test_second_order_through_user_weights_without_a_graph(backend):
+    # The hidden gradient J^T g depends on the weights; a second backward without a graph takes its
+    # weights gradient through the weights_bwd implementation (the Triton kernel, applied to the
+    # direction u, with u's weighted mean from the forward kernel) and J u through the forward.
+    hidden, mask, gen = _inputs(17, kind="holes")
+    weights = (torch.rand(3, 5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    g = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    u = torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
+    m, w = np_mask(mask), to_numpy(weights)
+    want_w = oracle.weights_grad(to_numpy(u), m, w, to_numpy(g[:, :2]))
+    for g_needs_grad in (False, True):
+        g_arg = g.clone().requires_grad_(g_needs_grad)
+        h_arg = hidden.clone().requires_grad_()
+        out = _pool(h_arg, mask, False, ["weighted_mean", "mean"], weights)
+        (grad_h,) = torch.autograd.grad((out * g_arg).sum(), h_arg, create_graph=True)
+        inputs = (weights, g_arg) if g_needs_grad else (weights,)
+        grads = torch.autograd.grad((grad_h * u).sum(), inputs)
+        _close(grads[0], want_w)
+        if g_needs_grad:
+            uu = to_numpy(u)
+            want_g = np.concatenate([oracle.pool(uu, m, "weighted_mean", w), oracle.pool(uu, m, "mean")], 1)
+            _close(grads[1], want_g)
 
 
 def test_forward_mode_through_user_weights_is_one_clear_error(backend):
