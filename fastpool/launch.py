@@ -170,7 +170,8 @@ def cuda_index(device: torch.device) -> int | None:
     return index if index is not None else torch.cuda.current_device()
 
 
-def _stream_key(device: torch.device) -> tuple:
+def stream_key(device: torch.device) -> tuple:
+    """(device,) or (device, current raw stream) for CUDA: what per-stream caches are keyed by."""
     index = cuda_index(device)
     if index is None:
         return (device,)
@@ -186,7 +187,7 @@ def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -
     (never sliced). It grows by doubling; an old buffer still in use by queued kernels is released to
     the caching allocator, which reuses memory in stream order.
     """
-    key = (*_stream_key(device), role, dtype)
+    key = (*stream_key(device), role, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < numel:
         size = max(numel, 1024, 2 * (0 if buffer is None else buffer.numel()))
@@ -206,9 +207,14 @@ def ticket_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
     epoch, so the buffer is zeroed once when it is allocated and never again: no memset per call.
     Keyed by the current stream, so launches on different streams never share counters.
     """
+    return workspace(device, "tickets", torch.int64, n), next_epoch()
+
+
+def next_epoch() -> int:
+    """A new launch's ticket tag (1 ... 2**31 - 1, cycling)."""
     global _epoch
     _epoch = _epoch % (2**31 - 1) + 1
-    return workspace(device, "tickets", torch.int64, n), _epoch
+    return _epoch
 
 
 def needs_device_switch(device: torch.device) -> bool:
