@@ -12,7 +12,9 @@ from .limits import FLOAT_DTYPES
 
 def _validate_scores(hidden: torch.Tensor, scores: object) -> None:
     if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"scores: expected a torch.Tensor of shape (B, T) or (B, T, H), got {type(scores).__name__}")
+        raise TypeError(
+            f"scores: expected a torch.Tensor of shape (B, T) or (B, T, H), got {type(scores).__name__}"
+        )
     if scores.dim() not in (2, 3):
         raise ValueError(
             f"scores: expected 2 or 3 dimensions, (B, T) or (B, T, H), got shape {tuple(scores.shape)}"
@@ -34,7 +36,9 @@ def _validate_scores(hidden: torch.Tensor, scores: object) -> None:
         raise ValueError(f"scores: expected device {hidden.device} (hidden's device), got {scores.device}")
 
 
-def attention_pool(hidden: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_pool(
+    hidden: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention pooling: a softmax over the real tokens weighs them.
 
     Parameters

@@ -74,7 +74,7 @@ def attention_pool_forward(
         hidden.stride(0), hidden.stride(1), hidden.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2),
         smb, smt, out.stride(0), out.stride(1), m.stride(0),
-        ACC=_acc(hidden.dtype), MASK_BITS=bits, HAS_MASK=has_mask,
+        ACC_DTYPE=_acc(hidden.dtype), MASK_BITS=bits, HAS_MASK=has_mask,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out, m, total
@@ -117,7 +117,7 @@ def attention_pool_backward(
         hidden.stride(0), hidden.stride(1), hidden.stride(2),
         scores.stride(0), scores.stride(1), scores.stride(2),
         smb, smt, out.stride(0), out.stride(1), m.stride(0),
-        ACC=_acc(hidden.dtype), MASK_BITS=bits, HAS_MASK=has_mask,
+        ACC_DTYPE=_acc(hidden.dtype), MASK_BITS=bits, HAS_MASK=has_mask,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )  # fmt: skip
     return grad_hidden, grad_scores

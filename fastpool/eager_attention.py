@@ -13,7 +13,9 @@ from .eager import accumulation_dtype
 from .masks import real_tokens
 
 
-def _weights(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weights(
+    scores: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(p (B, T, H), max (B, H), sum (B, H)) in the accumulation dtype."""
     s = scores.to(accumulation_dtype(scores.dtype))
     real = real_tokens(mask)

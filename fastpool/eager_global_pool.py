@@ -86,7 +86,9 @@ def global_pool_backward(
     spatial = tuple(shape[2:])
     S = math.prod(spatial)
     acc = accumulation_dtype(dtype)
-    grad = torch.empty_strided(tuple(shape), grad_strides(shape, strides), dtype=dtype, device=grad_out.device)
+    grad = torch.empty_strided(
+        tuple(shape), grad_strides(shape, strides), dtype=dtype, device=grad_out.device
+    )
     if grad.numel() == 0:
         return grad
     blocks = dict(zip(modes, grad_out.split(C, dim=1), strict=True))

@@ -167,7 +167,7 @@ def global_pool_forward(x: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Te
             C, S, sizes3[1], sizes3[2], cfg.chunk_len, cfg.n_chunks, n_cblocks,
             x.stride(0), x.stride(1), *strides3,
             out.stride(0), argmax_arg.stride(0), col_mean, col_max,
-            DO_MEAN=do_mean, DO_MAX=do_max, NDIM=ndim, ACC=_acc(x.dtype),
+            DO_MEAN=do_mean, DO_MAX=do_max, NDIM=ndim, ACC_DTYPE=_acc(x.dtype),
             BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=NUM_WARPS,
         )  # fmt: skip
         if split:
@@ -175,7 +175,7 @@ def global_pool_forward(x: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Te
             global_pool_combine_kernel[(_grid_rows(B, combine_blocks),)](
                 out, argmax_arg, part_sum, part_max, part_pos, C, S, cfg.n_chunks, combine_blocks,
                 out.stride(0), argmax_arg.stride(0), col_mean, col_max,
-                DO_MEAN=do_mean, DO_MAX=do_max, ACC=_acc(x.dtype), BLOCK_C=COMBINE_BLOCK_C,
+                DO_MEAN=do_mean, DO_MAX=do_max, ACC_DTYPE=_acc(x.dtype), BLOCK_C=COMBINE_BLOCK_C,
                 num_warps=NUM_WARPS,
             )  # fmt: skip
     return out, argmax
@@ -200,7 +200,9 @@ def global_pool_backward(
     """
     from .kernels.global_pool import global_pool_backward_kernel
 
-    grad = torch.empty_strided(tuple(shape), grad_strides(shape, strides), dtype=dtype, device=grad_out.device)
+    grad = torch.empty_strided(
+        tuple(shape), grad_strides(shape, strides), dtype=dtype, device=grad_out.device
+    )
     if grad.numel() == 0:
         return grad
     B = shape[0]
@@ -218,7 +220,7 @@ def global_pool_backward(
             grad_out, argmax_arg, grad, C, S, sizes3[1], sizes3[2], cfg.chunk_len, n_cblocks,
             grad_out.stride(0), grad_out.stride(1), argmax_arg.stride(0),
             grad.stride(0), grad.stride(1), *strides3, col_mean, col_max,
-            DO_MEAN=do_mean, DO_MAX=do_max, NDIM=ndim, ACC=_acc(dtype),
+            DO_MEAN=do_mean, DO_MAX=do_max, NDIM=ndim, ACC_DTYPE=_acc(dtype),
             BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s, num_warps=NUM_WARPS,
         )  # fmt: skip
     return grad

@@ -75,7 +75,9 @@ def _backward(ctx, grad_out, _grad_m, _grad_total):
     hidden, scores, mask, out, m, total = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None
-    grad_hidden, grad_scores = attention_pool_bwd(grad_out.contiguous(), hidden, scores, mask, out, m, total, ctx.backend)
+    grad_hidden, grad_scores = attention_pool_bwd(
+        grad_out.contiguous(), hidden, scores, mask, out, m, total, ctx.backend
+    )
     return (
         grad_hidden if ctx.needs_input_grad[0] else None,
         grad_scores if ctx.needs_input_grad[1] else None,

@@ -34,7 +34,7 @@ def attention_pool_forward_kernel(
     stride_mb, stride_mt,
     stride_ob, stride_od,
     stride_stat_b,
-    ACC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     MASK_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -46,14 +46,14 @@ def attention_pool_forward_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = offs_d < DH
     feat = h * DH + offs_d.to(tl.int64)
-    m_run = tl.full((), float("-inf"), ACC)
-    l_run = tl.zeros((), ACC)
-    acc = tl.zeros((BLOCK_D,), ACC)
+    m_run = tl.full((), float("-inf"), ACC_DTYPE)
+    l_run = tl.zeros((), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_D,), ACC_DTYPE)
     for t0 in range(0, T, BLOCK_T):
         offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         real = _real(mask_ptr, b, offs_t, T, stride_mb, stride_mt, MASK_BITS, HAS_MASK)
         s = tl.load(scores_ptr + b * stride_sb + offs_t * stride_st + h * stride_sh, mask=real, other=0.0)
-        s = tl.where(real, s.to(ACC), float("-inf"))
+        s = tl.where(real, s.to(ACC_DTYPE), float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, axis=0))
         # With no finite score yet, m_new is -inf: subtract 0 instead so no -inf - -inf NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -63,7 +63,7 @@ def attention_pool_forward_kernel(
             hidden_ptr + b * stride_hb + offs_t[:, None] * stride_ht + feat[None, :] * stride_hd,
             mask=real[:, None] & d_in[None, :],
             other=0.0,
-        ).to(ACC)
+        ).to(ACC_DTYPE)
         x = tl.where((p > 0)[:, None], x, 0.0)
         acc = acc * alpha + tl.sum(p[:, None] * x, axis=0)
         l_run = l_run * alpha + tl.sum(p, axis=0)
@@ -94,7 +94,7 @@ def attention_pool_backward_kernel(
     stride_mb, stride_mt,
     stride_ob, stride_od,
     stride_stat_b,
-    ACC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     MASK_BITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -108,12 +108,14 @@ def attention_pool_backward_kernel(
     m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
     inv_l = tl.where(l_run > 0, 1.0 / tl.where(l_run > 0, l_run, 1.0), 0.0)
     # g . out for this head (a short loop over the head's features; out is (B, d), tiny).
-    g_dot_out = tl.zeros((), ACC)
+    g_dot_out = tl.zeros((), ACC_DTYPE)
     for d0 in range(0, DH, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         feat = h * DH + offs_d.to(tl.int64)
-        g = tl.load(grad_out_ptr + b * stride_gb + feat * stride_gd, mask=offs_d < DH, other=0.0).to(ACC)
-        o = tl.load(out_ptr + b * stride_ob + feat * stride_od, mask=offs_d < DH, other=0.0).to(ACC)
+        g = tl.load(grad_out_ptr + b * stride_gb + feat * stride_gd, mask=offs_d < DH, other=0.0).to(
+            ACC_DTYPE
+        )
+        o = tl.load(out_ptr + b * stride_ob + feat * stride_od, mask=offs_d < DH, other=0.0).to(ACC_DTYPE)
         g_dot_out += tl.sum(g * o, axis=0)
     D = H * DH
     for t0 in range(0, T, BLOCK_T):
@@ -121,19 +123,19 @@ def attention_pool_backward_kernel(
         t_in = offs_t < T
         real = _real(mask_ptr, b, offs_t, T, stride_mb, stride_mt, MASK_BITS, HAS_MASK)
         s = tl.load(scores_ptr + b * stride_sb + offs_t * stride_st + h * stride_sh, mask=real, other=0.0)
-        s = tl.where(real, s.to(ACC), float("-inf"))
+        s = tl.where(real, s.to(ACC_DTYPE), float("-inf"))
         p = tl.where(s == float("-inf"), 0.0, tl.exp(s - m_safe) * inv_l)
-        g_dot_x = tl.zeros((BLOCK_T,), ACC)
+        g_dot_x = tl.zeros((BLOCK_T,), ACC_DTYPE)
         for d0 in range(0, DH, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_in = offs_d < DH
             feat = h * DH + offs_d.to(tl.int64)
-            g = tl.load(grad_out_ptr + b * stride_gb + feat * stride_gd, mask=d_in, other=0.0).to(ACC)
+            g = tl.load(grad_out_ptr + b * stride_gb + feat * stride_gd, mask=d_in, other=0.0).to(ACC_DTYPE)
             x = tl.load(
                 hidden_ptr + b * stride_hb + offs_t[:, None] * stride_ht + feat[None, :] * stride_hd,
                 mask=(p > 0)[:, None] & d_in[None, :],
                 other=0.0,
-            ).to(ACC)
+            ).to(ACC_DTYPE)
             x = tl.where((p > 0)[:, None], x, 0.0)
             g_dot_x += tl.sum(x * g[None, :], axis=1)
             dx = p[:, None] * g[None, :]
@@ -143,4 +145,6 @@ def attention_pool_backward_kernel(
                 mask=t_in[:, None] & d_in[None, :],
             )
         ds = tl.where(p > 0, p * (g_dot_x - g_dot_out), 0.0)
-        tl.store(grad_scores_ptr + (b * T + offs_t) * H + h, ds.to(grad_scores_ptr.dtype.element_ty), mask=t_in)
+        tl.store(
+            grad_scores_ptr + (b * T + offs_t) * H + h, ds.to(grad_scores_ptr.dtype.element_ty), mask=t_in
+        )

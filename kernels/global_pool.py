@@ -75,6 +75,48 @@ def _better(candidate, candidate_pos, current, current_pos):
 
 
 @triton.jit
+def _accumulate(
+    row,  # (BLOCK_C, 1) pointers: x[b, c, 0...]
+    s,  # (BLOCK_S,) int32 logical spatial indices
+    valid,  # (BLOCK_C, 1) or (BLOCK_C, BLOCK_S) bool load predicate
+    S2, S3, stride_s1, stride_s2, stride_s3,
+    acc_sum,  # (BLOCK_C, BLOCK_S) per-lane sums
+    acc_max,  # (BLOCK_C, BLOCK_S) per-lane maxima
+    acc_pos,  # (BLOCK_C, BLOCK_S) int32 their positions (NO_POS: none yet)
+    NDIM: tl.constexpr,
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):  # fmt: skip
+    offs = _spatial_offsets(s, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)
+    v = tl.load(row + offs[None, :], mask=valid, other=0.0).to(ACC_DTYPE)
+    if DO_MEAN:
+        acc_sum += v  # masked lanes load 0
+    if DO_MAX:
+        pos = tl.where(valid, s[None, :], NO_POS)
+        take = _better(v, pos, acc_max, acc_pos)
+        acc_max = tl.where(take, v, acc_max)
+        acc_pos = tl.where(take, pos, acc_pos)
+    return acc_sum, acc_max, acc_pos
+
+
+@triton.jit
+def _write(
+    row,  # (BLOCK_C, 1) pointers: grad[b, c, 0...]
+    s,  # (BLOCK_S,) int32 logical spatial indices
+    valid,  # (BLOCK_C, 1) or (BLOCK_C, BLOCK_S) bool store predicate
+    pos,  # (BLOCK_C,) int32 position of the maximum (-1: none)
+    peak,  # (BLOCK_C, 1) value at that position
+    base,  # (BLOCK_C, 1) value everywhere else
+    S2, S3, stride_s1, stride_s2, stride_s3,
+    NDIM: tl.constexpr,
+):  # fmt: skip
+    offs = _spatial_offsets(s, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)
+    value = tl.where(s[None, :] == pos[:, None], peak, base)
+    tl.store(row + offs[None, :], value, mask=valid)
+
+
+@triton.jit
 def _store(
     out_ptr,  # (B, n_modes * C) output, x's dtype
     argmax_ptr,  # (B, C) int32
@@ -95,7 +137,8 @@ def _store(
     out_ty = out_ptr.dtype.element_ty
     if DO_MEAN:
         # Float `/` is the fast division (<= 2 ulp in float32): the IEEE one needs a stack frame.
-        mean = total / S.to(total.dtype)
+        # S is divided as an integer argument: Triton turns S == 1 into a constexpr.
+        mean = total / S
         tl.store(out_ptr + b * stride_ob + col_mean + c, mean.to(out_ty), mask=c_in)
     if DO_MAX:
         tl.store(out_ptr + b * stride_ob + col_max + c, max_value.to(out_ty), mask=c_in)
@@ -125,7 +168,7 @@ def global_pool_forward_kernel(
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
     NDIM: tl.constexpr,  # merged spatial dims (1, 2 or 3)
-    ACC: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 input
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -135,25 +178,29 @@ def global_pool_forward_kernel(
     c = ((pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_in = c < C
     row = x_ptr + b * stride_xb + c[:, None] * stride_xc
-    s_begin = chunk * chunk_len
-    s_end = tl.minimum(S - s_begin, chunk_len) + s_begin
-    acc_sum = tl.zeros((BLOCK_C, BLOCK_S), ACC)
-    acc_max = tl.full((BLOCK_C, BLOCK_S), float("-inf"), ACC)
+    acc_sum = tl.zeros((BLOCK_C, BLOCK_S), ACC_DTYPE)
+    acc_max = tl.full((BLOCK_C, BLOCK_S), float("-inf"), ACC_DTYPE)
     acc_pos = tl.full((BLOCK_C, BLOCK_S), NO_POS, tl.int32)
-    for s0 in range(s_begin, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        valid = c_in[:, None] & (s < s_end)[None, :]
-        offs = _spatial_offsets(s, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)
-        v = tl.load(row + offs[None, :], mask=valid, other=0.0).to(ACC)
-        if DO_MEAN:
-            acc_sum += v  # masked lanes load 0
-        if DO_MAX:
-            pos = tl.where(valid, s[None, :], NO_POS)
-            take = _better(v, pos, acc_max, acc_pos)
-            acc_max = tl.where(take, v, acc_max)
-            acc_pos = tl.where(take, pos, acc_pos)
+    s_begin = chunk * chunk_len
+    s_len = tl.minimum(S - s_begin, chunk_len)
+    n_full = s_len // BLOCK_S
+    # Whole blocks first, predicated on the channel only: the predicate is constant along S, so
+    # loads along a unit-stride S (contiguous NCHW) can be vectorised. Then one partial block.
+    for i in range(0, n_full):
+        s = s_begin + i * BLOCK_S + tl.arange(0, BLOCK_S)
+        acc_sum, acc_max, acc_pos = _accumulate(
+            row, s, c_in[:, None], S2, S3, stride_s1, stride_s2, stride_s3, acc_sum, acc_max, acc_pos,
+            NDIM, DO_MEAN, DO_MAX, ACC_DTYPE,
+        )  # fmt: skip
+    if n_full * BLOCK_S < s_len:
+        s = s_begin + n_full * BLOCK_S + tl.arange(0, BLOCK_S)
+        valid = c_in[:, None] & (s < s_begin + s_len)[None, :]
+        acc_sum, acc_max, acc_pos = _accumulate(
+            row, s, valid, S2, S3, stride_s1, stride_s2, stride_s3, acc_sum, acc_max, acc_pos,
+            NDIM, DO_MEAN, DO_MAX, ACC_DTYPE,
+        )  # fmt: skip
     total = tl.sum(acc_sum, axis=1)
-    max_value = tl.zeros((BLOCK_C,), ACC)
+    max_value = tl.zeros((BLOCK_C,), ACC_DTYPE)
     max_pos = tl.zeros((BLOCK_C,), tl.int32)
     if DO_MAX:
         max_value, max_pos = _lanes_argmax(acc_max, acc_pos)
@@ -188,7 +235,7 @@ def global_pool_combine_kernel(
     col_max,
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Fold the chunks' partials of BLOCK_C channels of one sample in chunk order."""
@@ -196,8 +243,8 @@ def global_pool_combine_kernel(
     b = (pid // n_cblocks).to(tl.int64)
     c = ((pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_in = c < C
-    total = tl.zeros((BLOCK_C,), ACC)
-    max_value = tl.full((BLOCK_C,), float("-inf"), ACC)
+    total = tl.zeros((BLOCK_C,), ACC_DTYPE)
+    max_value = tl.full((BLOCK_C,), float("-inf"), ACC_DTYPE)
     max_pos = tl.full((BLOCK_C,), NO_POS, tl.int32)
     for j in range(0, n_chunks):
         part = (b * n_chunks + j) * C + c
@@ -234,7 +281,7 @@ def global_pool_backward_kernel(
     DO_MEAN: tl.constexpr,
     DO_MAX: tl.constexpr,
     NDIM: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):  # fmt: skip
@@ -245,24 +292,26 @@ def global_pool_backward_kernel(
     c = ((pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     c_in = c < C
     g_row = grad_out_ptr + b * stride_gob
-    base = tl.zeros((BLOCK_C,), ACC)
+    base = tl.zeros((BLOCK_C,), ACC_DTYPE)
     if DO_MEAN:
-        g = tl.load(g_row + (col_mean + c) * stride_goc, mask=c_in, other=0.0).to(ACC)
-        base = g / S.to(ACC)
+        g = tl.load(g_row + (col_mean + c) * stride_goc, mask=c_in, other=0.0).to(ACC_DTYPE)
+        base = g / S
     peak = base
     pos = tl.full((BLOCK_C,), -1, tl.int32)
     if DO_MAX:
-        peak = base + tl.load(g_row + (col_max + c) * stride_goc, mask=c_in, other=0.0).to(ACC)
+        peak = base + tl.load(g_row + (col_max + c) * stride_goc, mask=c_in, other=0.0).to(ACC_DTYPE)
         pos = tl.load(argmax_ptr + b * stride_ab + c, mask=c_in, other=-1)
     row = grad_ptr + b * stride_gb + c[:, None] * stride_gc
     out_ty = grad_ptr.dtype.element_ty
     base_t = base.to(out_ty)[:, None]
     peak_t = peak.to(out_ty)[:, None]
     s_begin = chunk * chunk_len
-    s_end = tl.minimum(S - s_begin, chunk_len) + s_begin
-    for s0 in range(s_begin, s_end, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        valid = c_in[:, None] & (s < s_end)[None, :]
-        offs = _spatial_offsets(s, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)
-        value = tl.where(s[None, :] == pos[:, None], peak_t, base_t)
-        tl.store(row + offs[None, :], value, mask=valid)
+    s_len = tl.minimum(S - s_begin, chunk_len)
+    n_full = s_len // BLOCK_S
+    for i in range(0, n_full):  # whole blocks: the predicate is constant along S (vector stores)
+        s = s_begin + i * BLOCK_S + tl.arange(0, BLOCK_S)
+        _write(row, s, c_in[:, None], pos, peak_t, base_t, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)
+    if n_full * BLOCK_S < s_len:
+        s = s_begin + n_full * BLOCK_S + tl.arange(0, BLOCK_S)
+        valid = c_in[:, None] & (s < s_begin + s_len)[None, :]
+        _write(row, s, valid, pos, peak_t, base_t, S2, S3, stride_s1, stride_s2, stride_s3, NDIM)

@@ -46,7 +46,9 @@ def test_matches_oracle(device, backend, dtype, mask_kind, heads):
     hidden = torch.randn(B, T, d, generator=gen).to(dtype)
     scores = (3 * torch.randn(B, T, *((heads,) if heads else ()), generator=gen)).to(dtype)
     mask = make_mask(mask_kind, B, T, gen)
-    out = fastpool.attention_pool(hidden.to(device), scores.to(device), None if mask is None else mask.to(device))
+    out = fastpool.attention_pool(
+        hidden.to(device), scores.to(device), None if mask is None else mask.to(device)
+    )
     assert out.shape == (B, d) and out.dtype == dtype
     torch.testing.assert_close(out.cpu(), expected(hidden, scores, mask), **REDUCTION[dtype])
 
@@ -173,7 +175,9 @@ def test_opcheck(device, backend_name, with_mask):
     mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
     args = (hidden, scores, mask, backend_name)
     torch.library.opcheck(torch.ops.fastpool.attention_pool_fwd.default, args)
-    out, m, total = torch.ops.fastpool.attention_pool_fwd(hidden.detach(), scores.detach(), mask, backend_name)
+    out, m, total = torch.ops.fastpool.attention_pool_fwd(
+        hidden.detach(), scores.detach(), mask, backend_name
+    )
     bwd_args = (torch.randn_like(out), hidden.detach(), scores.detach(), mask, out, m, total, backend_name)
     torch.library.opcheck(torch.ops.fastpool.attention_pool_bwd.default, bwd_args)
 
