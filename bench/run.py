@@ -25,13 +25,14 @@ import re
 import sys
 from pathlib import Path
 
+import attention_global
 import torch
 from checks import check_backward, check_forward, grad_output
 from plot import plot
-from providers import PROVIDERS, CompileProvider, Provider, build_provider, make_providers
+from providers import PROVIDERS, Provider, build_provider, make_providers
 from rich.console import Console
 from rich.table import Table
-from shapes import DTYPES, PRESETS, Case, PackedBlock, Preset, make_inputs
+from shapes import DTYPES, PRESETS, Case, FeatureBlock, PackedBlock, Preset, make_inputs, spatial_label
 from summary import print_table
 from timing import CUDAGRAPH_MAX_BYTES, Timing, measure, measure_rooflines
 from tqdm import tqdm
@@ -44,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROW_FIELDS = (
     "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "S", "N", "length_dist", "provider",
     "median_ms", "p20_ms", "p80_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
-    "matches_reference", "pad_actual", "headline", "block", "preset",
+    "matches_reference", "pad_actual", "headline", "block", "preset", "spatial",
     "device", "threads", "torch", "triton", "fastpool", "date",
 )  # fmt: skip
 
@@ -111,6 +112,8 @@ def environment(device: torch.device) -> dict:
 def timed_callable(pass_: str, fn, h: torch.Tensor, mask: torch.Tensor, g: torch.Tensor):
     """What one timed iteration runs. Backward goes through autograd.grad, not .backward(), so no
     .grad accumulates (that would add a read-modify-write of (B, T, d) to every iteration)."""
+    if isinstance(mask, attention_global.AttentionInputs):
+        return attention_global.timed_callable(pass_, fn, h, mask, g)
     if pass_ == "fwd":
         return lambda: fn(h, mask)
     hg = h.detach().requires_grad_()
@@ -133,6 +136,8 @@ def time_one(case: Case, provider: Provider, h, mask, g, args, preset: Preset) -
 def case_bytes(case: Case, mask) -> int:
     """bench/traffic.py's minimal byte count of the case (``mask`` is a PackedBatch when packed)."""
     dtype = DTYPES[case.dtype]
+    if case.op in attention_global.EAGER:
+        return attention_global.minimal_bytes(case, mask)
     if case.packed is None:
         return minimal_bytes(case.op, case.pass_, case.B, case.T, case.d, dtype, mask)
     cu = mask.cu_seqlens
@@ -142,9 +147,11 @@ def case_bytes(case: Case, mask) -> int:
 
 
 def shape_columns(case: Case) -> dict:
-    """The packed-shape columns of a row (None on padded rows)."""
+    """The packed-shape columns of a row (None on padded rows), and the feature-map spatial shape
+    ("HxW", None on other rows)."""
     p = case.packed
-    return {"S": p and p.S, "N": p and p.N, "length_dist": p and p.dist}
+    spatial = case.spatial and spatial_label(case.spatial)
+    return {"S": p and p.S, "N": p and p.N, "length_dist": p and p.dist, "spatial": spatial}
 
 
 def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
@@ -157,7 +164,7 @@ def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
             "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "gbps": gbps(n_bytes, t.median_ms),
             "frac_roofline": None, "bytes": n_bytes, "backend": "torch", "timer": t.timer,
             "matches_reference": None, "pad_actual": None, "headline": False, "block": "roofline",
-            "preset": args.preset, **env,
+            "spatial": None, "preset": args.preset, **env,
         })  # fmt: skip
     return rows
 
@@ -188,9 +195,7 @@ def run_grid(
                 torch.cuda.empty_cache()
             h, mask = make_inputs(case, device)
             inputs_key = case.input_key
-        for p in providers:
-            if isinstance(p, CompileProvider) and not p.disabled and p.over_budget():
-                p.disable(f"compile budget of {p.budget_s:.0f} s spent ({p.spent_s:.0f} s compiling)")
+        # CompileProvider.skip drops compile on cases whose op family spent its compile budget.
         runs = []  # the providers that take this case (padded or packed input, size limits)
         for p in providers:
             reason = p.skip(case)
@@ -207,7 +212,10 @@ def run_grid(
             grads_checked.add(key)
         g = grad_output(case, h)
         n_bytes = case_bytes(case, mask)
-        pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
+        if case.op in attention_global.EAGER:
+            pad_actual = attention_global.padding_fraction(case, mask)
+        else:
+            pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
         for p in runs:
             if p.unavailable() or case.pass_ not in p.passes or p.name not in checked[key]:
                 continue
@@ -245,6 +253,9 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
         if isinstance(b, PackedBlock):
             names = [f"{p.S} {p.dist} max {p.max_len} ({p.N} tok) x{p.d}" for p in b.shapes[:4]]
             pads = "packed"
+        elif isinstance(b, FeatureBlock):
+            names = ["x".join(map(str, shape)) for shape in b.shapes[:4]]
+            pads = ", ".join(b.formats)
         else:
             names = [f"{B}x{T}x{d}" for B, T, d in b.shapes[:4]]
             pads = f"{', '.join(f'{p:g}' for p in b.paddings)} x {', '.join(b.layouts)}"
