@@ -12,6 +12,7 @@ Either way a warp reads contiguous bytes and every element of x is read once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ def global_pool_forward(x: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Te
 
     part_sum, part_max, part_pos = part(do_mean, acc), part(do_max, acc), part(do_max, torch.int32)
     argmax_arg = argmax if do_max else part_pos
-    with _on_device(x.device):
+    with on_device(x.device):
         global_pool_forward_kernel[(_grid_rows(B, n_cblocks), cfg.n_chunks)](
             x, out, argmax_arg, part_sum, part_max, part_pos,
             C, S, sizes3[1], sizes3[2], cfg.chunk_len, cfg.n_chunks, n_cblocks,
@@ -215,7 +216,7 @@ def global_pool_backward(
     col_mean = modes.index("mean") * C if do_mean else 0
     col_max = modes.index("max") * C if do_max else 0
     argmax_arg = argmax if do_max else torch.empty(1, dtype=torch.int32, device=grad.device)
-    with _on_device(grad.device):
+    with on_device(grad.device):
         global_pool_backward_kernel[(_grid_rows(B, n_cblocks), cfg.n_chunks)](
             grad_out, argmax_arg, grad, C, S, sizes3[1], sizes3[2], cfg.chunk_len, n_cblocks,
             grad_out.stride(0), grad_out.stride(1), argmax_arg.stride(0),
@@ -226,10 +227,8 @@ def global_pool_backward(
     return grad
 
 
-def _on_device(device: torch.device):
+def on_device(device: torch.device):
     """Make ``device`` current for the launch (Triton launches on the current device)."""
-    import contextlib
-
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return contextlib.nullcontext()
