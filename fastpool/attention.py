@@ -10,7 +10,6 @@ from .functional import _validate
 from .limits import FLOAT_DTYPES
 from .packed import validate_packed
 
-
 # Heads are a grid dimension of the kernels (CUDA allows 65535 blocks there).
 MAX_HEADS = 65535
 
