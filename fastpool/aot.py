@@ -415,8 +415,16 @@ def attention_specializations() -> list[Specialization]:
     cases += [("fp32", "i64", "contiguous", "fp32", 1024, 4), ("fp32", "f32", "contiguous", "fp32", 1024, 4)]
     cases += [("bf16", "i8", "contiguous", "fp32", 1024, 4), ("bf16", "i8", "contiguous", "bf16", 8, 4)]
     cases += [("bf16", "none", "contiguous", "bf16", 1024, 1)]
+    # Packed batches (no mask; offsets int32 or int64).
+    cases += [
+        ("bf16", "packed-i32", "contiguous", "bf16", 1024, 4),
+        ("fp32", "packed-i64", "contiguous", "fp32", 1024, 1),
+    ]
     specs = []
     for dtype, mask, layout, score_dtype, dh, heads in cases:
+        packed = mask.startswith("packed")
+        offsets_ty = "*" + mask.removeprefix("packed-") if packed else None
+        mask = "none" if packed else mask
         acc = _acc(dtype)
         block_t, block_d = attention_launchers.block_sizes(dh, HIDDEN_DTYPES[dtype])
         mask_ty, bits = ATTENTION_MASKS[mask]
@@ -430,13 +438,17 @@ def attention_specializations() -> list[Specialization]:
         common = {
             "hidden_ptr": f"*{dtype}", "scores_ptr": f"*{score_dtype}",
             "mask_ptr": mask_ty or f"*{score_dtype}", "out_ptr": f"*{dtype}", "max_ptr": f"*{acc}",
-            "sum_ptr": f"*{acc}",
+            "sum_ptr": f"*{acc}", "cu_seqlens_ptr": offsets_ty or f"*{acc}",
         }  # fmt: skip
         constexprs = {
-            "ACC_DTYPE": acc, "MASK_BITS": bits, "HAS_MASK": mask != "none", "BLOCK_T": block_t,
-            "BLOCK_D": block_d, **fixed,
+            "ACC_DTYPE": acc, "MASK_BITS": bits, "HAS_MASK": mask != "none", "PACKED": packed,
+            "BLOCK_T": block_t, "BLOCK_D": block_d, **fixed,
         }  # fmt: skip
+        if packed:
+            div = ("DH", "stride_hb", "stride_ht", "stride_sb")  # the row strides are 0
+            constexprs.pop("stride_st", None)
         what = f"{dtype} scores={score_dtype} mask={mask} dh={dh} heads={heads} {layout}"
+        what += f" packed offsets={offsets_ty[1:]}" if packed else ""
         specs.append(
             Specialization(
                 "attention_pool_forward_kernel", f"attention-fwd {what}", common, constexprs, div,
@@ -451,7 +463,8 @@ def attention_specializations() -> list[Specialization]:
         specs.append(
             Specialization(
                 "attention_pool_backward_kernel", f"attention-bwd {what}", bwd_types, bwd_constexprs,
-                div + ("stride_gb", "stride_ob") if contiguous else (), attention_launchers.NUM_WARPS,
+                div + ("stride_gb", "stride_ob", "n_tblocks") if contiguous else (),
+                attention_launchers.NUM_WARPS,
             )
         )  # fmt: skip
     return specs

@@ -30,11 +30,11 @@ def _row_range(cu_seqlens_ptr, b, T, PACKED: tl.constexpr):
     batch (T = N tokens), clamped into [0, N] and made non-decreasing so malformed offsets never
     address outside hidden."""
     if PACKED:
-        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b).to(tl.int64), 0), T)
-        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b + 1).to(tl.int64), start), T)
+        start = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b).to(tl.int32), 0), T)
+        end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + b + 1).to(tl.int32), start), T)
     else:
-        start = tl.zeros((), tl.int64)
-        end = tl.zeros((), tl.int64) + T
+        start = 0
+        end = T
     return start, end
 
 
@@ -72,7 +72,7 @@ def attention_pool_forward_kernel(
     l_run = tl.zeros((), ACC_DTYPE)
     acc = tl.zeros((BLOCK_D,), ACC_DTYPE)
     for t0 in range(start, end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         real = _real(mask_ptr, b, offs_t, end, stride_mb, stride_mt, MASK_BITS, HAS_MASK)
         s = tl.load(scores_ptr + b * stride_sb + offs_t * stride_st + h * stride_sh, mask=real, other=0.0)
         s = tl.where(real, s.to(ACC_DTYPE), float("-inf"))
@@ -138,7 +138,7 @@ def attention_pool_backward_kernel(
     l_run = tl.load(sum_ptr + b * stride_stat_b + h)
     m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
     inv_l = tl.where(l_run > 0, 1.0 / tl.where(l_run > 0, l_run, 1.0), 0.0)
-    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
     t_in = offs_t < end
     real = _real(mask_ptr, b, offs_t, end, stride_mb, stride_mt, MASK_BITS, HAS_MASK)
     # Gradient rows: (b, t) of (B, T, d) padded; the global token t of (N, d) packed.
