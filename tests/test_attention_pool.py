@@ -339,3 +339,11 @@ def test_packed_opcheck_and_compile(device, backend_name):
             torch.autograd.grad(loss, (hidden, scores)), torch.autograd.grad(ref, (hidden, scores))
         )
     assert counter.frame_count == 1
+
+
+def test_double_backward(device, backend):
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    scores = torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    pool = lambda h, s: fastpool.attention_pool(h, s)  # noqa: E731
+    assert torch.autograd.gradgradcheck(pool, (hidden, scores), fast_mode=backend == "triton")
