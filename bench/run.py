@@ -18,6 +18,7 @@ number of sequences, the output's rows), T = the longest sequence, padding 0 and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: the preset's")
+    parser.add_argument("--blocks", nargs="+", help="run only these blocks of the preset (default: all)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where default-named results go")
     parser.add_argument("--out", type=Path, help="JSONL path (default <out-dir>/<device>-<preset>.jsonl)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: --out with .png)")
@@ -291,6 +293,11 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.blocks:
+        unknown = set(args.blocks) - {b.name for b in preset.blocks}
+        if unknown:
+            raise SystemExit(f"--blocks: no block {sorted(unknown)} in preset {preset.name!r}")
+        preset = dataclasses.replace(preset, blocks=tuple(b for b in preset.blocks if b.name in args.blocks))
     provider_names = tuple(args.providers or preset.providers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dry_run:

@@ -375,9 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --- Attention pooling and global pooling ---------------------------------------------------------
 # Their specializations come from their own launchers (fastpool/attention_launchers.py,
@@ -582,3 +579,7 @@ def _kernel(name: str):  # noqa: F811 - extends the table above
 def specializations() -> list[Specialization]:  # noqa: F811 - extends the list above
     """Every specialization: the pooling kernels' (above), attention pooling's and global pooling's."""
     return _pooling_specializations() + attention_specializations() + global_pool_specializations()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,8 +3,8 @@
 x is (B, C, *spatial) with any strides. Outputs as the Triton launchers': out (B, n_modes * C) in
 x's dtype and argmax (B, C) int32, the logical (row-major) spatial index of the first maximum (NaN
 counting as the maximum, its first occurrence), or (B, 0) without "max". No copy of x is made:
-the mean is one ``sum`` over the spatial dims with a float32 (float64) accumulator, the max one
-``max`` per spatial dim.
+the mean is a ``sum`` over the spatial dims with a float32 (float64) accumulator (half precision
+on CPU in chunks of samples, which torch widens to float32), the max one ``max`` per spatial dim.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from collections.abc import Sequence
 import torch
 
 from .eager import accumulation_dtype
+
+# On CPU, ``sum(dtype=float32)`` of a half-precision tensor first widens the whole input to float32:
+# the mean sums chunks of samples so that temporary stays under this many bytes.
+_WIDEN_CHUNK_BYTES = 32 * 2**20
 
 
 def grad_strides(shape: Sequence[int], strides: Sequence[int]) -> list[int]:
@@ -46,20 +50,28 @@ def _max_and_index(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, index
 
 
+def _spatial_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(B, C) sum over the spatial dims in ``acc``, no (B, C, *spatial) widened copy on CPU."""
+    dims = tuple(range(2, x.dim()))
+    if x.dtype == acc or x.device.type == "cuda" or x.shape[0] == 0:
+        return x.sum(dims, dtype=acc)  # CUDA reduces half precision into float32 without a copy
+    rows = max(1, _WIDEN_CHUNK_BYTES // max(1, x[0].numel() * 4))
+    return torch.cat([x[i : i + rows].sum(dims, dtype=acc) for i in range(0, x.shape[0], rows)])
+
+
 def global_pool_forward(x: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, len(modes) * C) in x's dtype, argmax (B, C) int32 (or (B, 0) without "max").
 
     No spatial position (S = 0): the mean is NaN (0 / 0, as ``torch.mean``), the max NaN with index -1.
     """
     B, C = x.shape[:2]
-    dims = tuple(range(2, x.dim()))
     S = math.prod(x.shape[2:])
     acc = accumulation_dtype(x.dtype)
     pieces = []
     argmax = torch.empty((B, 0), dtype=torch.int32, device=x.device)
     for mode in modes:
         if mode == "mean":
-            pieces.append((x.sum(dims, dtype=acc) / S if S else x.new_full((B, C), math.nan)).to(x.dtype))
+            pieces.append((_spatial_sum(x, acc) / S if S else x.new_full((B, C), math.nan)).to(x.dtype))
         elif S == 0 or x.numel() == 0:
             pieces.append(x.new_full((B, C), math.nan))
             argmax = torch.full((B, C), -1, dtype=torch.int32, device=x.device)
