@@ -375,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if bad else 0
 
 
-
 # --- Attention pooling and global pooling ---------------------------------------------------------
 # Their specializations come from their own launchers (fastpool/attention_launchers.py,
 # fastpool/global_pool_launchers.py) and are appended to the pooling kernels' ones by rebinding
