@@ -79,5 +79,4 @@ def global_pool(x: torch.Tensor, mode: str | Sequence[str] = "mean") -> torch.Te
     """
     modes = _validate_modes(mode)
     _validate(x, modes)
-    out, _ = ops_global_pool.global_pool_forward(x, ",".join(modes), resolve_backend(x.device))
-    return out
+    return ops_global_pool.global_pool_forward(x, ",".join(modes), resolve_backend(x.device))

@@ -32,6 +32,13 @@ def forward_impl(x: torch.Tensor, modes: str, backend: str) -> tuple[torch.Tenso
     return _impl(backend).global_pool_forward(x, modes.split(","))
 
 
+def _inference(x: torch.Tensor, modes: str, backend: str) -> torch.Tensor:
+    """The output alone (no gradient wanted): the eager max skips the position of the maximum."""
+    if backend == "torch":
+        return eager_global_pool.global_pool_forward(x, modes.split(","), need_index=False)[0]
+    return forward_impl(x, modes, backend)[0]
+
+
 @torch.library.custom_op("fastpool::global_pool_fwd", mutates_args=())
 def global_pool_fwd(x: torch.Tensor, modes: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, C, *spatial) float; modes "mean", "max", "mean,max" or "max,mean" -> out
@@ -115,12 +122,13 @@ class GlobalPoolFunction(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_argmax)
 
 
-def global_pool_forward(x: torch.Tensor, modes: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward with autograd: the custom op while compiling, the fast path otherwise."""
+def global_pool_forward(x: torch.Tensor, modes: str, backend: str) -> torch.Tensor:
+    """The output (B, n_modes * C) with autograd: the custom op while compiling, the fast path
+    otherwise, the implementation alone when no gradient is wanted."""
     if torch.compiler.is_compiling():
-        return global_pool_fwd(x, modes, backend)
+        return global_pool_fwd(x, modes, backend)[0]
     # Forward-mode AD on the kernels goes through autograd too, so it fails loudly (no jvp).
     dual = backend == "triton" and forward_ad._current_level >= 0
     if (x.requires_grad and torch.is_grad_enabled()) or dual:
-        return GlobalPoolFunction.apply(x, modes, backend)
-    return forward_impl(x, modes, backend)
+        return GlobalPoolFunction.apply(x, modes, backend)[0]
+    return _inference(x, modes, backend)
