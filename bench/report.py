@@ -61,7 +61,7 @@ def section(rows: list[dict], source: str) -> str:
         f"#### {first['device']} ({first['preset']} preset)",
         "",
         f"torch {first['torch']}, triton {first['triton']}, fastpool {first['fastpool']} "
-        f"(backend {groups[chosen[0]].get('fastpool', {}).get('backend', '?') if chosen else '?'}), "
+        f"(backend {next((by['fastpool']['backend'] for by in groups.values() if 'fastpool' in by), '?')}), "
         f"{first['date'][:10]}; source `bench/results/{source}`."
         + (
             " Measured rooflines: " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in roofs.items()) + "."

@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(args.blocks) - {b.name for b in preset.blocks}
         if unknown:
             raise SystemExit(f"--blocks: no block {sorted(unknown)} in preset {preset.name!r}")
-        preset = dataclasses.replace(preset, blocks=tuple(b for b in preset.blocks if b.name in args.blocks))
+        blocks = tuple(b for b in preset.blocks if b.name in args.blocks)
+        preset = dataclasses.replace(preset, name=f"{preset.name}:{'+'.join(args.blocks)}", blocks=blocks)
     provider_names = tuple(args.providers or preset.providers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dry_run:
