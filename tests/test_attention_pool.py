@@ -347,3 +347,20 @@ def test_double_backward(device, backend):
     scores = torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     pool = lambda h, s: fastpool.attention_pool(h, s)  # noqa: E731
     assert torch.autograd.gradgradcheck(pool, (hidden, scores), fast_mode=backend == "triton")
+
+
+def test_blocks_the_launcher_picks_are_compiled_ahead_of_time():
+    from fastpool import aot
+
+    attention_launchers.OVERRIDE.clear()  # the launcher's own blocks (the autouse fixture restores)
+    specs = {
+        (s.kernel, s.label.split()[1], s.constexprs["BLOCK_T"], s.constexprs["BLOCK_D"])
+        for s in aot.attention_specializations()
+    }
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    for dtype, name in names.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        block_t, block_d = attention_launchers.block_sizes(1024, size)  # a head of 512 bytes or more
+        assert block_d * size == attention_launchers.ROW_BYTES
+        for kernel in ("attention_pool_forward_kernel", "attention_pool_backward_kernel"):
+            assert (kernel, name, block_t, block_d) in specs

@@ -276,3 +276,24 @@ def test_global_pooling_module(device, backend):
     module = fastpool.nn.GlobalPooling(["mean", "max"])
     assert torch.equal(module(x), fastpool.global_pool(x, ["mean", "max"]))
     assert list(module.parameters()) == [] and "mean" in repr(module)
+
+
+def test_full_tiles_the_launcher_picks_are_compiled_ahead_of_time():
+    from fastpool import aot
+
+    specs = {
+        (s.kernel, s.label.split()[1], s.constexprs.get("BLOCK_C"), s.constexprs.get("BLOCK_S"))
+        for s in aot.global_pool_specializations()
+    }
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    for dtype, name in names.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        for C, S in [(2048, 49 * 64), (512, 112 * 112)]:  # channel and spatial extents past a full tile
+            for s_fast in (True, False):
+                for with_max in (False, True):
+                    cfg = global_pool_launchers.config(C, S, size, s_fast, with_max)
+                    assert ("global_pool_forward_kernel", name, cfg.block_c, cfg.block_s) in specs
+                    assert cfg.n_chunks * cfg.chunk_len >= S and cfg.chunk_len % cfg.block_s == 0
+                bwd = global_pool_launchers.config(C, S, size, s_fast, False)
+                assert ("global_pool_backward_kernel", name, bwd.block_c, bwd.block_s) in specs
+    assert global_pool_launchers.config(8, 2**30, 2, True, False).n_chunks <= 65535
