@@ -14,7 +14,7 @@ import sys
 import torch
 
 import fastpool
-from fastpool import launchers, packed_launchers
+from fastpool import launch, packed_launchers
 
 DEVICE = "cuda"
 
@@ -74,8 +74,8 @@ def main() -> int:
         if "weighted_mean" in modes and layout == "holes":
             weights = (torch.rand(shape[:2], generator=gen) + 0.5).to(dtype).to(DEVICE)
         results = []
-        for backend, override in (("torch", {}), ("triton", {}), ("triton", {"n_splits": 3})):
-            with fastpool.use_backend(backend), launchers.config_override(**override):
+        for backend, override in (("torch", {}), ("triton", {}), ("triton", {"chunks_per_program": 1})):
+            with fastpool.use_backend(backend), launch.config_override(**override):
                 out = fastpool.pool(hidden, mask, mode=modes, weights=weights)
                 grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
             results.append((out, grad))
@@ -107,9 +107,9 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
             hidden = torch.randn(N, d, generator=gen).to(dtype).to(DEVICE).requires_grad_()
             weights = (torch.rand(N, generator=gen) + 0.5).to(dtype).to(DEVICE)
             results = []
-            runs = (("torch", {}, None), ("triton", {}, max(lengths)), ("triton", {"chunk_len": 64}, None))
+            runs = (("torch", {}, None), ("triton", {}, max(lengths)), ("triton", {}, None))
             for backend, override, hint in runs:
-                with fastpool.use_backend(backend), launchers.config_override(**override):
+                with fastpool.use_backend(backend), launch.config_override(**override):
                     out = fastpool.pool(hidden, mode=modes, cu_seqlens=cu, max_seqlen=hint, weights=weights)
                     grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
                 results.append((out, grad))
@@ -123,11 +123,11 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
     # Malformed offsets straight into the launchers (what an unchecked max_seqlen call could pass).
     hidden = torch.randn(100, 264, device=DEVICE)
     bad = torch.tensor([0, 5000, 30, -9, 2**30, 100, 7], dtype=torch.int32, device=DEVICE)
-    for override in ({}, {"chunk_len": 16}):
-        with launchers.config_override(**override):
-            out, argmax, stats, _ = packed_launchers.pool_forward(hidden, bad, modes, None, None)
-            packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, modes)
-            packed_launchers.pool_forward(hidden, bad, modes, None, 10)
+    for hint in (None, 10):
+        out, argmax, stats, *_ = packed_launchers.pool_forward(
+            hidden, bad, modes, None, hint, -1.0, True, True
+        )
+        packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, modes)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return checked + 1
