@@ -131,9 +131,8 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
     divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
     where = f"packed offsets={offsets[1:]}" if packed else f"mask={mask_name}"
     label = f"fwd {dtype} {where} {_flags(variant)} {layout}"
-    return Specialization(
-        "pool_forward_kernel", label, types, constexprs, divisible, maxnreg=launch.FORWARD_MAX_REGISTERS
-    )
+    maxnreg = launch.forward_max_registers(track, do_weighted)
+    return Specialization("pool_forward_kernel", label, types, constexprs, divisible, maxnreg=maxnreg)
 
 
 def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Specialization:

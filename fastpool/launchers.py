@@ -3,33 +3,35 @@
 Kernels live in ``fastpool.kernels``; this module imports them lazily so ``import fastpool`` works
 without triton. Nothing here copies hidden: every stride is passed to the kernels as it is, and the
 mask is reinterpreted (``Tensor.view(dtype)``, no copy) as an integer of its own width. Every pass is
-one kernel launch with no host-device synchronisation. Shared rules (block sizes, the fixed
-chunking, workspaces) live in ``fastpool.launch``.
+one kernel launch with no host-device synchronisation, launched through ``fastpool.fast_launch``
+(the compiled kernel's own launcher, once a call signature has been seen). Shared rules (block
+sizes, the fixed chunking, workspaces, launch plans) live in ``fastpool.launch``.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .fast_launch import KernelLauncher, aligned, specialization
 from .launch import (
     CHUNK,
     LANES,
     MAX_GRID_YZ,
     NUM_STAGES,
+    NUM_WARPS,
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
+    ForwardOutputs,
+    empty,
     check_feature_blocks,
     feature_block,
-    forward_setup,
+    forward_plan,
     has_overrides,
     kernel_columns,
-    mode_flags,
-    on_device,
-    outputs,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -47,13 +49,9 @@ from .modes import mode_columns
 class ForwardGrid:
     """How the rows of a padded forward are spread over programs."""
 
-    chunk: int  # CHUNK: positions per chunk (fixed; only tests override it)
-    lanes: int  # LANES (fixed; only tests override it)
-    n_slots: int  # cdiv(T, chunk): the most chunks a row can have
+    n_slots: int  # cdiv(T, CHUNK): the most chunks a row can have
     chunks_per_program: int  # G: chunks one program pools
     programs_per_row: int  # Z = cdiv(n_slots, G); 1 means one program holds a whole row
-    scan_block: int
-    num_stages: int
 
 
 def forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
@@ -71,8 +69,7 @@ def _cached_forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGri
 
 
 def _forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
-    chunk = overridden("chunk", CHUNK)
-    n_slots = max(1, triton_cdiv(T, chunk))
+    n_slots = max(1, triton_cdiv(T, overridden("chunk", CHUNK)))
     programs = B * n_dblocks
     target = PROGRAMS_PER_SM * sms
     if programs >= target:
@@ -81,15 +78,14 @@ def _forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
         per_program = triton_cdiv(n_slots, min(triton_cdiv(target, max(programs, 1)), n_slots))
     per_program = overridden("chunks_per_program", per_program)
     per_program = max(per_program, triton_cdiv(n_slots, MAX_GRID_YZ))
-    return ForwardGrid(
-        chunk=chunk,
-        lanes=overridden("lanes", LANES),
-        n_slots=n_slots,
-        chunks_per_program=per_program,
-        programs_per_row=triton_cdiv(n_slots, per_program),
-        scan_block=overridden("scan_block", SCAN_BLOCK),
-        num_stages=overridden("num_stages", NUM_STAGES),
-    )
+    return ForwardGrid(n_slots, per_program, triton_cdiv(n_slots, per_program))
+
+
+# The integer arguments of each kernel that Triton specialises on (value 1, divisibility by 16): the
+# launch keys below include each of them (tests/test_fast_launch.py checks these lists against the
+# kernels' do_not_specialize lists). Every other integer argument is do_not_specialize.
+FORWARD_SPECIALIZED = ("d", "stride_hb", "stride_ht", "stride_hd", "stride_mt", "stride_wt", "stride_ob")
+BACKWARD_SPECIALIZED = ("d", "stride_gob", "stride_god", "stride_mt", "stride_wt", "stride_gb", "stride_gt", "stride_gd")
 
 
 def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -101,24 +97,50 @@ def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[t
     return view, bits, *view.stride()
 
 
+def _forward_launcher() -> KernelLauncher:
+    from .kernels.pool_forward import pool_forward_kernel
+
+    return KernelLauncher(pool_forward_kernel)
+
+
+def _backward_launcher() -> KernelLauncher:
+    from .kernels.pool_backward import pool_backward_kernel
+
+    return KernelLauncher(pool_backward_kernel)
+
+
+def _weights_launcher() -> KernelLauncher:
+    from .kernels.pool_backward import weights_backward_kernel
+
+    return KernelLauncher(weights_backward_kernel)
+
+
+forward_launcher = functools.cache(_forward_launcher)
+backward_launcher = functools.cache(_backward_launcher)
+weights_launcher = functools.cache(_weights_launcher)
+
+
 def pool_forward(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
-    modes: Sequence[str],
+    modes: str,
     weights: torch.Tensor | None = None,
     normalize_eps: float = -1.0,
     track_positions: bool = True,
     for_backward: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused masked pooling forward on the Triton kernels: one launch.
 
     hidden (B, T, d) fp16/bf16/fp32/fp64, any strides; mask (B, T) any dtype, any strides, or None;
-    weights (B, T) float, any strides, or None (weighted_mean's user weights); normalize_eps >= 0:
-    L2-normalise each output row (in the same launch: the last feature block of a row to finish);
-    track_positions: keep max positions (indices or a gradient are needed; else values only);
-    for_backward: also return what the backward kernels need (see below).
+    modes comma-separated (e.g. "mean,max"); weights (B, T) float, any strides, or None
+    (weighted_mean's user weights); normalize_eps >= 0: L2-normalise each output row (in the same
+    launch: the last feature block of a row to finish); track_positions: keep max positions (indices
+    or a gradient are needed; else values only); for_backward: also return what the backward needs;
+    lean, share_empty: which outputs may come from shared buffers (see ``launch.ForwardOutputs``).
 
-    Returns (out, argmax, stats, norms, wsum, wmean, prefix): out (B, len(modes) * d) hidden dtype;
+    Returns (out, argmax, stats, norms, wsum, wmean, prefix): out (B, n_modes * d) hidden dtype;
     argmax (B, d) int32 when "max" is requested with track_positions (else (B, 0)); stats (3, B) int32
     (count, first, last; -1 when a row is empty); norms (B,) acc dtype (the rows' norms before
     normalisation; (0,) without); wsum (B,) acc dtype, the user weights' sum over each row's real
@@ -129,58 +151,71 @@ def pool_forward(
     Memory traffic: reads the real-token span of every row of hidden once, i.e.
     ``sum_b (real tokens of row b, holes excluded) * d * element_size`` bytes, plus the mask (one pass
     per feature block, L2-resident) and user weights' real elements; writes
-    ``B * len(modes) * d * element_size`` bytes, ``4 * B * d`` for argmax and ``12 * B`` for stats.
+    ``B * n_modes * d * element_size`` bytes, ``4 * B * d`` for argmax and ``12 * B`` for stats.
     Rows spread over several programs add, per chunk of CHUNK positions, ``4 * d`` bytes written and
     read for each sum kept (mean, weighted) and, per program, ``4 * d`` for max (``8 * d`` with
-    positions).
+    positions); normalisation adds ``2 * 4 * B * n_modes * d`` (the un-rounded rows, L2-resident).
     """
-    from .kernels.pool_forward import pool_forward_kernel
-
     B, T, d = hidden.shape
     device = hidden.device
-    setup = forward_setup(
-        hidden, B, d, modes, weights is not None, normalize_eps, track_positions, for_backward
-    )
-    store_prefix = for_backward and setup.do_weighted and not setup.has_weights and mask is not None
+    plan = forward_plan(
+        modes, hidden.dtype, mask is not None, weights is not None, normalize_eps >= 0, track_positions,
+        for_backward, False,
+    )  # fmt: skip
+    outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty)
+    if plan.store_prefix:
+        prefix = torch.empty((B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device)
+    else:
+        prefix = empty(device, torch.int32)
     if B == 0 or d == 0:
-        if B:
-            # Nothing to pool, but backward still needs the per-row sizes.
-            from .eager import row_stats
-            from .masks import real_tokens
-
-            setup.stats = row_stats(real_tokens(mask), B, T, device)
-        prefix = torch.zeros((B, triton_cdiv(T, overridden("chunk", CHUNK)) if store_prefix else 0),
-                             dtype=torch.int32, device=device)  # fmt: skip
-        return outputs(setup, prefix)
-    n_dblocks = check_feature_blocks(d, setup.block_d)
+        return _without_features(outs, mask, B, T, d, prefix)
+    n_dblocks = check_feature_blocks(d, plan.block_d)
     grid = forward_grid(B, T, n_dblocks, sm_count(device))
     split = grid.programs_per_row > 1
-    out, stats = setup.out, setup.stats
-    prefix = torch.empty((B, grid.n_slots if store_prefix else 0), dtype=torch.int32, device=device)
+    stats = outs.stats
     mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
-    acc_placeholder = placeholder(device, setup.acc)
-    weights_arg, (stride_wb, stride_wt) = (
-        (weights, weights.stride()) if weights is not None else (acc_placeholder, (0, 0))
-    )
-    partials = partial_buffers(setup, B * grid.n_slots if split else 0, d, n_dblocks, device)
-    n_tickets = setup.ticket_count(B, n_dblocks, split)
+    acc_dummy = placeholder(device, plan.acc)
+    if weights is not None:
+        weights_arg, (stride_wb, stride_wt) = weights, weights.stride()
+    else:
+        weights_arg, stride_wb, stride_wt = acc_dummy, 0, 0
+    partials = partial_buffers(plan, B * grid.n_slots if split else 0, d, n_dblocks, device)
+    n_tickets = plan.ticket_count(B, n_dblocks, split)
     counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
-    with on_device(device):
-        pool_forward_kernel[(B, n_dblocks, grid.programs_per_row)](
-            hidden, mask_view, out, setup.argmax if setup.track_positions else stats, stats,
-            setup.wsum if setup.has_weights else acc_placeholder,
-            setup.wmean if setup.wmean.numel() else acc_placeholder,
-            prefix if store_prefix else stats,
-            *partials, counters, weights_arg, stats,
-            setup.norms if setup.normalize_eps >= 0 else acc_placeholder,
-            setup.rowbuf if setup.normalize_eps >= 0 else acc_placeholder,
-            B, T, d, grid.chunks_per_program, grid.n_slots, 0, epoch,
-            *hidden.stride(), stride_mb, stride_mt, stride_wb, stride_wt, out.stride(0),
-            *setup.col_args, setup.normalize_eps, int(setup.wmean.numel() > 0), int(store_prefix), mask_bits,
-            HAS_MASK=mask is not None, LANES=grid.lanes, CHUNK=grid.chunk, SCAN_BLOCK=grid.scan_block,
-            NUM_STAGES=grid.num_stages, **mode_flags(setup, hidden, packed=False),
-        )  # fmt: skip
-    return outputs(setup, prefix)
+    stride_hb, stride_ht, stride_hd = hidden.stride()
+    stride_ob = outs.out.stride(0)
+    args = (
+        hidden, mask_view, outs.out, outs.argmax if plan.track_positions else stats, stats,
+        outs.wsum if plan.has_weights else acc_dummy, outs.wmean if plan.store_wmean else acc_dummy,
+        prefix if plan.store_prefix else stats, *partials, counters, weights_arg, stats,
+        outs.norms if plan.normalize else acc_dummy, outs.rowbuf if plan.normalize else acc_dummy,
+        B, T, d, grid.chunks_per_program, grid.n_slots, 0, epoch,
+        stride_hb, stride_ht, stride_hd, stride_mb, stride_mt, stride_wb, stride_wt, stride_ob,
+        *plan.col_args, normalize_eps, int(plan.store_wmean), int(plan.store_prefix), mask_bits,
+    )  # fmt: skip
+    key = None if has_overrides() else (
+        plan, device, hidden.dtype, mask_view.dtype if mask is not None else None,
+        weights.dtype if weights is not None else None, specialization(d), specialization(stride_hb),
+        specialization(stride_ht), specialization(stride_hd), specialization(stride_mb),
+        specialization(stride_mt), specialization(stride_wb), specialization(stride_wt),
+        specialization(stride_ob), aligned(hidden), mask is None or aligned(mask_view),
+        weights is None or aligned(weights), mask_bits >= 2**31,
+    )  # fmt: skip
+    launch_on(device, forward_launcher(), key, (B, n_dblocks, grid.programs_per_row), args, plan.constexprs, plan.options)
+    return outs.result(prefix)
+
+
+def _without_features(outs: ForwardOutputs, mask, B: int, T: int, d: int, prefix: torch.Tensor) -> tuple:
+    """B == 0 or d == 0: nothing to pool, but backward still needs the per-row sizes."""
+    if B:
+        from .eager import row_stats
+        from .masks import real_tokens
+
+        outs.stats = row_stats(real_tokens(mask), B, T, outs.out.device)
+    prefix.zero_()
+    outs.norms.zero_()
+    outs.wsum.zero_()
+    return outs.result(prefix)
 
 
 def pool_backward(
@@ -190,52 +225,63 @@ def pool_backward(
     stats: torch.Tensor,
     T: int,
     dtype: torch.dtype,
-    modes: Sequence[str],
+    modes: str,
     weights: torch.Tensor | None = None,
     wsum: torch.Tensor | None = None,
     prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, len(modes) * d), any strides: one launch.
+    """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, n_modes * d), any strides: one launch.
 
     Uses what forward saved: argmax (B, d) int32, stats (3, B) int32, and for weighted_mean the user
     weights' sums wsum (B,) or, with rank weights and a mask, prefix (B, n_chunks) int32; plus the
     mask and user weights themselves.
     Memory traffic: writes ``B * T * d * element_size`` bytes (each element exactly once, no memset);
-    reads grad_out (``B * len(modes) * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
+    reads grad_out (``B * n_modes * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
     """
-    from .kernels.pool_backward import pool_backward_kernel
-
+    names = modes.split(",")
     B = stats.shape[1]
-    d = grad_out.shape[1] // len(modes)
+    d = grad_out.shape[1] // len(names)
     device = grad_out.device
     grad = torch.empty((B, T, d), dtype=dtype, device=device)
     if grad.numel() == 0:
         return grad
-    cols = mode_columns(modes, d)
+    slots = mode_columns(names, 1)
     size = grad.element_size()
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
     mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
-    acc_placeholder = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    acc_dummy = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
     if weights is not None:
         weights_arg, (stride_wb, stride_wt) = weights, weights.stride()
     else:
-        weights_arg, stride_wb, stride_wt = acc_placeholder, 0, 0
-    ranks_from_prefix = cols["weighted_mean"] >= 0 and weights is None and mask is not None
+        weights_arg, stride_wb, stride_wt = acc_dummy, 0, 0
+    ranks_from_prefix = slots["weighted_mean"] >= 0 and weights is None and mask is not None
     n_tblocks = triton_cdiv(T, block_t)
-    grid = (B * n_tblocks, check_feature_blocks(d, block_d))
-    with on_device(device):
-        pool_backward_kernel[grid](
-            grad_out, mask_view, argmax if cols["max"] >= 0 else stats, stats,
-            prefix if ranks_from_prefix else stats, weights_arg, wsum if weights is not None else acc_placeholder,
-            grad,
-            B, T, d, n_tblocks, prefix.shape[1] if ranks_from_prefix else 0,
-            *grad_out.stride(), stride_mb, stride_mt, stride_wb, stride_wt, *grad.stride(),
-            *kernel_columns(cols), mask_bits,
-            HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
-            CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
-            num_warps=overridden("num_warps", 4),
+    stride_gob, stride_god = grad_out.stride()
+    args = (
+        grad_out, mask_view, argmax if slots["max"] >= 0 else stats, stats,
+        prefix if ranks_from_prefix else stats, weights_arg, wsum if weights is not None else acc_dummy, grad,
+        B, T, d, n_tblocks, prefix.shape[1] if ranks_from_prefix else 0,
+        stride_gob, stride_god, stride_mb, stride_mt, stride_wb, stride_wt, *grad.stride(),
+        *kernel_columns(slots), mask_bits,
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
+        CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
+    )  # fmt: skip
+    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+    key = None
+    if not has_overrides():
+        key = (
+            device, dtype, grad_out.dtype, mask_view.dtype if mask is not None else None,
+            weights.dtype if weights is not None else None, specialization(d), specialization(stride_gob),
+            specialization(stride_god), specialization(stride_mb), specialization(stride_mt),
+            specialization(stride_wb), specialization(stride_wt), *map(specialization, grad.stride()),
+            aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
+            mask_bits >= 2**31,
         )  # fmt: skip
+    grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
+    launch_on(device, backward_launcher(), key, grid, args, constexprs, options)
     return grad
 
 
@@ -255,23 +301,28 @@ def weights_backward(
     result's bits depend only on the row. Memory traffic: reads hidden's real tokens once, writes
     ``B * T`` weights.
     """
-    from .kernels.pool_backward import weights_backward_kernel
-
     B, T, d = hidden.shape
     device = hidden.device
     grad = torch.empty((B, T), dtype=weights.dtype, device=device)
     if grad.numel() == 0:
         return grad
+    if d == 0:
+        return grad.zero_()
     size = hidden.element_size()
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
     mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, wsum)
-    with on_device(device):
-        weights_backward_kernel[(B, triton_cdiv(T, block_t))](
-            grad_block, hidden, mask_view, wsum, wmean, grad, placeholder(device, torch.int32),
-            B, T, d, 0, *grad_block.stride(), *hidden.stride(), stride_mb, stride_mt, *grad.stride(),
-            mask_bits,
-            HAS_MASK=mask is not None, PACKED=False, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=overridden("num_warps", 4),
-        )  # fmt: skip
+    args = (
+        grad_block, hidden, mask_view, wsum, wmean, grad, placeholder(device, torch.int32),
+        B, T, d, 0, *grad_block.stride(), *hidden.stride(), stride_mb, stride_mt, *grad.stride(), mask_bits,
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_MASK=mask is not None, PACKED=False, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
+        BLOCK_T=block_t, BLOCK_D=block_d,
+    )  # fmt: skip
+    grid = (B, triton_cdiv(T, block_t), 1)
+    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad
+
+
+__all__ = ["LANES", "NUM_STAGES", "SCAN_BLOCK", "forward_grid", "pool_backward", "pool_forward"]

@@ -35,13 +35,20 @@ Outputs = tuple[
 ]
 
 
+_triton_modules: tuple | None = None
+
+
 def _impl(backend: str, packed: bool = False):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    """The module implementing ``backend`` (padded or packed); triton's launchers import lazily, once."""
+    global _triton_modules
     if backend == "torch":
         return eager_packed if packed else eager
-    from . import launchers, packed_launchers
+    torch._check(backend == "triton", lambda: f"fastpool: unknown backend {backend!r}")
+    if _triton_modules is None:
+        from . import launchers, packed_launchers
 
-    return packed_launchers if packed else launchers
+        _triton_modules = (launchers, packed_launchers)
+    return _triton_modules[1] if packed else _triton_modules[0]
 
 
 def _hint(max_seqlen: int) -> int | None:
@@ -97,14 +104,17 @@ def forward_impl(
     normalize_eps: float,
     track_positions: bool = True,
     for_backward: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> Outputs:
-    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats, norms, wsum, wmean, prefix)."""
-    names = modes.split(",")
+    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats, norms, wsum, wmean, prefix).
+    ``lean``: only out and argmax will be read (an inference call); ``share_empty``: absent outputs
+    may be shared zero-size tensors (not returned by a custom op)."""
     if backend == "torch":
-        outputs = eager.pool_forward(hidden, mask, names, weights, normalize_eps)
+        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
     return _impl(backend).pool_forward(
-        hidden, mask, names, weights, normalize_eps, track_positions, for_backward
+        hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
     )
 
 
@@ -164,7 +174,7 @@ def _pool_backward_impl(grad_out, mask, weights, argmax, stats, wsum, prefix, T,
     names = modes.split(",")
     if backend == "torch":
         return eager.pool_backward(grad_out, mask, argmax, stats, T, dtype, names, weights)
-    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, names, weights, wsum, prefix)
+    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes, weights, wsum, prefix)
 
 
 @pool_bwd.register_fake
@@ -215,6 +225,8 @@ def packed_forward_impl(
     for_backward: bool,
     max_seqlen: int,
     check_offsets: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> Outputs:
     """The forward of ``packed_pool_fwd`` without any dispatch (outputs as ``forward_impl``)."""
     if check_offsets:
@@ -226,8 +238,9 @@ def packed_forward_impl(
         outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
     return _impl(backend, packed=True).pool_forward(
-        hidden, cu_seqlens, names, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward
-    )
+        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward, lean,
+        share_empty,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("fastpool::packed_pool_fwd", mutates_args=())
@@ -275,7 +288,7 @@ def _packed_backward_impl(
     if backend == "torch":
         return eager_packed.pool_backward(grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights)
     return _impl(backend, packed=True).pool_backward(
-        grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights, _hint(max_seqlen), wsum
+        grad_out, cu_seqlens, argmax, stats, N, dtype, modes, weights, _hint(max_seqlen), wsum
     )
 
 
@@ -413,7 +426,7 @@ def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Funct
     """An autograd.Function running ``implementation`` with the ops' own setup_context and backward."""
 
     def forward(ctx, *inputs):
-        output = implementation(*inputs)
+        output = implementation(*inputs, share_empty=True)
         ctx.mark_non_differentiable(*output[1:])
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
@@ -457,7 +470,7 @@ def _run(op, function, implementation, inputs: tuple, return_indices: bool) -> O
         return op(*inputs)
     if wants:
         return function.apply(*inputs)
-    return implementation(*inputs)
+    return implementation(*inputs, lean=True)
 
 
 def pool_forward(

@@ -11,23 +11,23 @@ programs are left out of the grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
 
 import torch
 
+from .fast_launch import KernelLauncher, aligned, specialization
 from .launch import (
     CHUNK,
-    LANES,
     MAX_GRID_X,
-    NUM_STAGES,
-    SCAN_BLOCK,
+    NUM_WARPS,
+    ForwardOutputs,
+    empty,
     check_feature_blocks,
     feature_block,
-    forward_setup,
+    forward_plan,
+    has_overrides,
     kernel_columns,
-    mode_flags,
-    on_device,
-    outputs,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -36,7 +36,17 @@ from .launch import (
     triton_acc_dtype,
     triton_cdiv,
 )
+from .launchers import forward_launcher, weights_launcher
 from .modes import mode_columns
+
+
+def _packed_backward_launcher() -> KernelLauncher:
+    from .kernels.pool_backward import packed_backward_kernel
+
+    return KernelLauncher(packed_backward_kernel)
+
+
+packed_backward_launcher = functools.cache(_packed_backward_launcher)
 
 
 def packed_programs(S: int, N: int, max_seqlen: int | None) -> tuple[int, int]:
@@ -64,69 +74,72 @@ def clamped_offsets(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
 def pool_forward(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    modes: Sequence[str],
+    modes: str,
     weights: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     normalize_eps: float = -1.0,
     track_positions: bool = True,
     for_backward: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused pooling of a packed batch on the Triton kernels: one launch.
 
     hidden (N, d) fp16/bf16/fp32/fp64, any strides; cu_seqlens (S + 1,) int32/int64 offsets;
-    weights (N,) float or None; max_seqlen: an upper bound on the segment lengths, or None;
-    normalize_eps, track_positions, for_backward as ``launchers.pool_forward``.
+    modes comma-separated; weights (N,) float or None; max_seqlen: an upper bound on the segment
+    lengths, or None; normalize_eps, track_positions, for_backward, lean as ``launchers.pool_forward``.
     Returns (out, argmax, stats, norms, wsum, wmean, prefix) as ``launchers.pool_forward`` with S
     rows: argmax holds global token indices, stats (length, first, last) global token indices, and
     prefix is always (S, 0) (ranks inside a segment need no prefix).
 
     Memory traffic: reads every token of hidden once (``N * d * element_size`` bytes) and
-    ``cu_seqlens``; writes ``S * len(modes) * d * element_size`` bytes plus argmax and stats.
+    ``cu_seqlens``; writes ``S * n_modes * d * element_size`` bytes plus argmax and stats.
     Segments longer than CHUNK add, per chunk, ``4 * d`` bytes written and read for each sum kept and
     ``4 * d`` (``8 * d`` with positions) for max.
     """
-    from .kernels.pool_forward import pool_forward_kernel
-
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
-    setup = forward_setup(
-        hidden, S, d, modes, weights is not None, normalize_eps, track_positions, for_backward
+    plan = forward_plan(
+        modes, hidden.dtype, False, weights is not None, normalize_eps >= 0, track_positions, for_backward, True
     )
-    prefix = torch.empty((S, 0), dtype=torch.int32, device=device)
+    outs = ForwardOutputs(plan, S, d, hidden.dtype, device, lean, share_empty)
+    prefix = empty(device, torch.int32)
     if S == 0 or d == 0:
         if S and d == 0:
             from .eager_packed import packed_stats
 
-            setup.stats = packed_stats(cu_seqlens)
-        return outputs(setup, prefix)
-    out, stats = setup.out, setup.stats
-    n_dblocks = check_feature_blocks(d, setup.block_d)
-    programs, chunk = packed_programs(S, N, max_seqlen)
+            outs.stats = packed_stats(cu_seqlens)
+        outs.norms.zero_()
+        outs.wsum.zero_()
+        return outs.result(prefix)
+    stats = outs.stats
+    n_dblocks = check_feature_blocks(d, plan.block_d)
+    programs, _ = packed_programs(S, N, max_seqlen)
     split = programs > S  # some segment may need several chunks
-    acc_placeholder = placeholder(device, setup.acc)
-    weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_placeholder, 0)
-    partials = partial_buffers(setup, programs if split else 0, d, n_dblocks, device)
-    n_tickets = setup.ticket_count(S, n_dblocks, split)
+    acc_dummy = placeholder(device, plan.acc)
+    weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_dummy, 0)
+    partials = partial_buffers(plan, programs if split else 0, d, n_dblocks, device)
+    n_tickets = plan.ticket_count(S, n_dblocks, split)
     counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
     stride_ht, stride_hd = hidden.stride()
-    with on_device(device):
-        pool_forward_kernel[(programs, n_dblocks, 1)](
-            hidden, stats, out, setup.argmax if setup.track_positions else stats, stats,
-            setup.wsum if setup.has_weights else acc_placeholder,
-            setup.wmean if setup.wmean.numel() else acc_placeholder,
-            stats,
-            *partials, counters, weights_arg, cu_seqlens,
-            setup.norms if setup.normalize_eps >= 0 else acc_placeholder,
-            setup.rowbuf if setup.normalize_eps >= 0 else acc_placeholder,
-            S, N, d, 1 if split else 2**30, 0, search_steps(S), epoch,
-            0, stride_ht, stride_hd, 0, 0, 0, stride_wt, out.stride(0),
-            *setup.col_args, setup.normalize_eps, int(setup.wmean.numel() > 0), 0, -1,
-            HAS_MASK=False, LANES=overridden("lanes", LANES), CHUNK=chunk,
-            SCAN_BLOCK=overridden("scan_block", SCAN_BLOCK), NUM_STAGES=overridden("num_stages", NUM_STAGES),
-            **mode_flags(setup, hidden, packed=True),
-        )  # fmt: skip
-    return outputs(setup, prefix)
+    stride_ob = outs.out.stride(0)
+    args = (
+        hidden, stats, outs.out, outs.argmax if plan.track_positions else stats, stats,
+        outs.wsum if plan.has_weights else acc_dummy, outs.wmean if plan.store_wmean else acc_dummy, stats,
+        *partials, counters, weights_arg, cu_seqlens,
+        outs.norms if plan.normalize else acc_dummy, outs.rowbuf if plan.normalize else acc_dummy,
+        S, N, d, 1 if split else 2**30, 0, search_steps(S), epoch,
+        0, stride_ht, stride_hd, 0, 0, 0, stride_wt, stride_ob,
+        *plan.col_args, normalize_eps, int(plan.store_wmean), 0, -1,
+    )  # fmt: skip
+    key = None if has_overrides() else (
+        plan, device, hidden.dtype, cu_seqlens.dtype, weights.dtype if weights is not None else None,
+        specialization(d), specialization(stride_ht), specialization(stride_hd), specialization(stride_wt),
+        specialization(stride_ob), aligned(hidden), aligned(cu_seqlens), weights is None or aligned(weights),
+    )  # fmt: skip
+    launch_on(device, forward_launcher(), key, (programs, n_dblocks, 1), args, plan.constexprs, plan.options)
+    return outs.result(prefix)
 
 
 def pool_backward(
@@ -136,7 +149,7 @@ def pool_backward(
     stats: torch.Tensor,
     N: int,
     dtype: torch.dtype,
-    modes: Sequence[str],
+    modes: str,
     weights: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     wsum: torch.Tensor | None = None,
@@ -147,32 +160,41 @@ def pool_backward(
     Memory traffic: writes ``N * d * element_size`` bytes (each element once, no memset); reads
     grad_out, argmax and stats (per segment, L2-resident) and the user weights if any.
     """
-    from .kernels.pool_backward import packed_backward_kernel
-
+    names = modes.split(",")
     S = stats.shape[1]
-    d = grad_out.shape[1] // len(modes)
+    d = grad_out.shape[1] // len(names)
     device = grad_out.device
     grad = torch.empty((N, d), dtype=dtype, device=device)
     if grad.numel() == 0:
         return grad
     if S == 0:
         return grad.zero_()  # no segment covers a token
-    cols = mode_columns(modes, d)
+    cols = mode_columns(names, 1)
     size = grad.element_size()
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
     programs, chunk = packed_programs(S, N, max_seqlen)
     acc_placeholder = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
     weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_placeholder, 0)
-    with on_device(device):
-        packed_backward_kernel[(programs, check_feature_blocks(d, block_d))](
-            grad_out, cu_seqlens, argmax if cols["max"] >= 0 else stats, stats,
-            weights_arg, wsum if weights is not None else acc_placeholder, grad,
-            S, N, d, search_steps(S), *grad_out.stride(), stride_wt, *grad.stride(),
-            *kernel_columns(cols),
-            HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=overridden("num_warps", 4),
-        )  # fmt: skip
+    stride_gob, stride_god = grad_out.stride()
+    stride_gt, stride_gd = grad.stride()
+    args = (
+        grad_out, cu_seqlens, argmax if cols["max"] >= 0 else stats, stats,
+        weights_arg, wsum if weights is not None else acc_placeholder, grad,
+        S, N, d, search_steps(S), stride_gob, stride_god, stride_wt, stride_gt, stride_gd, *kernel_columns(cols),
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk, BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )  # fmt: skip
+    key = None if has_overrides() else (
+        device, dtype, grad_out.dtype, cu_seqlens.dtype, weights.dtype if weights is not None else None,
+        *map(specialization, (d, stride_gob, stride_god, stride_wt, stride_gt, stride_gd)),
+        aligned(grad_out), aligned(cu_seqlens), weights is None or aligned(weights),
+    )  # fmt: skip
+    grid = (programs, check_feature_blocks(d, block_d), 1)
+    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+    launch_on(device, packed_backward_launcher(), key, grid, args, constexprs, options)
     return grad
 
 
@@ -186,8 +208,6 @@ def weights_backward(
 ) -> torch.Tensor:
     """(N,) gradient of packed weighted_mean with user weights with respect to the weights (as
     ``launchers.weights_backward``); one launch."""
-    from .kernels.pool_backward import weights_backward_kernel
-
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
@@ -200,12 +220,13 @@ def weights_backward(
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
     stride_ht, stride_hd = hidden.stride()
-    with on_device(device):
-        weights_backward_kernel[(triton_cdiv(N, block_t), 1)](
-            grad_block, hidden, wsum, wsum, wmean, grad, cu_seqlens,
-            S, N, d, search_steps(S), *grad_block.stride(), 0, stride_ht, stride_hd, 0, 0, 0, grad.stride(0),
-            -1,
-            HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=overridden("num_warps", 4),
-        )  # fmt: skip
+    args = (
+        grad_block, hidden, wsum, wsum, wmean, grad, cu_seqlens,
+        S, N, d, search_steps(S), *grad_block.stride(), 0, stride_ht, stride_hd, 0, 0, 0, grad.stride(0), -1,
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_T=block_t, BLOCK_D=block_d
+    )
+    grid = (triton_cdiv(N, block_t), 1, 1)
+    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad

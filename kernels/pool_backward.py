@@ -22,13 +22,14 @@ from .mask_scan import COLUMN_ARGS, exact_sqrt, packed_program, weight_total
 @triton.jit
 def _mode_grad(
     grad_row,  # pointer: grad_out of this row
-    col,  # int: column offset of the mode's block
+    col,  # int: slot of the mode's block (its columns start at col * d)
+    d,
     d_offs,  # (BLOCK_D,) int32
     d_in,  # (BLOCK_D,) bool
     stride_god,
     ACC_DTYPE: tl.constexpr,
 ):
-    g = tl.load(grad_row + (col + d_offs).to(tl.int64) * stride_god, mask=d_in, other=0.0)
+    g = tl.load(grad_row + (col * d + d_offs).to(tl.int64) * stride_god, mask=d_in, other=0.0)
     return g.to(ACC_DTYPE)
 
 
@@ -43,6 +44,7 @@ def grad_tile(
     count,  # int32 scalar: real tokens of the row
     first,  # int32 scalar: first real position (-1 if none)
     last,  # int32 scalar: last real position (-1 if none)
+    d,
     d_offs,  # (BLOCK_D,) int32
     d_in,  # (BLOCK_D,) bool
     stride_god,
@@ -65,24 +67,24 @@ def grad_tile(
         n = tl.maximum(count, 1).to(ACC_DTYPE)
         share = tl.zeros((BLOCK_D,), ACC_DTYPE)
         if col_mean >= 0:
-            share += _mode_grad(grad_row, col_mean, d_offs, d_in, stride_god, ACC_DTYPE) / n
+            share += _mode_grad(grad_row, col_mean, d, d_offs, d_in, stride_god, ACC_DTYPE) / n
         if col_sqrt >= 0:
-            share += _mode_grad(grad_row, col_sqrt, d_offs, d_in, stride_god, ACC_DTYPE) / exact_sqrt(n)
+            share += _mode_grad(grad_row, col_sqrt, d, d_offs, d_in, stride_god, ACC_DTYPE) / exact_sqrt(n)
         acc += tl.where(real[:, None], share[None, :], 0.0)
     if col_weighted >= 0:
         nonzero = total_weight != 0.0  # an empty row, or user weights summing to 0: no gradient
-        g = _mode_grad(grad_row, col_weighted, d_offs, d_in, stride_god, ACC_DTYPE)
+        g = _mode_grad(grad_row, col_weighted, d, d_offs, d_in, stride_god, ACC_DTYPE)
         g = tl.where(nonzero, g / tl.where(nonzero, total_weight, 1.0), 0.0)
         acc += weight[:, None] * g[None, :]
     if col_max >= 0:
-        g = _mode_grad(grad_row, col_max, d_offs, d_in, stride_god, ACC_DTYPE)
+        g = _mode_grad(grad_row, col_max, d, d_offs, d_in, stride_god, ACC_DTYPE)
         pos = tl.load(argmax_row + d_offs, mask=d_in, other=-1)
         acc += tl.where(t[:, None] == pos[None, :], g[None, :], 0.0)
     if col_first >= 0:
-        g = _mode_grad(grad_row, col_first, d_offs, d_in, stride_god, ACC_DTYPE)
+        g = _mode_grad(grad_row, col_first, d, d_offs, d_in, stride_god, ACC_DTYPE)
         acc += tl.where((t == first)[:, None], g[None, :], 0.0)
     if col_last >= 0:
-        g = _mode_grad(grad_row, col_last, d_offs, d_in, stride_god, ACC_DTYPE)
+        g = _mode_grad(grad_row, col_last, d, d_offs, d_in, stride_god, ACC_DTYPE)
         acc += tl.where((t == last)[:, None], g[None, :], 0.0)
     return acc
 
@@ -117,7 +119,7 @@ def _token_ranks(
     return tl.where(real, before + upto, 0)
 
 
-@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "n_slots"])
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "MASK_BITS", "B", "T", "n_tblocks", "n_slots", "stride_mb", "stride_wb"])
 def pool_backward_kernel(
     grad_out_ptr,  # (B, n_modes * d) any strides, any float dtype
     mask_ptr,  # (B, T) integer view of the mask, any strides; unused unless HAS_MASK
@@ -141,7 +143,7 @@ def pool_backward_kernel(
     stride_gb,
     stride_gt,
     stride_gd,
-    col_mean,  # column offset of each mode's block in grad_out, -1 when not requested
+    col_mean,  # slot of each mode's block in grad_out (columns slot * d ...), -1 when not requested
     col_max,
     col_first,
     col_last,
@@ -191,7 +193,7 @@ def pool_backward_kernel(
             weight = tl.where(real, rank, 0).to(ACC_DTYPE)
     acc = grad_tile(
         grad_out_ptr + row * stride_gob, argmax_ptr + row * d, t, real, weight, total_weight, count,
-        first, last, d_offs, d_in, stride_god,
+        first, last, d, d_offs, d_in, stride_god,
         col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, ACC_DTYPE, BLOCK_T, BLOCK_D,
     )  # fmt: skip
     dst = grad_ptr + row * stride_gb + (t.to(tl.int64) * stride_gt)[:, None]
@@ -199,7 +201,7 @@ def pool_backward_kernel(
     tl.store(dst, acc.to(grad_ptr.dtype.element_ty), mask=t_in[:, None] & d_in[None, :])
 
 
-@triton.jit(do_not_specialize=[*COLUMN_ARGS, "search_steps"])
+@triton.jit(do_not_specialize=[*COLUMN_ARGS, "S", "N", "search_steps"])
 def packed_backward_kernel(
     grad_out_ptr,  # (S, n_modes * d) any strides, any float dtype
     cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
@@ -217,7 +219,7 @@ def packed_backward_kernel(
     stride_wt,
     stride_gt,
     stride_gd,
-    col_mean,  # column offset of each mode's block in grad_out, -1 when not requested
+    col_mean,  # slot of each mode's block in grad_out (columns slot * d ...), -1 when not requested
     col_max,
     col_first,
     col_last,
@@ -264,7 +266,7 @@ def packed_backward_kernel(
                 w = tl.where(real, t - seg_begin + 1, 0).to(ACC_DTYPE)  # rank inside the segment
             acc = grad_tile(
                 grad_out_ptr + row * stride_gob, argmax_ptr + row * d, t, real, w, total_weight, count,
-                first, last, d_offs, d_in, stride_god,
+                first, last, d, d_offs, d_in, stride_god,
                 col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, ACC_DTYPE, BLOCK_T, BLOCK_D,
             )  # fmt: skip
             dst = grad_ptr + (t.to(tl.int64) * stride_gt)[:, None]
@@ -272,7 +274,7 @@ def packed_backward_kernel(
             tl.store(dst, acc.to(grad_ptr.dtype.element_ty), mask=real[:, None] & d_in[None, :])
 
 
-@triton.jit(do_not_specialize=["MASK_BITS", "search_steps"])
+@triton.jit(do_not_specialize=["MASK_BITS", "rows", "T", "search_steps", "stride_mb"])
 def weights_backward_kernel(
     grad_block_ptr,  # (rows, d) gradient of the weighted_mean output, any strides, any float dtype
     hidden_ptr,  # (B, T, d) / (N, d) when PACKED, any strides

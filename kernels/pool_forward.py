@@ -278,12 +278,12 @@ def _write_results(
     # row to finish normalises the whole row from there (``_normalize_row``).
     if normalize_eps >= 0:
         _store_modes(
-            rowbuf_ptr + row * n_cols, d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
+            rowbuf_ptr + row * n_cols, d, d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
             col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, DO_MAX,
         )  # fmt: skip
     else:
         _store_modes(
-            out_ptr + row * stride_ob, d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
+            out_ptr + row * stride_ob, d, d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
             col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, DO_MAX,
         )  # fmt: skip
     # Per-row sizes for backward, written by one feature block only.
@@ -295,23 +295,24 @@ def _write_results(
 @triton.jit
 def _store_modes(
     dst,  # pointer: the row's first column (out, or the row buffer)
-    d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
+    d, d_offs, d_in, mean, root_mean, w_mean, max_out, first_token, last_token,
     col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, DO_MAX: tl.constexpr,
 ):  # fmt: skip
-    """Store each requested mode's (BLOCK_D,) block at its column offset, cast to dst's dtype once."""
+    """Store each requested mode's (BLOCK_D,) block at its slot (column offset slot * d), cast to dst's
+    dtype once."""
     ty = dst.dtype.element_ty
     if col_mean >= 0:
-        tl.store(dst + col_mean + d_offs, mean.to(ty), mask=d_in)
+        tl.store(dst + col_mean * d + d_offs, mean.to(ty), mask=d_in)
     if col_sqrt >= 0:
-        tl.store(dst + col_sqrt + d_offs, root_mean.to(ty), mask=d_in)
+        tl.store(dst + col_sqrt * d + d_offs, root_mean.to(ty), mask=d_in)
     if col_weighted >= 0:
-        tl.store(dst + col_weighted + d_offs, w_mean.to(ty), mask=d_in)
+        tl.store(dst + col_weighted * d + d_offs, w_mean.to(ty), mask=d_in)
     if DO_MAX:
-        tl.store(dst + col_max + d_offs, max_out.to(ty), mask=d_in)
+        tl.store(dst + col_max * d + d_offs, max_out.to(ty), mask=d_in)
     if col_first >= 0:
-        tl.store(dst + col_first + d_offs, first_token.to(ty), mask=d_in)
+        tl.store(dst + col_first * d + d_offs, first_token.to(ty), mask=d_in)
     if col_last >= 0:
-        tl.store(dst + col_last + d_offs, last_token.to(ty), mask=d_in)
+        tl.store(dst + col_last * d + d_offs, last_token.to(ty), mask=d_in)
 
 
 @triton.jit
@@ -374,10 +375,13 @@ def _reciprocal(x):
         return 1.0 / x
 
 
+# Triton specialises integer arguments on their value (== 1, divisible by 16) unless told not to:
+# only d and the strides are worth it (vector loads); the rest would only multiply compiled variants
+# (a batch of one would compile its own kernel).
 @triton.jit(
     do_not_specialize=[
-        *COLUMN_ARGS, "MASK_BITS", "chunks_per_program", "n_slots", "search_steps", "epoch", "normalize_eps",
-        "store_wmean", "store_prefix",
+        *COLUMN_ARGS, "rows", "T", "chunks_per_program", "n_slots", "search_steps", "epoch", "stride_mb",
+        "stride_wb", "normalize_eps", "store_wmean", "store_prefix", "MASK_BITS",
     ]
 )  # fmt: skip
 def pool_forward_kernel(
@@ -415,12 +419,12 @@ def pool_forward_kernel(
     stride_wb,
     stride_wt,
     stride_ob,
-    col_mean,  # column offset of each mode's block in out
+    col_mean,  # slot of each mode's (rows, d) block in out (its columns start at slot * d), -1 if absent
     col_max,
-    col_first,  # -1 when not requested
-    col_last,  # -1 when not requested
-    col_sqrt,  # mean_sqrt_len, -1 when not requested
-    col_weighted,  # weighted_mean, -1 when not requested
+    col_first,
+    col_last,
+    col_sqrt,  # mean_sqrt_len
+    col_weighted,  # weighted_mean
     normalize_eps,  # L2-normalise each output row with this floor; < 0: do not
     store_wmean,  # 1: store the un-rounded weighted mean (user weights that need a gradient)
     store_prefix,  # 1: store real tokens before each chunk (rank-weighted backward with a mask)
