@@ -131,14 +131,31 @@ class Case:
     headline: bool = False
     # Packed cases: the sequences (then B = S, T = the longest length, padding 0, layout "packed").
     packed: PackedShape | None = None
+    # Feature-map cases (global pooling): the spatial shape (then d = C, T = its product, padding 0,
+    # layout the memory format "nchw" or "channels_last").
+    spatial: tuple[int, ...] | None = None
 
     @property
     def input_key(self) -> tuple:
-        """Cases with the same key share one (hidden, mask) allocation."""
-        return (self.B, self.T, self.d, self.dtype, self.padding, self.layout, self.packed)
+        """Cases with the same key share one (hidden, mask) allocation (attention adds scores)."""
+        attention = self.op in ATTENTION_OPS
+        return (
+            self.B,
+            self.T,
+            self.d,
+            self.dtype,
+            self.padding,
+            self.layout,
+            self.packed,
+            self.spatial,
+            attention,
+        )
 
     @property
     def label(self) -> str:
+        if self.spatial is not None:
+            shape = f"{self.B}x{self.d}x{spatial_label(self.spatial)}"
+            return f"{self.op} {self.pass_} {self.dtype} {shape} {self.layout}"
         if self.packed is not None:
             return f"{self.op} {self.pass_} {self.dtype} {self.packed.label}"
         pad = f"{self.padding:.0%} {self.layout}" if self.padding else "no pad"
@@ -405,9 +422,13 @@ def make_mask(B: int, T: int, padding: float, layout: str, seed: int) -> torch.T
 
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | PackedBatch]:
     """Seeded hidden = randn (never zeros: no shortcut for any provider) and the case's mask (a
-    PackedBatch of offsets for a packed case)."""
+    PackedBatch of offsets for a packed case; attention and global pooling: see attention_global)."""
     if case.packed is not None:
         return make_packed_inputs(case, device)
+    if case.op in ATTENTION_OPS or case.op in GLOBAL_OPS:
+        import attention_global
+
+        return attention_global.make_inputs(case, device)
     seed = seed_of(case.B, case.T, case.d, case.dtype, case.padding, case.layout)
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn((case.B, case.T, case.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
@@ -426,3 +447,77 @@ def make_packed_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, 
     gen = torch.Generator(device=device).manual_seed(seed_of("packed", p, case.dtype))
     hidden = torch.randn((int(cu[-1]), p.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
     return hidden, PackedBatch(cu.to(device), int(lengths.max()))
+
+
+# --- Attention pooling and global pooling of feature maps (inputs, checks: bench/attention_global.py) --
+# "attention": hidden (B, T, d), a padding mask and one score per token (a single head);
+# "global_mean" / "global_max": a (B, C, H, W) feature map in one memory format.
+ATTENTION_OPS: dict[str, tuple[str, ...]] = {"attention": ("attention",)}
+GLOBAL_OPS: dict[str, tuple[str, ...]] = {"global_mean": ("mean",), "global_max": ("max",)}
+MEMORY_FORMATS = ("nchw", "channels_last")
+MODES_OF.update({**ATTENTION_OPS, **GLOBAL_OPS})
+FeatureShape = tuple[int, int, int, int]  # (B, C, H, W)
+
+
+def spatial_label(spatial: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in spatial)
+
+
+def input_kind(case: Case) -> str:
+    """Which inputs a case feeds its providers: "padded", "packed", "attention" or "feature"."""
+    if case.packed is not None:
+        return "packed"
+    if case.op in ATTENTION_OPS:
+        return "attention"
+    return "feature" if case.op in GLOBAL_OPS else "padded"
+
+
+def op_family(op: str) -> str:
+    """Ops that share compiled-graph budgets and README tables: "pooling", "attention" or "global"."""
+    return "attention" if op in ATTENTION_OPS else "global" if op in GLOBAL_OPS else "pooling"
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """Feature maps (B, C, H, W) x dtypes x memory formats x ops x passes (ops from GLOBAL_OPS)."""
+
+    name: str
+    shapes: tuple[FeatureShape, ...]
+    dtypes: tuple[str, ...]
+    ops: tuple[str, ...]
+    passes: tuple[str, ...]
+    formats: tuple[str, ...] = MEMORY_FORMATS
+    headline: bool = False
+
+    def cases(self) -> list[Case]:
+        for op in self.ops:
+            if op not in GLOBAL_OPS:
+                raise ValueError(f"op: expected one of {tuple(GLOBAL_OPS)} in a feature block, got {op!r}")
+        return [
+            Case(self.name, op, pass_, B, H * W, C, dtype, 0.0, fmt, self.headline, None, (H, W))
+            for B, C, H, W in self.shapes
+            for dtype in self.dtypes
+            for fmt in self.formats
+            for op in self.ops
+            for pass_ in self.passes
+        ]
+
+
+RESNET_HEAD: FeatureShape = (256, 2048, 7, 7)  # ResNet-50's last feature map before the classifier
+SE_BLOCK: FeatureShape = (32, 256, 56, 56)  # a squeeze-and-excitation block's global pool
+_EXTRA_BLOCKS: dict[str, tuple] = {
+    "default": (
+        Block("attention", ((32, 256, 768),), ("float32",), ("attention",), ("fwd", "fwd+bwd"), (0.5,)),
+        FeatureBlock("global", ((32, 256, 14, 14),), ("float32",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+    ),
+    "gpu-quick": (
+        Block("attention", (ISSUE_SHAPE,), ("bfloat16",), ("attention",), ("fwd", "fwd+bwd"), (0.0, 0.5)),
+        FeatureBlock("global", (RESNET_HEAD,), ("bfloat16",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+    ),
+}
+_EXTRA_BLOCKS["gpu"] = _EXTRA_BLOCKS["full"] = (
+    Block("attention", (ISSUE_SHAPE,), ("bfloat16",), ("attention",), ("fwd", "fwd+bwd"), (0.0, 0.5)),
+    FeatureBlock("global", (RESNET_HEAD, SE_BLOCK), ("bfloat16",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+)
+for _name, _blocks in _EXTRA_BLOCKS.items():
+    PRESETS[_name] = replace(PRESETS[_name], blocks=PRESETS[_name].blocks + _blocks)

@@ -8,6 +8,7 @@ from . import nn
 from .attention import attention_pool
 from .backend import use_backend
 from .functional import cls_pool, last_token_pool, max_pool, mean_pool, pool, weighted_mean_pool
+from .global_pool import global_pool
 from .modes import MODES
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __all__ = [
     "__version__",
     "attention_pool",
     "cls_pool",
+    "global_pool",
     "last_token_pool",
     "max_pool",
     "mean_pool",
