@@ -1,0 +1,150 @@
+"""Masked max of the eager backend: values (and, when asked, first positions) over real tokens.
+
+A maximum is exact in any order, so these reductions are batch-invariant once the two results
+that are not unique are made so: a zero maximum is returned as +0.0 (``-0.0`` and ``+0.0`` tie)
+and a NaN maximum as the default NaN. The position of the maximum is the first real position
+holding it (the first NaN when the maximum is NaN), found in a second pass that compares the
+tokens with the maximum: ``amax`` without positions is several times faster than ``max(dim)``.
+Nothing allocates a (B, T, d) temporary: padded chunks are bounded to ``_CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A padded chunk of hidden (rows x tokens x d) handled by one op: cache-sized.
+_CHUNK_BYTES = 2 * 2**20
+
+
+def canonical(values: torch.Tensor) -> torch.Tensor:
+    """values with -0.0 as +0.0 and every NaN as the default NaN (so order never shows in the bits)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    nan = torch.full((), float("nan"), dtype=values.dtype, device=values.device)
+    return torch.where(values == 0, zero, torch.where(torch.isnan(values), nan, values))
+
+
+def _chunk_tokens(B: int, d: int, element_size: int) -> int:
+    return max(1, _CHUNK_BYTES // max(1, B * d * element_size))
+
+
+def _spans(real: torch.Tensor | None, B: int, T: int, size: int) -> list[tuple[slice, int]]:
+    """(positions, kind) per chunk of ``size`` positions: kind 1 every token real, 2 mixed; chunks
+    without any real token are left out."""
+    chunks = -(-T // size)
+    if real is None:
+        return [(slice(c * size, min(T, (c + 1) * size)), 1) for c in range(chunks)]
+    every = torch.ones((B, chunks * size), dtype=torch.bool, device=real.device)
+    some = torch.zeros((B, chunks * size), dtype=torch.bool, device=real.device)
+    every[:, :T] = real
+    some[:, :T] = real
+    full = every.view(B, chunks, size).all(2).all(0).tolist()
+    partial = some.view(B, chunks, size).any(2).any(0).tolist()
+    return [
+        (slice(c * size, min(T, (c + 1) * size)), 1 if full[c] else 2)
+        for c in range(chunks)
+        if partial[c] or full[c]
+    ]
+
+
+def padded_max(
+    hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor, need_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, d) in hidden's dtype, positions (B, d) int32) of the max over each row's real
+    tokens of hidden (B, T, d); an empty row gives 0 and -1. positions is (B, 0) unless
+    ``need_indices``. Padding never reaches the result, NaN and inf included."""
+    B, T, d = hidden.shape
+    device = hidden.device
+    if B == 0 or T == 0 or d == 0:
+        positions = torch.full((B, d if need_indices else 0), -1, dtype=torch.int32, device=device)
+        return hidden.new_zeros((B, d)), positions
+    spans = _spans(real, B, T, _chunk_tokens(B, d, hidden.element_size()))
+    values = _values(hidden, real, spans, select=False)
+    if real is not None:
+        # A padded +inf or NaN turns the -inf bias into NaN: redo those rows by selection.
+        redo = torch.isnan(values).any(1)
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(1)
+            again = _values(hidden.index_select(0, rows), real.index_select(0, rows), spans, select=True)
+            values = values.index_put((rows,), again)
+    empty = (count == 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=hidden.dtype, device=device)
+    if not need_indices:
+        return torch.where(empty, zero, canonical(values)), torch.empty((B, 0), dtype=torch.int32, device=device)
+    positions = _first_hit(hidden, real, values, spans)
+    return torch.where(empty, zero, canonical(values)), torch.where(empty, -1, positions)
+
+
+def _values(hidden, real, spans, select: bool) -> torch.Tensor:
+    B, T, d = hidden.shape
+    values = torch.full((B, d), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    bias = None
+    if real is not None and not select:
+        # 0 at real tokens, -inf at padding: finite padding never wins (non-finite is redone).
+        bias = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(B, T).masked_fill(
+            ~real, float("-inf")
+        ).unsqueeze(-1)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    for span, kind in spans:
+        x = hidden[:, span]
+        if kind == 2:
+            x = torch.where(real[:, span].unsqueeze(-1), x, low) if select else x + bias[:, span]
+        values = torch.maximum(values, x.amax(1))
+    return values
+
+
+def _first_hit(hidden, real, values, spans) -> torch.Tensor:
+    """(B, d) int32: the first real position t with hidden[b, t] == values[b] (NaN: the first NaN)."""
+    B, T, d = hidden.shape
+    device = hidden.device
+    # Reversed positions T - t at real tokens, 0 at padding: the largest hit is the first one.
+    reverse = torch.arange(T, 0, -1, dtype=torch.int32, device=device)
+    reverse = (reverse.expand(B, T) if real is None else reverse * real).unsqueeze(-1)
+    nan_max = torch.isnan(values)
+    has_nan = bool(nan_max.any())
+    best = torch.zeros((B, d), dtype=torch.int32, device=device)
+    target = values.unsqueeze(1)
+    for span, _ in spans:
+        x = hidden[:, span]
+        hit = x == target
+        if has_nan:
+            hit = hit | (torch.isnan(x) & nan_max.unsqueeze(1))
+        best = torch.maximum(best, (hit * reverse[:, span]).amax(1))
+    return (T - best).to(torch.int32)
+
+
+def segment_max(
+    hidden: torch.Tensor, starts: torch.Tensor, lengths: list[int], need_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
+    segment ``hidden[starts[s] : starts[s] + lengths[s]]`` of hidden (N, d); an empty segment gives
+    0 and -1. indices is (S, 0) unless ``need_indices``."""
+    N, d = hidden.shape
+    S = len(lengths)
+    device = hidden.device
+    values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
+    index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
+    if S == 0 or N == 0 or d == 0:
+        return values, index
+    seg = torch.repeat_interleave(
+        torch.arange(S, device=device), torch.tensor(lengths, device=device), output_size=N
+    )
+    # A segment's max is exact in any order: scatter_reduce gives the same values as any other order.
+    values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+    values = canonical(values)
+    if not need_indices:
+        return values, index
+    # First hit per segment: the max of reversed global positions N - n where hidden equals the max.
+    best = torch.zeros((S, d), dtype=torch.int32, device=device)
+    nan_max = torch.isnan(values)
+    has_nan = bool(nan_max.any())
+    step = max(1, _CHUNK_BYTES // max(1, d * hidden.element_size()))
+    for start in range(0, N, step):
+        rows = slice(start, min(N, start + step))
+        x = hidden[rows]
+        s = seg[rows]
+        target = values.index_select(0, s)
+        hit = (x == target) | (torch.isnan(x) & nan_max.index_select(0, s)) if has_nan else x == target
+        reverse = torch.arange(N - rows.start, N - rows.stop, -1, dtype=torch.int32, device=device)
+        best = best.scatter_reduce(0, s.unsqueeze(1).expand_as(x), hit * reverse.unsqueeze(1), "amax")
+    empty = torch.tensor(lengths, device=device).unsqueeze(1) == 0
+    return values, torch.where(empty, -1, N - best).to(torch.int32)
