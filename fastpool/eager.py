@@ -36,20 +36,31 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
     """(3, B) int32: count, first and last real position per row (-1 for empty rows)."""
+    return _row_stats(real, B, T, device)[0]
+
+
+def _row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """(row_stats, whether some row is empty); few ops: this is most of a cls / last call."""
     if real is None:
         count = torch.full((B,), T, dtype=torch.int32, device=device)
         first = torch.full((B,), 0 if T > 0 else -1, dtype=torch.int32, device=device)
         last = torch.full((B,), T - 1, dtype=torch.int32, device=device)
-        return torch.stack([count, first, last])
-    count = real.sum(1, dtype=torch.int32)
-    if T == 0:
-        return torch.stack([count, count - 1, count - 1])
+        return torch.stack([count, first, last]), T == 0 and B > 0
+    if T == 0 or B == 0:
+        return torch.full((3, B), -1, dtype=torch.int32, device=device).index_fill_(0, _ZERO, 0), T == 0 and B > 0
     flags = real.view(torch.uint8)
+    count = flags.sum(1)
     # argmax returns the first of equal maxima: the first real position (0 in an empty row).
-    first = flags.argmax(1).to(torch.int32)
-    last = (T - 1) - flags.flip(1).argmax(1).to(torch.int32)
-    empty = count == 0
-    return torch.stack([count, first.masked_fill(empty, -1), last.masked_fill(empty, -1)])
+    first = flags.argmax(1)
+    last = (T - 1) - flags.flip(1).argmax(1)
+    stats = torch.stack([count, first, last])
+    any_empty = bool(count.min() == 0)
+    if any_empty:
+        stats[1:].masked_fill_((count == 0).unsqueeze(0), -1)
+    return stats.to(torch.int32), any_empty
+
+
+_ZERO = torch.zeros(1, dtype=torch.long)
 
 
 def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
@@ -132,14 +143,21 @@ def weights_grad(
     return torch.where(keep, (dots - mean_dot) / W, zero).to(weights.dtype)
 
 
-def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """(B, d): hidden[b, position[b]], zeros where position is -1."""
+def _gather(hidden: torch.Tensor, position: torch.Tensor, any_empty: bool = True) -> torch.Tensor:
+    """(B, d): hidden[b, position[b]], zeros where position is -1 (only checked when ``any_empty``)."""
     B, T, d = hidden.shape
     if T == 0:
         return hidden.new_zeros((B, d))
-    rows = torch.arange(B, device=hidden.device)
-    picked = hidden[rows, position.clamp(min=0).long()]
-    return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
+    at = position.clamp(min=0) if any_empty else position
+    if hidden.stride(0) == T * hidden.stride(1):
+        # (B * T, d) is a view: one index_select of B rows.
+        rows = torch.arange(0, B * T, T, device=hidden.device)
+        picked = hidden.flatten(0, 1).index_select(0, rows + at)
+    else:
+        picked = hidden[torch.arange(B, device=hidden.device), at.long()]
+    if any_empty:
+        picked.masked_fill_((position < 0).unsqueeze(1), 0)
+    return picked
 
 
 def finish_rows(
@@ -185,7 +203,7 @@ def pool_forward(
     B, T, d = hidden.shape
     acc = accumulation_dtype(hidden.dtype)
     real = real_tokens(mask)
-    stats = row_stats(real, B, T, hidden.device)
+    stats, any_empty = _row_stats(real, B, T, hidden.device)
     count, first = stats[0], stats[1]
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +220,7 @@ def pool_forward(
         plain_sum=lambda: padded_lane_sum(hidden, real, first, acc),
         weighted_sum=weighted,
         maximum=lambda: padded_max(hidden, real, count, need_indices),
-        gather=lambda position: _gather(hidden, position),
+        gather=lambda position: _gather(hidden, position, any_empty),
     )  # fmt: skip
 
 
@@ -345,10 +363,15 @@ def _dense_grad(share, w, g_weighted, real, shape, dtype, device) -> torch.Tenso
         # The same value at every real token of a row: cast once per row, then spread.
         s = share.to(dtype).unsqueeze(1)
         if real is None:
-            return s.expand(B, T, d).contiguous()
-        if bool(torch.isfinite(share).all()):
-            return s * real.to(dtype).unsqueeze(-1)  # exact: s * 1 or s * 0
-        return torch.where(real.unsqueeze(-1), s, torch.zeros((), dtype=dtype, device=device))
+            return s.expand(B, T, d).clone(memory_format=torch.contiguous_format)  # never share's storage
+        grad = s * real.to(dtype).unsqueeze(-1)  # exact: s * 1 or s * 0
+        # inf * 0 is NaN: rows whose share is not finite are spread by selection (a per-row choice).
+        bad = ~torch.isfinite(share).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1)
+            zero = torch.zeros((), dtype=dtype, device=device)
+            grad[rows] = torch.where(real[rows].unsqueeze(-1), s[rows], zero)
+        return grad
     acc = g_weighted.dtype
     zero = torch.zeros((), dtype=acc, device=device)
     grad = torch.empty((B, T, d), dtype=dtype, device=device)
