@@ -69,7 +69,7 @@ def row_tree_sum(values: torch.Tensor, real: torch.Tensor | None, first: torch.T
         x = x + torch.cat([x[:, h:], zero.expand(B, min(h, T))], dim=1)
     if real is None:
         return x[:, 0]
-    return x.gather(1, first.clamp(min=0).long().unsqueeze(1)).squeeze(1)
+    return x.gather(1, first.clamp(0, T - 1).long().unsqueeze(1)).squeeze(1)
 
 
 def segment_tree_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
