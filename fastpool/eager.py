@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from .eager_max import padded_max
-from .eager_sums import feature_dots, padded_lane_sum, row_tree_sum, tree_sum
+from .eager_sums import feature_dots, padded_sum, row_tree_sum, tree_sum
 from .masks import real_tokens
 from .modes import mode_columns
 
@@ -213,11 +213,11 @@ def pool_forward(
             w_total = c * (c + 1) / 2
         else:
             w, w_total = user_weights(weights, real, acc)
-        return padded_lane_sum(hidden, real, first, acc, w), w_total
+        return padded_sum(hidden, real, first, acc, w), w_total
 
     return assemble_modes(
         modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: padded_lane_sum(hidden, real, first, acc),
+        plain_sum=lambda: padded_sum(hidden, real, first, acc),
         weighted_sum=weighted,
         maximum=lambda: padded_max(hidden, real, count, need_indices),
         gather=lambda position: _gather(hidden, position, any_empty),

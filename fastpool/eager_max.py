@@ -24,22 +24,26 @@ def canonical(values: torch.Tensor) -> torch.Tensor:
 
 
 def _spans(real: torch.Tensor | None, B: int, T: int, size: int) -> list[tuple[slice, int]]:
-    """(positions, kind) per chunk of ``size`` positions: kind 1 every token real, 2 mixed; chunks
-    without any real token are left out."""
+    """(positions, kind) covering the chunks of ``size`` positions that hold a real token: kind 2
+    a chunk with padding (masked in a chunk-sized temporary), kind 1 a run of chunks where every
+    token is real (read in place, in one op)."""
     chunks = -(-T // size)
     if real is None:
-        return [(slice(c * size, min(T, (c + 1) * size)), 1) for c in range(chunks)]
+        return [(slice(0, T), 1)] if T else []
     every = torch.ones((B, chunks * size), dtype=torch.bool, device=real.device)
     some = torch.zeros((B, chunks * size), dtype=torch.bool, device=real.device)
     every[:, :T] = real
     some[:, :T] = real
     full = every.view(B, chunks, size).all(2).all(0).tolist()
     partial = some.view(B, chunks, size).any(2).any(0).tolist()
-    return [
-        (slice(c * size, min(T, (c + 1) * size)), 1 if full[c] else 2)
-        for c in range(chunks)
-        if partial[c] or full[c]
-    ]
+    spans: list[tuple[slice, int]] = []
+    for c in range(chunks):
+        span = slice(c * size, min(T, (c + 1) * size))
+        if full[c] and spans and spans[-1][1] == 1 and spans[-1][0].stop == span.start:
+            spans[-1] = (slice(spans[-1][0].start, span.stop), 1)  # extend the run in place
+        elif full[c] or partial[c]:
+            spans.append((span, 1 if full[c] else 2))
+    return spans
 
 
 def padded_max(
@@ -127,12 +131,16 @@ def _first_position(hidden, real, block, values) -> torch.Tensor:
     # The last block may be shorter: slide its window back (the positions this adds precede the
     # first block holding the max, so none of them holds it).
     start = (block * _BLOCK).clamp(max=T - width)
-    pos = start.unsqueeze(1) + torch.arange(width, device=device).view(1, width, 1)
-    window = hidden.gather(1, pos)
-    if real is not None:
-        low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
-        window = torch.where(real.gather(1, pos.view(B, -1)).view(B, width, d), window, low)
-    first = start + window.max(1).indices
+    offsets = torch.arange(width, device=device).view(1, width, 1)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
+    first = torch.empty((B, d), dtype=torch.int64, device=device)
+    for rows in _row_groups(B, width * d):
+        pos = start[rows].unsqueeze(1) + offsets  # (rows, width, d)
+        window = hidden[rows].gather(1, pos)
+        if real is not None:
+            inside = real[rows].gather(1, pos.flatten(1)).view_as(pos)
+            window = torch.where(inside, window, low)
+        first[rows] = start[rows] + window.max(1).indices
     if real is not None:
         # A max of -inf ties with the padding's -inf: search those (rare) rows whole.
         tied = (values == float("-inf")).any(1)
@@ -144,12 +152,28 @@ def _first_position(hidden, real, block, values) -> torch.Tensor:
     return first
 
 
+# Elements of a position-search window (rows x _BLOCK x d) handled at once: bounds its int64 index.
+_WINDOW_ELEMENTS = 2**20
+
+
+def _row_groups(rows: int, per_row: int):
+    step = max(1, _WINDOW_ELEMENTS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
 def segment_max(
     hidden: torch.Tensor, starts: torch.Tensor, lengths: list[int], need_indices: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
     segment ``hidden[starts[s] : starts[s] + lengths[s]]`` of hidden (N, d); an empty segment gives
-    0 and -1. indices is (S, 0) unless ``need_indices``."""
+    0 and -1. indices is (S, 0) unless ``need_indices``.
+
+    Values only: one ``scatter_reduce`` over the tokens (a max is exact in any order). With
+    indices, the same pass reduces into blocks of ``_BLOCK`` tokens counted from each segment's
+    start; the segment's max is the max of its blocks, and its first position is searched in the
+    first block holding it only, as on the padded path.
+    """
     N, d = hidden.shape
     S = len(lengths)
     device = hidden.device
@@ -157,26 +181,39 @@ def segment_max(
     index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
     if S == 0 or N == 0 or d == 0:
         return values, index
-    seg = torch.repeat_interleave(
-        torch.arange(S, device=device), torch.tensor(lengths, device=device), output_size=N
-    )
-    # A segment's max is exact in any order: scatter_reduce gives the same values as any other order.
-    values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
-    values = canonical(values)
+    length = torch.tensor(lengths, device=device)
+    seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
     if not need_indices:
-        return values, index
-    # First hit per segment: the max of reversed global positions N - n where hidden equals the max.
-    best = torch.zeros((S, d), dtype=torch.int32, device=device)
-    nan_max = torch.isnan(values)
-    has_nan = bool(nan_max.any())
-    step = max(1, _CHUNK_BYTES // max(1, d * hidden.element_size()))
-    for start in range(0, N, step):
-        rows = slice(start, min(N, start + step))
-        x = hidden[rows]
-        s = seg[rows]
-        target = values.index_select(0, s)
-        hit = (x == target) | (torch.isnan(x) & nan_max.index_select(0, s)) if has_nan else x == target
-        reverse = torch.arange(N - rows.start, N - rows.stop, -1, dtype=torch.int32, device=device)
-        best = best.scatter_reduce(0, s.unsqueeze(1).expand_as(x), hit * reverse.unsqueeze(1), "amax")
-    empty = torch.tensor(lengths, device=device).unsqueeze(1) == 0
-    return values, torch.where(empty, -1, N - best).to(torch.int32)
+        values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+        return canonical(values), index
+    blocks_of = [-(-n // _BLOCK) for n in lengths]
+    n_blocks = sum(blocks_of)
+    count = torch.tensor(blocks_of, device=device)
+    block_start = torch.cumsum(count, 0) - count  # (S,) first block of each segment
+    begin = starts.long()
+    token_block = block_start[seg] + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
+    blocks = torch.zeros((n_blocks, d), dtype=hidden.dtype, device=device).scatter_reduce(
+        0, token_block.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False
+    )
+    block_seg = torch.repeat_interleave(torch.arange(S, device=device), count, output_size=n_blocks)
+    values = values.scatter_reduce(0, block_seg.unsqueeze(1).expand(n_blocks, d), blocks, "amax", include_self=False)
+    # The first block of each segment holding its max: the largest reversed block number that hits.
+    target = values.index_select(0, block_seg)
+    hit = (blocks == target) | (torch.isnan(blocks) & torch.isnan(target))
+    reverse = torch.arange(n_blocks, 0, -1, device=device).unsqueeze(1)
+    best = torch.zeros((S, d), dtype=torch.int64, device=device).scatter_reduce(
+        0, block_seg.unsqueeze(1).expand(n_blocks, d), hit * reverse, "amax"
+    )
+    window_start = begin.unsqueeze(1) + (n_blocks - best - block_start.unsqueeze(1)) * _BLOCK  # (S, d)
+    end = (begin + length).unsqueeze(1).unsqueeze(1)
+    offsets = torch.arange(_BLOCK, device=device).view(1, _BLOCK, 1)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
+    first = torch.empty((S, d), dtype=torch.int64, device=device)
+    for rows in _row_groups(S, _BLOCK * d):
+        pos = window_start[rows].unsqueeze(1) + offsets  # (rows, _BLOCK, d) global token indices
+        inside = pos < end[rows]
+        window = hidden.gather(0, pos.clamp(max=N - 1).flatten(0, 1)).view_as(pos)
+        window = torch.where(inside, window, low)
+        first[rows] = window_start[rows] + window.max(1).indices
+    empty = (length == 0).unsqueeze(1)
+    return canonical(values), torch.where(empty, -1, first).to(torch.int32)

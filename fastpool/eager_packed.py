@@ -4,8 +4,8 @@ Same outputs and semantics as the packed Triton kernels, and as the padded path 
 sequences right-padded: ``out`` (S, n_modes * d), ``argmax`` (S, d) int32 global token indices
 (-1 for an empty segment) and ``stats`` (3, S) int32 holding the length, the first and the last
 token index of each segment (-1 when empty). Batch-invariant with the very bits of the padded
-path: the sums are ``eager_sums.segment_lane_sum`` (each segment's chunks gathered at its own
-offset), the weight sums ``eager_sums.segment_tree_sum``; no (N, d) float32 copy of the input.
+path: the sums are ``eager_sums.segment_sum``, the weight sums ``eager_sums.segment_tree_sum``,
+the maxima exact (``eager_max.segment_max``); no (N, d) float32 copy of the input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes
 from .eager_max import segment_max
-from .eager_sums import feature_dots, segment_lane_sum, segment_tree_sum
+from .eager_sums import feature_dots, segment_sum, segment_tree_sum
 from .modes import mode_columns
 
 
@@ -86,16 +86,16 @@ def pool_forward(
     N = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     stats = packed_stats(cu_seqlens)
-    starts, lengths = _layout(cu_seqlens)
+    starts, lengths = _layout(cu_seqlens)  # the host copy the max needs
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
         seg = segment_ids(cu_seqlens, N)
         w, w_total = token_weights(cu_seqlens, seg, weights, acc)
-        return segment_lane_sum(hidden, starts, lengths, acc, w), w_total
+        return segment_sum(hidden, cu_seqlens, acc, w), w_total
 
     return assemble_modes(
         modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: segment_lane_sum(hidden, starts, lengths, acc),
+        plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc),
         weighted_sum=weighted,
         maximum=lambda: segment_max(hidden, starts, lengths, need_indices),
         gather=lambda position: _gather(hidden, position),

@@ -1,22 +1,28 @@
 """Batch-invariant sums of the eager backend: a row's sum depends only on the row's own values.
 
-Elementwise ATen ops (add, mul, where, maximum) round every element on its own, whatever the
-shape, the strides, the vector width or the number of threads. ATen reductions (``sum``, ``bmm``,
-``cumsum``, ``segment_reduce``) do not promise that: their order follows the shape, where the zeros
-sit and the thread count. So every sum over tokens here is built from elementwise adds in an order
-fixed relative to each row's first real token:
+Elementwise ATen ops (add, mul, where) round every element on its own, whatever the shape, the
+strides, the vector width or the number of threads. ATen reductions (``sum``, ``bmm``, ``cumsum``,
+``segment_reduce``) do not promise that: their order follows the shape, where the zeros sit and
+the thread count. So the sums over tokens here are built in an order fixed by each row alone:
 
-* ``lane_sum`` (token sums of hidden, (B, T, d) or packed): ``LANES`` float32 (float64) accumulators
-  per row and feature; the row's r-th token (r counted from its first real token) is added to lane
-  ``r % LANES``, in token order, then the lanes are added in a fixed pairwise tree. An accumulator
-  starts at +0.0 and a sum of two values is never -0.0 unless both are, so adding +0.0 for a padded
-  token is exact: padding (before, between or after the real tokens) changes no bit.
-* ``tree_sum`` (short axes: weight sums, dot products): a pairwise tree over the axis zero-padded to
-  a power of two, after the values are made free of -0.0 (so trailing zeros change no bit either).
+* CPU (``padded_sum`` / ``segment_sum``): one float32 (float64) accumulator per row and feature,
+  the row's real tokens added one after the other in token order, starting from +0.0. This is
+  ``index_add_``, whose documented semantics is to add "in the order given in index" (on CPU it is
+  a stable sort of the destinations then a sequential add per destination, or a sequential loop):
+  the token order is the index order. Padding is sent to a spare row, so whatever it holds (NaN,
+  inf) never meets a real token. One read of hidden, no temporary for float32 / float64 input and
+  a cache-sized float32 chunk for 16-bit input.
+* Other devices, where ``index_add_`` uses atomics (``padded_lane_sum`` / ``segment_lane_sum``):
+  ``LANES`` accumulators per row and feature; the row's r-th token (counted from its first real
+  token) is added to lane ``r % LANES`` in token order, then the lanes are added in a fixed
+  pairwise tree. An accumulator starts at +0.0 and a sum of two values is never -0.0 unless both
+  are, so adding +0.0 for a padded token is exact: padding changes no bit. Padded rows need no
+  gather: slices at absolute positions put position t in lane ``t % LANES``, the same sequence of
+  adds as lane ``(t - first) % LANES``; the lanes are rotated once by ``first % LANES``.
+* Short axes (``tree_sum``, ``row_tree_sum``, ``segment_tree_sum``: weight sums, dot products,
+  norms): a fixed pairwise tree, elementwise ops only, no host sync.
 
-Padded rows need no gather: slices at absolute positions put the token at position t in lane
-``t % LANES``, the same sequence of adds as lane ``(t - first) % LANES``; the lanes are rotated once
-by ``first % LANES`` before the tree. Packed segments gather their chunks at their own offsets.
+On each device a packed segment gets the bits of the same tokens in a padded row.
 """
 
 from __future__ import annotations
@@ -99,6 +105,79 @@ def _fold_lanes(acc: torch.Tensor) -> torch.Tensor:
         half = acc.shape[1] // 2
         acc = acc[:, :half] + acc[:, half:]
     return acc[:, 0]
+
+
+def padded_sum(
+    hidden: torch.Tensor,
+    real: torch.Tensor | None,
+    first: torch.Tensor,
+    acc: torch.dtype,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, d) sum over each row's real tokens of hidden (B, T, d), or of ``weights * hidden`` with
+    weights (B, T) in ``acc`` (any value at padding); in ``acc``, batch-invariant. first (B,): each
+    row's first real position (used off the CPU). Padding never reaches the result."""
+    if hidden.device.type == "cpu":
+        return _sequential_padded_sum(hidden, real, acc, weights)
+    if weights is not None and real is not None:
+        weights = torch.where(real, weights, torch.zeros((), dtype=acc, device=weights.device))
+    return padded_lane_sum(hidden, real, first, acc, weights)
+
+
+def segment_sum(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, acc: torch.dtype, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(S, d) sum over each segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d), or of
+    ``weights * hidden`` (weights (N,) in ``acc``); in ``acc``, with the bits ``padded_sum`` gives
+    the same tokens in a padded row on the same device."""
+    if hidden.device.type == "cpu":
+        N = hidden.shape[0]
+        S = cu_seqlens.shape[0] - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seg = torch.repeat_interleave(torch.arange(S, device=hidden.device), lengths, output_size=N)
+        return _sequential_sum(hidden, seg, S, acc, weights)
+    begin = cu_seqlens[:-1]
+    return segment_lane_sum(hidden, begin, (cu_seqlens[1:] - begin).tolist(), acc, weights)
+
+
+def _sequential_padded_sum(hidden, real, acc, weights) -> torch.Tensor:
+    B, T, d = hidden.shape
+    if B == 0 or T == 0 or d == 0:
+        return torch.zeros((B, d), dtype=acc, device=hidden.device)
+    rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)
+    # Padding goes to the spare row B: it never meets a real token.
+    dest = rows if real is None else torch.where(real, rows, B)
+    if hidden.stride(0) == T * hidden.stride(1):
+        tokens = hidden.flatten(0, 1)  # (B * T, d), a view
+        flat_weights = None if weights is None else weights.reshape(B * T)
+        return _sequential_sum(tokens, dest.reshape(B * T), B + 1, acc, flat_weights)[:B]
+    total = torch.zeros((B + 1, d), dtype=acc, device=hidden.device)
+    for b in range(B):  # rows that cannot be viewed as one (B * T, d) tensor: one row at a time
+        w = None if weights is None else weights[b]
+        total += _sequential_sum(hidden[b], dest[b], B + 1, acc, w)
+    return total[:B]
+
+
+# Tokens per index_add_ call when they are converted (16-bit input) or weighted first.
+_CONVERT_BYTES = 1 * 2**20
+
+
+def _sequential_sum(tokens, dest, rows: int, acc, weights) -> torch.Tensor:
+    """(rows, d): tokens (n, d) added into row dest[i] (n,) one after the other, in token order."""
+    n, d = tokens.shape
+    total = torch.zeros((rows, d), dtype=acc, device=tokens.device)
+    if n == 0 or d == 0:
+        return total
+    if tokens.dtype == acc and weights is None:
+        return total.index_add_(0, dest, tokens)
+    step = max(1, _CONVERT_BYTES // (d * torch.finfo(acc).bits // 8))
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        x = tokens[part].to(acc)
+        if weights is not None:
+            x = x * weights[part].unsqueeze(1)
+        total.index_add_(0, dest[part], x)
+    return total
 
 
 def chunk_kinds(real: torch.Tensor | None, B: int, T: int) -> list[int]:
