@@ -214,6 +214,8 @@ class Preset:
     min_run_time: float = 0.2
     # CPU only: stop compiling new torch.compile graphs once this many seconds went into compiling.
     compile_budget_s: float | None = None
+    # CPU only: torch.set_num_threads for the run (None: torch's choice); --threads overrides it.
+    cpu_threads: int | None = None
 
     def cases(self) -> list[Case]:
         """Every case of every block, first occurrence kept (blocks may overlap), grouped by input."""
@@ -323,6 +325,9 @@ PRESETS: dict[str, Preset] = {
         ),  # fmt: skip
         # A cold inductor cache spends ~30 s on the first CPU graph; later graphs take a few seconds.
         compile_budget_s=240.0,
+        # One thread, timed in CPU time (bench/timing.py): on a shared 2-core machine two threads time
+        # the scheduler (a stalled sibling thread blocks every parallel op; bench/NOTES.md).
+        cpu_threads=1,
     ),
     "gpu-quick": Preset(
         "gpu-quick",

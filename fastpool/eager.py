@@ -296,10 +296,11 @@ def pool_backward(
     acc = accumulation_dtype(dtype)
     cols = mode_columns(modes, d)
     device = grad_out.device
-    real = real_tokens(mask)
     count = stats[0]
     if B == 0 or T == 0 or d == 0:
         return torch.zeros((B, T, d), dtype=dtype, device=device)
+    dense = any(name in modes for name in ("mean", "mean_sqrt_len", "weighted_mean"))
+    real = real_tokens(mask) if dense else None  # only the dense part reads the mask
     zero = torch.zeros((), dtype=acc, device=device)
 
     def block(name: str) -> torch.Tensor:
@@ -327,30 +328,48 @@ def pool_backward(
             )
     grad = _dense_grad(share, w, g_weighted, real, (B, T, d), dtype, device)
 
-    sparse = [(name, pos) for name, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if name in modes]
+    sparse = [(n, pos) for n, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if n in modes]
     if not sparse:
         return grad
-    targets = {name: (pos if name == "max" else pos.unsqueeze(1)).long() for name, pos in sparse}
+    # (B, d) positions of each sparse mode's gradient (cls / last: one position per row).
+    targets = {name: (pos if name == "max" else pos.unsqueeze(1).expand(B, d)).long() for name, pos in sparse}
+    if share is None and w is None and len(sparse) == 1:
+        # One mode and nothing else: its gradient, 0 for an empty row (position -1).
+        (name, _), position = sparse[0], targets[sparse[0][0]]
+        value = grad_out[:, cols[name] : cols[name] + d].to(dtype)
+        value = torch.where(position >= 0, value, torch.zeros((), dtype=dtype, device=device))
+        return _write(grad, name, position.clamp(min=0), value)
     blocks = {name: block(name) for name, _ in sparse}
 
     def value_at(position: torch.Tensor) -> torch.Tensor:
         """(B, d) in ``dtype``: the whole gradient at hidden[b, position[b, j], j]."""
-        at = position.clamp(min=0)
-        v = share if share is not None else torch.zeros((B, d), dtype=acc, device=device)
+        v = share
         if w is not None:
-            v = v + w.gather(1, at.expand(B, d) if at.shape[1] == 1 else at) * g_weighted
+            part = w.gather(1, position.clamp(min=0)) * g_weighted
+            v = part if v is None else v + part
         for name, _ in sparse:
-            v = v + torch.where(targets[name] == position, blocks[name], zero)
+            part = torch.where(targets[name] == position, blocks[name], zero)
+            v = part if v is None else v + part
         return torch.where(position >= 0, v, zero).to(dtype)
 
     # Each touched position gets the same value from every mode that touches it (written, not added).
     for name, _ in sparse:
         position = targets[name]
-        if name == "max":
-            grad.scatter_(1, position.clamp(min=0).unsqueeze(1), value_at(position).unsqueeze(1))
-        else:
-            rows = torch.arange(B, device=device)
-            grad[rows, position.squeeze(1).clamp(min=0)] = value_at(position)
+        _write(grad, name, position.clamp(min=0), value_at(position))
+    return grad
+
+
+def _write(grad: torch.Tensor, name: str, position: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """grad[b, position[b, j], j] = value[b, j] for grad (B, T, d) contiguous, position (B, d) >= 0."""
+    B, T, d = grad.shape
+    rows = torch.arange(B, device=grad.device)
+    if name != "max":  # one position per row
+        grad[rows, position[:, 0]] = value
+    elif grad.dtype in (torch.float32, torch.float64):
+        grad.scatter_(1, position.unsqueeze(1), value.unsqueeze(1))
+    else:  # scatter_ has no vectorised path for 16-bit floats on CPU (30x slower): flat indices
+        flat = (rows.unsqueeze(1) * T + position) * d + torch.arange(d, device=grad.device)
+        grad.view(-1).index_put_((flat.view(-1),), value.view(-1))
     return grad
 
 

@@ -86,7 +86,6 @@ def pool_forward(
     N = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     stats = packed_stats(cu_seqlens)
-    starts, lengths = _layout(cu_seqlens)  # the host copy the max needs
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
         seg = segment_ids(cu_seqlens, N)
@@ -97,7 +96,7 @@ def pool_forward(
         modes, stats, hidden.dtype, normalize_eps,
         plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc),
         weighted_sum=weighted,
-        maximum=lambda: segment_max(hidden, starts, lengths, need_indices),
+        maximum=lambda: segment_max(hidden, *_layout(cu_seqlens), need_indices),
         gather=lambda position: _gather(hidden, position),
     )  # fmt: skip
 

@@ -227,3 +227,52 @@ def test_lane_sums_keep_float32_accuracy_over_long_rows(device):
     total = eager_sums.padded_lane_sum(hidden, None, first, torch.float32)
     expected = hidden.double().sum(1)
     torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    span=st.integers(1, 100),
+    holes=st.booleans(),
+    before=st.integers(0, 40),
+    after=st.integers(0, 40),
+    B=st.integers(1, 4),
+    weighted=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lane_sums_are_batch_invariant(span, holes, before, after, B, weighted, dtype, seed):
+    """The sums used off the CPU (index_add_ uses atomics there), run here on CPU tensors: a row's
+    lane sum has the same bits alone, in a padded batch (any padding, NaN in it) and packed."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d = 5
+    row = torch.randn(span, d, generator=gen).to(dtype)
+    own = torch.rand(span, generator=gen) < 0.6 if holes else torch.ones(span, dtype=torch.bool)
+    own[0] = own[-1] = True
+    w_row = torch.rand(span, generator=gen).to(acc) * own if weighted else None
+    T = before + span + after
+    slot = B - 1
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    real = torch.rand(B, T, generator=gen) < 0.5
+    real[slot] = False
+    real[slot, before : before + span] = own
+    hidden[slot] = float("nan")
+    hidden[slot, before : before + span] = row
+    weights = None
+    if weighted:
+        weights = (torch.rand(B, T, generator=gen).to(acc)) * real
+        weights[slot, before : before + span] = w_row
+    first = torch.where(real.any(1), real.view(torch.uint8).argmax(1), 0)
+    batch = eager_sums.padded_lane_sum(hidden, real, first, acc, weights)
+    alone = eager_sums.padded_lane_sum(
+        row[None], own[None], torch.zeros(1, dtype=torch.long), acc, None if w_row is None else w_row[None]
+    )
+    assert_same_bits(batch[slot : slot + 1], alone, "padded")
+    if not holes:
+        packed = torch.cat([torch.randn(7, d, generator=gen).to(dtype), row])
+        w_packed = None if w_row is None else torch.cat([torch.rand(7, generator=gen).to(acc), w_row])
+        got = eager_sums.segment_lane_sum(packed, torch.tensor([0, 7]), [7, span], acc, w_packed)
+        assert_same_bits(got[1:], alone, "packed")
+    expected = (row.double() * (own if w_row is None else w_row).double()[:, None]).sum(0)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(alone[0].double(), expected, rtol=tolerance, atol=10 * tolerance)
