@@ -243,7 +243,6 @@ def assemble_modes(
     """
     count = stats[0]
     acc = accumulation_dtype(dtype)
-    zero = torch.zeros((), dtype=acc, device=count.device)
     pieces: list[torch.Tensor] = []
     argmax = torch.empty((count.shape[0], 0), dtype=torch.int32, device=count.device)
     total = None
@@ -251,12 +250,13 @@ def assemble_modes(
         if name in ("mean", "mean_sqrt_len"):
             if total is None:
                 total = plain_sum()
+            # An empty row's sum is exactly +0.0: divided by 1 it stays the zero row it must be.
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
-            denom = denom if name == "mean" else denom.sqrt()
-            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
+            pieces.append(total / (denom if name == "mean" else denom.sqrt()))
         elif name == "weighted_mean":
             weighted, w_total = weighted_sum()
             nonzero = (w_total != 0).unsqueeze(1)
+            zero = torch.zeros((), dtype=acc, device=count.device)
             pieces.append(
                 torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
             )

@@ -29,11 +29,10 @@ def segment_ids(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
 
 def packed_stats(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(3, S) int32: length, first and last token index of each segment (-1 when empty)."""
-    begin, end = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-    count = end - begin
-    first = torch.where(count > 0, begin, -1)
-    last = torch.where(count > 0, end - 1, -1)
-    return torch.stack([count, first, last]).to(torch.int32)
+    begin, end = cu_seqlens[:-1], cu_seqlens[1:]
+    stats = torch.stack([end - begin, begin, end - 1]).to(torch.int32)
+    positions = torch.arange(3, device=stats.device).unsqueeze(1) > 0  # first and last, not the count
+    return stats.masked_fill_((stats[0] == 0).unsqueeze(0) & positions, -1)
 
 
 def token_weights(
