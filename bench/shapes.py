@@ -308,12 +308,29 @@ PRESETS: dict[str, Preset] = {
             ),
             Block("padding", CPU_SHAPES[:1], ("float32", "bfloat16"), ("mean", "max"), ("fwd",), (0.5,)),
             Block(
-                "left", CPU_SHAPES[1:], ("float32", "bfloat16"), ("mean", "max", "last"), ("fwd",), (0.25,),
+                "left",
+                CPU_SHAPES[1:],
+                ("float32", "bfloat16"),
+                ("mean", "max", "last"),
+                ("fwd",),
+                (0.25,),
                 ("left",),
             ),
             # ~3k tokens each, few sequences (the loop baseline is a few ops per sequence): ~5 s in all.
             PackedBlock(
-                "packed", (uniform(32, 128, 256),), ("float32", "bfloat16"), ALL_PACKED_OPS, ("fwd", "fwd+bwd")
+                "packed",
+                (uniform(32, 128, 256),),
+                ("float32", "bfloat16"),
+                ALL_PACKED_OPS,
+                ("fwd", "fwd+bwd"),
+            ),
+            # The same number of sequences at the padded grid's width and length: ~6k tokens x 768.
+            PackedBlock(
+                "packed-768",
+                (uniform(32, 256, 768),),
+                ("float32", "bfloat16"),
+                ALL_PACKED_OPS,
+                ("fwd", "fwd+bwd"),
             ),
             PackedBlock(
                 "packed-skewed",

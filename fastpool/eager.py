@@ -24,6 +24,8 @@ from .eager_sums import feature_dots, padded_sum, row_tree_sum, tree_sum
 from .masks import real_tokens
 from .modes import mode_columns
 
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 # Bounds the temporaries of a chunked pass over hidden (bytes): weights_grad's products, the
 # backward's dense gradient in float32 before it is cast.
 _WIDEN_CHUNK_BYTES = 4 * 2**20
@@ -47,7 +49,9 @@ def _row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) 
         last = torch.full((B,), T - 1, dtype=torch.int32, device=device)
         return torch.stack([count, first, last]), T == 0 and B > 0
     if T == 0 or B == 0:
-        return torch.full((3, B), -1, dtype=torch.int32, device=device).index_fill_(0, _ZERO, 0), T == 0 and B > 0
+        return torch.full((3, B), -1, dtype=torch.int32, device=device).index_fill_(
+            0, _ZERO, 0
+        ), T == 0 and B > 0
     flags = real.view(torch.uint8)
     count = flags.sum(1)
     # argmax returns the first of equal maxima: the first real position (0 in an empty row).
@@ -383,14 +387,14 @@ def _dense_grad(share, w, g_weighted, real, shape, dtype, device) -> torch.Tenso
         s = share.to(dtype).unsqueeze(1)
         if real is None:
             return s.expand(B, T, d).clone(memory_format=torch.contiguous_format)  # never share's storage
-        grad = s * real.to(dtype).unsqueeze(-1)  # exact: s * 1 or s * 0
-        # inf * 0 is NaN: rows whose share is not finite are spread by selection (a per-row choice).
-        bad = ~torch.isfinite(share).all(1)
-        if bool(bad.any()):
-            rows = bad.nonzero().squeeze(1)
-            zero = torch.zeros((), dtype=dtype, device=device)
-            grad[rows] = torch.where(real[rows].unsqueeze(-1), s[rows], zero)
-        return grad
+        # Selection by bits: AND with all ones at real tokens, all zeros (+0.0) at padding. Exact for
+        # any value (inf and NaN included, where a product by 0 would give NaN), one pass, and a
+        # third faster than a 16-bit multiply.
+        if s.requires_grad:  # create_graph=True: a differentiable selection instead
+            return torch.where(real.unsqueeze(-1), s, torch.zeros((), dtype=dtype, device=device))
+        bits = _INT_OF_WIDTH[s.element_size()]
+        keep = -real.to(bits).unsqueeze(-1)
+        return (s.view(bits) & keep).view(dtype)
     acc = g_weighted.dtype
     zero = torch.zeros((), dtype=acc, device=device)
     grad = torch.empty((B, T, d), dtype=dtype, device=device)

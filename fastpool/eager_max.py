@@ -196,7 +196,9 @@ def segment_max(
         0, token_block.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False
     )
     block_seg = torch.repeat_interleave(torch.arange(S, device=device), count, output_size=n_blocks)
-    values = values.scatter_reduce(0, block_seg.unsqueeze(1).expand(n_blocks, d), blocks, "amax", include_self=False)
+    values = values.scatter_reduce(
+        0, block_seg.unsqueeze(1).expand(n_blocks, d), blocks, "amax", include_self=False
+    )
     # The first block of each segment holding its max: the largest reversed block number that hits.
     target = values.index_select(0, block_seg)
     hit = (blocks == target) | (torch.isnan(blocks) & torch.isnan(target))

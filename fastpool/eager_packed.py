@@ -131,7 +131,6 @@ def pool_backward(
     The padded backward's arithmetic element by element (``fastpool.eager.pool_backward``), so a
     token gets the same gradient bits packed and padded; written in ``dtype`` directly.
     """
-    S = stats.shape[1]
     d = grad_out.shape[1] // len(modes)
     acc = accumulation_dtype(dtype)
     cols = mode_columns(modes, d)
@@ -170,12 +169,17 @@ def pool_backward(
     else:
         grad = torch.zeros((N, d), dtype=dtype, device=device)
 
-    sparse = [(name, pos) for name, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if name in modes]
+    sparse = [
+        (name, pos) for name, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if name in modes
+    ]
     if not sparse:
         return grad
     # Empty segments touch nothing (their -1 would land in another segment).
     rows = (count > 0).nonzero().squeeze(1)
-    targets = {name: (pos if name == "max" else pos.unsqueeze(1)).index_select(0, rows).long() for name, pos in sparse}
+    targets = {
+        name: (pos if name == "max" else pos.unsqueeze(1)).index_select(0, rows).long()
+        for name, pos in sparse
+    }
     blocks = {name: block(name).index_select(0, rows) for name, _ in sparse}
     base = None if share is None else share.index_select(0, rows)
     g_rows = None if w is None else g_weighted.index_select(0, rows)

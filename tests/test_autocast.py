@@ -78,5 +78,5 @@ def test_results_and_gradients_are_the_bits_computed_outside_autocast(backend, d
             out = fastpool.pool(h, mask, mode=MODES, weights=w, normalize=normalize)
             grads = torch.autograd.grad(out, (h, w), grad)
         results.append((out, *grads))
-    for name, plain, cast in zip(("output", "hidden gradient", "weights gradient"), *results):
+    for name, plain, cast in zip(("output", "hidden gradient", "weights gradient"), *results, strict=True):
         assert_same_bits(cast, plain, name)

@@ -5,8 +5,8 @@ embedded at a random slot of a random batch: random other rows, random padding b
 padding holding garbage (NaN, inf, huge values), a different thread count, packed among other
 sequences instead of padded. Every output bit, max position (relative to the row's first real
 token), hidden gradient bit and user-weight gradient bit must be equal (``torch.equal`` on the
-bits; a NaN equals a NaN whatever its encoding). Also: mask=None versus an all-ones mask, and a mode's bits alone versus
-inside a list of modes.
+bits; a NaN equals a NaN whatever its encoding). Also: mask=None versus an all-ones mask, and a
+mode's bits alone versus inside a list of modes.
 
 The tests take the backend from ``INVARIANT_BACKENDS`` (the backends that guarantee it).
 """
@@ -204,7 +204,9 @@ def test_needle_in_a_padded_batch(backend_name, device, p):
             )
     embedded = (
         out[slot : slot + 1],
-        None if index is None else torch.where(index[slot : slot + 1] >= 0, index[slot : slot + 1] - p["before"], -1),
+        None
+        if index is None
+        else torch.where(index[slot : slot + 1] >= 0, index[slot : slot + 1] - p["before"], -1),
         grad_h[slot : slot + 1, own],
         None if grad_w is None else grad_w[slot : slot + 1, own],
     )
@@ -260,7 +262,9 @@ def test_needle_in_a_packed_batch(backend_name, device, p, others):
     mask_dtype=st.sampled_from(MASK_DTYPES),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_mask_none_and_all_ones_give_the_same_bits(backend_name, device, dtype, shape, modes, mask_dtype, seed):
+def test_mask_none_and_all_ones_give_the_same_bits(
+    backend_name, device, dtype, shape, modes, mask_dtype, seed
+):
     gen = torch.Generator().manual_seed(seed)
     hidden = token_values(shape, dtype, gen).to(device)
     grad = torch.randn(shape[0], len(modes) * shape[2], generator=gen).to(dtype).to(device)

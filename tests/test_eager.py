@@ -191,9 +191,9 @@ def test_large_batches_give_the_same_bits_on_1_and_4_threads(device, dtype):
             single = run(hidden, mask, weights, grad)
             for b in (0, 5, B - 1):
                 alone = run(hidden[b : b + 1], mask[b : b + 1], weights[b : b + 1], grad[b : b + 1])
-                for got, expected in zip(batch, alone):
+                for got, expected in zip(batch, alone, strict=True):
                     assert_same_bits(got[b : b + 1], expected, f"row {b}")
-    for got, expected in zip(batch, single):
+    for got, expected in zip(batch, single, strict=True):
         assert_same_bits(got, expected, "4 threads vs 1")
 
 
@@ -202,7 +202,7 @@ def test_tree_sums_of_padded_rows_and_packed_segments_are_the_same_bits():
     values = torch.randn(40, generator=gen) * 1e3
     cu = torch.tensor([0, 3, 3, 20, 40])
     packed = eager_sums.segment_tree_sum(values, cu)
-    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         for before, after in ((0, 0), (5, 0), (0, 37), (9, 4)):
             row = torch.full((1, before + (b - a) + after), float("nan"))
             real = torch.zeros_like(row, dtype=torch.bool)
@@ -210,7 +210,10 @@ def test_tree_sums_of_padded_rows_and_packed_segments_are_the_same_bits():
             real[0, before : before + b - a] = True
             first = torch.tensor([before])
             assert_same_bits(eager_sums.row_tree_sum(row, real, first), packed[s : s + 1], f"segment {s}")
-    torch.testing.assert_close(packed.double(), torch.stack([values[a:b].double().sum() for a, b in zip(cu[:-1], cu[1:])]))
+    torch.testing.assert_close(
+        packed.double(),
+        torch.stack([values[a:b].double().sum() for a, b in zip(cu[:-1], cu[1:], strict=True)]),
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100])
@@ -276,3 +279,16 @@ def test_lane_sums_are_batch_invariant(span, holes, before, after, B, weighted, 
     expected = (row.double() * (own if w_row is None else w_row).double()[:, None]).sum(0)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(alone[0].double(), expected, rtol=tolerance, atol=10 * tolerance)
+
+
+@pytest.mark.parametrize(
+    "modes", [["mean"], ["cls"], ["max", "last"], list(fastpool.MODES)], ids=lambda m: "+".join(m)
+)
+def test_the_backward_is_differentiable(device, modes):
+    """create_graph=True runs the eager backward under autograd: every path of it must be
+    differentiable (the bit-select fast path is not, so it steps aside)."""
+    gen = torch.Generator().manual_seed(8)
+    hidden = torch.randn(3, 7, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    mask = (torch.rand(3, 7, generator=gen) < 0.6).to(device)
+    with fastpool.use_backend("torch"):
+        assert torch.autograd.gradgradcheck(lambda x: fastpool.pool(x, mask, mode=modes), (hidden,))
