@@ -37,12 +37,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
-    """(3, B) int32: count, first and last real position per row (-1 for empty rows)."""
-    return _row_stats(real, B, T, device)[0]
+    """(3, B) int32: count, first and last real position per row (-1 for empty rows). No host sync
+    (the Triton launchers call it on CUDA tensors)."""
+    return _row_stats(real, B, T, device, sync=False)[0]
 
 
-def _row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """(row_stats, whether some row is empty); few ops: this is most of a cls / last call."""
+def _row_stats(
+    real: torch.Tensor | None, B: int, T: int, device: torch.device, sync: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """(row_stats, whether some row may be empty (True when not ``sync``ed)); few ops: this is most
+    of a cls / last call."""
     if real is None:
         count = torch.full((B,), T, dtype=torch.int32, device=device)
         first = torch.full((B,), 0 if T > 0 else -1, dtype=torch.int32, device=device)
@@ -58,7 +62,7 @@ def _row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) 
     first = flags.argmax(1)
     last = (T - 1) - flags.flip(1).argmax(1)
     stats = torch.stack([count, first, last])
-    any_empty = bool(count.min() == 0)
+    any_empty = bool(count.min() == 0) if sync else True
     if any_empty:
         stats[1:].masked_fill_((count == 0).unsqueeze(0), -1)
     return stats.to(torch.int32), any_empty

@@ -163,59 +163,49 @@ def _row_groups(rows: int, per_row: int):
 
 
 def segment_max(
-    hidden: torch.Tensor, starts: torch.Tensor, lengths: list[int], need_indices: bool
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, need_indices: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
-    segment ``hidden[starts[s] : starts[s] + lengths[s]]`` of hidden (N, d); an empty segment gives
-    0 and -1. indices is (S, 0) unless ``need_indices``.
+    segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d); an empty segment gives 0 and -1.
+    indices is (S, 0) unless ``need_indices``.
 
     Values only: one ``scatter_reduce`` over the tokens (a max is exact in any order). With
     indices, the same pass reduces into blocks of ``_BLOCK`` tokens counted from each segment's
-    start; the segment's max is the max of its blocks, and its first position is searched in the
-    first block holding it only, as on the padded path.
+    start; the blocks, laid out (S, most blocks, d), give each segment's max and its first block
+    holding it in one ``max``, and the first position is searched in that block only, as on the
+    padded path.
     """
     N, d = hidden.shape
-    S = len(lengths)
+    S = cu_seqlens.shape[0] - 1
     device = hidden.device
     values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
     index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
     if S == 0 or N == 0 or d == 0:
         return values, index
-    length = torch.tensor(lengths, device=device)
+    begin = cu_seqlens[:-1].long()
+    length = cu_seqlens[1:].long() - begin
     seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
     if not need_indices:
         values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
         return canonical(values), index
-    blocks_of = [-(-n // _BLOCK) for n in lengths]
-    n_blocks = sum(blocks_of)
-    count = torch.tensor(blocks_of, device=device)
-    block_start = torch.cumsum(count, 0) - count  # (S,) first block of each segment
-    begin = starts.long()
-    token_block = block_start[seg] + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
-    blocks = torch.zeros((n_blocks, d), dtype=hidden.dtype, device=device).scatter_reduce(
-        0, token_block.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False
-    )
-    block_seg = torch.repeat_interleave(torch.arange(S, device=device), count, output_size=n_blocks)
-    values = values.scatter_reduce(
-        0, block_seg.unsqueeze(1).expand(n_blocks, d), blocks, "amax", include_self=False
-    )
-    # The first block of each segment holding its max: the largest reversed block number that hits.
-    target = values.index_select(0, block_seg)
-    hit = (blocks == target) | (torch.isnan(blocks) & torch.isnan(target))
-    reverse = torch.arange(n_blocks, 0, -1, device=device).unsqueeze(1)
-    best = torch.zeros((S, d), dtype=torch.int64, device=device).scatter_reduce(
-        0, block_seg.unsqueeze(1).expand(n_blocks, d), hit * reverse, "amax"
-    )
-    window_start = begin.unsqueeze(1) + (n_blocks - best - block_start.unsqueeze(1)) * _BLOCK  # (S, d)
-    end = (begin + length).unsqueeze(1).unsqueeze(1)
+    count = (length + _BLOCK - 1) // _BLOCK  # blocks per segment
+    most = int(count.max())
+    # Block b of segment s is row s * most + b of an (S * most, d) layout; rows past a segment's
+    # blocks stay -inf, so they never win a max (a -inf max ties at the segment's first block).
+    row = seg * most + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
+    blocks = torch.full((S * most, d), float("-inf"), dtype=hidden.dtype, device=device)
+    blocks = blocks.scatter_reduce(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+    values, block = blocks.view(S, most, d).max(1)  # first block holding the max (first NaN's block)
+    window_start = begin.unsqueeze(1) + block * _BLOCK  # (S, d)
+    end = (begin + length).view(S, 1, 1)
     offsets = torch.arange(_BLOCK, device=device).view(1, _BLOCK, 1)
     low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
     first = torch.empty((S, d), dtype=torch.int64, device=device)
     for rows in _row_groups(S, _BLOCK * d):
         pos = window_start[rows].unsqueeze(1) + offsets  # (rows, _BLOCK, d) global token indices
-        inside = pos < end[rows]
         window = hidden.gather(0, pos.clamp(max=N - 1).flatten(0, 1)).view_as(pos)
-        window = torch.where(inside, window, low)
+        window = torch.where(pos < end[rows], window, low)
         first[rows] = window_start[rows] + window.max(1).indices
     empty = (length == 0).unsqueeze(1)
-    return canonical(values), torch.where(empty, -1, first).to(torch.int32)
+    zero = torch.zeros((), dtype=hidden.dtype, device=device)
+    return torch.where(empty, zero, canonical(values)), torch.where(empty, -1, first).to(torch.int32)

@@ -61,12 +61,6 @@ def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor
     return segment_tree_sum(values, cu_seqlens)
 
 
-def _layout(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(segment starts (S,), lengths as Python ints): the host copy the chunked sums need."""
-    begin = cu_seqlens[:-1]
-    return begin, (cu_seqlens[1:] - begin).tolist()
-
-
 def pool_forward(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -95,7 +89,7 @@ def pool_forward(
         modes, stats, hidden.dtype, normalize_eps,
         plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc),
         weighted_sum=weighted,
-        maximum=lambda: segment_max(hidden, *_layout(cu_seqlens), need_indices),
+        maximum=lambda: segment_max(hidden, cu_seqlens, need_indices),
         gather=lambda position: _gather(hidden, position),
     )  # fmt: skip
 
