@@ -74,7 +74,7 @@ def row_tree_sum(values: torch.Tensor, real: torch.Tensor | None, first: torch.T
         h = 1 << level
         x = x + torch.cat([x[:, h:], zero.expand(B, min(h, T))], dim=1)
     if real is None:
-        return x[:, 0]
+        return x[:, 0].contiguous()  # (B,): the launchers index it with stride 1
     return x.gather(1, first.clamp(0, T - 1).long().unsqueeze(1)).squeeze(1)
 
 
