@@ -7,10 +7,10 @@ token count, the first and the last real position of each row (-1 for an empty r
 Batch invariance: a row's output and gradient bits depend only on its own real tokens (values, and
 positions relative to its first real token) and on the arguments that concern it; not on the other
 rows, the batch size, the padding (amount, side, contents), padded vs packed, the thread count or
-the other modes of the call. Sums are built from elementwise ops in a fixed order
-(``fastpool.eager_sums``), maxima are exact and canonical (``fastpool.eager_max``), every other
-step is elementwise per row. No matmul: the sums stay float32 under autocast and whatever the
-matmul precision settings.
+the other modes of the call. A row's sum adds its tokens in an order fixed by the row alone
+(``fastpool.eager_sums``: ``index_add_`` in token order on CPU, fixed lanes and trees elsewhere),
+maxima are exact and canonical (``fastpool.eager_max``), every other step is elementwise per row.
+No matmul: the sums stay float32 under autocast and whatever the matmul precision settings.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def _row_stats(
         last = torch.full((B,), T - 1, dtype=torch.int32, device=device)
         return torch.stack([count, first, last]), T == 0 and B > 0
     if T == 0 or B == 0:
-        return torch.full((3, B), -1, dtype=torch.int32, device=device).index_fill_(
-            0, _ZERO, 0
-        ), T == 0 and B > 0
+        stats = torch.full((3, B), -1, dtype=torch.int32, device=device)
+        stats[0] = 0
+        return stats, T == 0 and B > 0
     flags = real.view(torch.uint8)
     count = flags.sum(1)
     # argmax returns the first of equal maxima: the first real position (0 in an empty row).
@@ -66,9 +66,6 @@ def _row_stats(
     if any_empty:
         stats[1:].masked_fill_((count == 0).unsqueeze(0), -1)
     return stats.to(torch.int32), any_empty
-
-
-_ZERO = torch.zeros(1, dtype=torch.long)
 
 
 def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
