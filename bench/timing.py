@@ -1,27 +1,45 @@
-"""Timers (triton's do_bench on CUDA, torch.utils.benchmark on CPU) and the measured rooflines."""
+"""Timers and the measured rooflines.
+
+CUDA: every case is timed three ways, side by side (``measure_views``):
+- ``median_ms``: per call, L2 flushed before each call, then the device synchronised, then timed
+  with events around the call. The device is idle when the start event is recorded, so the host
+  work of the call (Python, launches) is inside the measurement: unlike ``triton.testing.do_bench``,
+  whose flush kernel keeps the device busy while the host prepares the next call, the flush here
+  cannot hide host time.
+- ``wall_ms``: back-to-back calls timed by the host clock between two synchronisations, host
+  included, L2 warm (what a serving loop sees).
+- ``graph_ms``: the call replayed as a CUDA graph (no host work), when it can be captured.
+CPU: the providers of a case timed in alternation (``measure_interleaved``; on one intra-op thread
+in the thread's CPU time), or one callable with a ``torch.utils.benchmark.Timer`` (``measure``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 import torch
 
-# Inputs under this size may be timed as a replayed CUDA graph (launch overhead removed), on request.
-CUDAGRAPH_MAX_BYTES = 8 * 2**20
 # Roofline buffers: far larger than any L2 (50 MB on H100, 60 MB on H200) so DRAM is what is measured.
 ROOFLINE_BYTES = 2 * 2**30
+# Written before each flushed timing: larger than the L2 of any current GPU.
+FLUSH_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and 20th / 80th percentiles of one callable's time, in milliseconds."""
+    """Median and 20th / 80th percentiles of one callable's time, in milliseconds; on CUDA also the
+    wall-clock and CUDA-graph medians (None where not measured)."""
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     timer: str
+    wall_ms: float | None = None
+    graph_ms: float | None = None
 
 
 def measure(
@@ -34,22 +52,12 @@ def measure(
 ) -> Timing:
     """Time ``fn`` on ``device``. Grad mode is the caller's (wrap in torch.no_grad for forwards).
 
-    CUDA: ``triton.testing.do_bench`` (L2 flushed between runs), or ``do_bench_cudagraph`` when
-    ``cudagraph`` is set; a function that cannot be captured falls back to do_bench. CPU: a
-    ``torch.utils.benchmark.Timer`` with all of torch's threads, as a user's process would run.
+    CUDA: ``measure_views`` (host-inclusive flushed events, wall clock, and the CUDA graph when
+    ``cudagraph`` is set and ``fn`` can be captured). CPU: a ``torch.utils.benchmark.Timer`` with all
+    of torch's threads, as a user's process would run.
     """
     if device.type == "cuda":
-        import triton.testing
-
-        warmup, rep = (5, 25) if quick else (25, 100)
-        if cudagraph:
-            try:
-                q = triton.testing.do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
-                return Timing(*map(float, q), timer="cudagraph")
-            except Exception:  # noqa: BLE001 - capture of some callables (autograd, compile) may fail
-                torch.cuda.synchronize()
-        q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return Timing(*map(float, q), timer="do_bench")
+        return measure_views(fn, quick=quick, cudagraph=cudagraph)
 
     from torch.utils.benchmark import Timer
 
@@ -69,8 +77,6 @@ def measure_interleaved(
     times. On one intra-op thread the clock is the thread's CPU time, else wall time. Grad mode is
     the caller's.
     """
-    import time
-
     # One intra-op thread runs every op on the calling thread: its CPU time is the op's time without
     # the time other processes held the core (what a shared CPU adds). With more threads a blocked
     # sibling stalls each parallel region, so only wall time is meaningful there.
@@ -97,6 +103,56 @@ def measure_interleaved(
         timer = "interleaved thread_time" if clock is time.thread_time else "interleaved wall"
         out[name] = Timing(float(median), float(p20), float(p80), timer=timer)
     return out
+
+
+def measure_views(fn: Callable[[], object], *, quick: bool = False, cudagraph: bool = True) -> Timing:
+    """The three CUDA views of one call (module docstring): flushed host-inclusive events, wall clock,
+    CUDA graph."""
+    reps = 25 if quick else 100
+    for _ in range(3):
+        fn()  # compile, allocate, warm the caches of the launch path
+    torch.cuda.synchronize()
+    flushed = np.asarray(flushed_event_times(fn, reps))
+    wall = wall_clock_times(fn, 5 if quick else 15, 10)
+    graph = None
+    if cudagraph:
+        try:
+            import triton.testing
+
+            graph = float(triton.testing.do_bench_cudagraph(fn, rep=reps, quantiles=[0.5])[0])
+        except Exception:  # noqa: BLE001 - capture of some callables (autograd, compile) may fail
+            torch.cuda.synchronize()
+    p20, p50, p80 = np.percentile(flushed, [20, 50, 80])
+    return Timing(float(p50), float(p20), float(p80), "events+sync", float(np.median(wall)), graph)
+
+
+def flushed_event_times(fn: Callable[[], object], reps: int) -> list[float]:
+    """ms per call: flush L2, synchronise, then events around the call. The start event is recorded on
+    an idle device, so the call's host time counts."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def wall_clock_times(fn: Callable[[], object], samples: int, calls: int) -> list[float]:
+    """ms per call of ``calls`` back-to-back calls between two synchronisations (host included)."""
+    times = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - begin) * 1e3 / calls)
+    return times
 
 
 def measure_rooflines(device: torch.device, quick: bool = False) -> dict[str, tuple[Timing, int]]:

@@ -3,18 +3,19 @@
 Compiles for real NVIDIA targets without a GPU (``triton.compile`` + ``GPUTarget``), then reads
 registers, stack and local memory from the cubin with the ``cuobjdump`` that ships with Triton.
 A specialization is one kernel with one set of constexprs and argument types: hidden dtype, mask
-integer width, the MASK_BITS argument type, the mode flags, user weights, padded or packed, and
-the block sizes from ``fastpool.launchers`` (fixed per dtype). Each is compiled in two layouts:
-"contiguous" (unit feature stride and 16-divisible row strides, what Triton specializes for
-ordinary tensors) and "strided" (no stride assumptions).
+integer width, the MASK_BITS argument type, the mode flags (max with or without positions), user
+weights, padded or packed, and the block sizes from ``fastpool.launch`` (fixed per dtype: the chunk,
+the lanes, the feature block, the pipelining depth). Each is compiled in two layouts: "contiguous"
+(unit feature stride and 16-divisible row strides, what Triton specializes for ordinary tensors)
+and "strided" (no stride assumptions). How many programs share a row, the normalisation and the
+mode columns are runtime arguments of one compiled kernel.
 
 Every constexpr path of every kernel is compiled for every hidden dtype. Arguments that change a
 single load are sampled rather than crossed with everything: the wider mask widths (int16/32/64,
-float64 bits) with two mode mixes, the strided layout (bf16, fp32, fp64) with every mix without a
-mask and three with the byte mask, user weights in hidden's dtype, the packed combine for the
-mixes whose fold differs.
+float64 bits) and the strided layout with three mode mixes, user weights in hidden's dtype.
 
-Run ``python -m fastpool.aot --arch 80 90`` (must not run under ``TRITON_INTERPRET=1``).
+Run ``python -m fastpool.aot --arch 80 90`` (must not run under ``TRITON_INTERPRET=1``);
+``--sass`` adds, for the contiguous bf16 forward, what the hot loop's loads look like in SASS.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from . import launchers
+from . import launch
 
 HIDDEN_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 # (mask pointer type, MASK_BITS type) as the launcher produces them: masks are viewed as signed
@@ -46,17 +47,25 @@ LAYOUTS = ("contiguous", "strided")
 # The mask width only changes the mask loads; the strided layout (hidden without unit feature
 # stride) is compiled with these mask kinds, the contiguous one with all of them.
 STRIDED_MASK_KINDS = ("none", "i8")
-# (DO_MEAN, DO_MAX, DO_WEIGHTED) of kernels with a loop over T; weighted implies mean (the launcher
-# keeps the plain sum for the T-split fold).
-LOOP_VARIANTS = (
-    (True, False, False), (False, True, False), (True, True, False), (True, False, True), (True, True, True),
-)  # fmt: skip
-# (DO_MEAN, DO_MAX) of weighted_mean with user weights (HAS_WEIGHTS), which needs no plain sum. User
-# weights are compiled in hidden's dtype and with the mask kinds of STRIDED_MASK_KINDS: the mask
-# width and the weights' dtype only change one load each.
-USER_WEIGHT_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
-# Pointer arguments of the packed work list, passed as placeholders to padded launches.
-UNUSED_WORK_LIST = {"cu_seqlens_ptr": "*i32", "chunk_seg_ptr": "*i32", "chunk_start_ptr": "*i32"}
+# (DO_MEAN, DO_MAX, TRACK_POS, DO_WEIGHTED, HAS_WEIGHTS) of the forward: every mode mix the launcher
+# can ask for. Rank weights imply the plain sum (the chunk fold shifts ranks with it); user weights
+# do not; max comes with positions (indices or a gradient wanted) or values only.
+FORWARD_VARIANTS = (
+    (False, False, False, False, False),  # cls / last only
+    (True, False, False, False, False),  # mean, mean_sqrt_len
+    (False, True, False, False, False),  # max, values only (inference)
+    (False, True, True, False, False),  # max with positions
+    (True, True, False, False, False),
+    (True, True, True, False, False),
+    (True, False, False, True, False),  # rank-weighted mean
+    (True, True, True, True, False),
+    (False, False, False, True, True),  # user weights
+    (True, False, False, True, True),
+    (False, True, True, True, True),
+    (True, True, True, True, True),
+)
+# Mixes compiled for the wider mask kinds and the strided layout: the lightest and the heaviest.
+SAMPLED_VARIANTS = (FORWARD_VARIANTS[1], FORWARD_VARIANTS[7], FORWARD_VARIANTS[11])
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class Specialization:
     types: dict = field(hash=False)
     constexprs: dict = field(hash=False)
     divisible: tuple = ()
-    num_warps: int = launchers.NUM_WARPS
+    num_warps: int = launch.NUM_WARPS
+    maxnreg: int | None = None
 
 
 def _kernel(name: str):
@@ -76,9 +86,9 @@ def _kernel(name: str):
 
     return {
         "pool_forward_kernel": pool_forward.pool_forward_kernel,
-        "pool_combine_kernel": pool_forward.pool_combine_kernel,
         "pool_backward_kernel": pool_backward.pool_backward_kernel,
         "packed_backward_kernel": pool_backward.packed_backward_kernel,
+        "weights_backward_kernel": pool_backward.weights_backward_kernel,
     }[name]
 
 
@@ -86,206 +96,131 @@ def _acc(dtype: str) -> str:
     return "fp64" if dtype == "fp64" else "fp32"
 
 
+def _flags(variant: tuple) -> str:
+    do_mean, do_max, track, do_weighted, has_weights = variant
+    return (
+        f"mean={int(do_mean)} max={int(do_max)} pos={int(track)} weighted={int(do_weighted)} "
+        f"user_weights={int(has_weights)}"
+    )
+
+
+def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32"):
+    """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type)."""
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    do_mean, do_max, track, do_weighted, has_weights = variant
+    contiguous = layout == "contiguous"
+    mask_ty, bits_ty = MASK_KINDS[mask_name]
+    has_mask = mask_name != "none"
+    types = {
+        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
+        "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
+        "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+        "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
+        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
+        "norm_ptr": f"*{acc}", "rowbuf_ptr": f"*{acc}", "epoch": "i64", "normalize_eps": "fp32",
+        "MASK_BITS": bits_ty,
+    }  # fmt: skip
+    constexprs = {
+        "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "TRACK_POS": track,
+        "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": packed, "ACC_DTYPE": acc,
+        "LANES": launch.LANES, "BLOCK_D": launch.feature_block(size), "CHUNK": launch.CHUNK,
+        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES,
+        **({"stride_hd": 1} if contiguous else {}), **({"stride_mt": 1} if contiguous and has_mask else {}),
+    }  # fmt: skip
+    divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
+    where = f"packed offsets={offsets[1:]}" if packed else f"mask={mask_name}"
+    label = f"fwd {dtype} {where} {_flags(variant)} {layout}"
+    maxnreg = launch.forward_max_registers(track, do_weighted)
+    return Specialization("pool_forward_kernel", label, types, constexprs, divisible, maxnreg=maxnreg)
+
+
+def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Specialization:
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    contiguous = layout == "contiguous"
+    mask_ty, bits_ty = MASK_KINDS[mask_name]
+    has_mask = mask_name != "none"
+    types = {
+        "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32", "stats_ptr": "*i32",
+        "prefix_ptr": "*i32", "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
+        "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
+    }  # fmt: skip
+    constexprs = {
+        "HAS_MASK": has_mask, "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "CHUNK": launch.CHUNK,
+        "BLOCK_T": launch.token_block(size), "BLOCK_D": launch.feature_block(size),
+        **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
+        **({"stride_mt": 1} if contiguous and has_mask else {}),
+    }  # fmt: skip
+    divisible = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
+    label = f"bwd {dtype} mask={mask_name} user_weights={int(has_weights)} {layout}"
+    return Specialization("pool_backward_kernel", label, types, constexprs, divisible)
+
+
+def _packed_backward(dtype: str, offsets: str, has_weights: bool, layout: str) -> Specialization:
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    contiguous = layout == "contiguous"
+    types = {
+        "grad_out_ptr": f"*{dtype}", "cu_seqlens_ptr": offsets, "argmax_ptr": "*i32", "stats_ptr": "*i32",
+        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}", "grad_ptr": f"*{dtype}",
+    }  # fmt: skip
+    constexprs = {
+        "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "CHUNK": launch.CHUNK,
+        "BLOCK_T": launch.token_block(size), "BLOCK_D": launch.feature_block(size),
+        **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
+    }  # fmt: skip
+    divisible = ("d", "stride_gob", "stride_gt") if contiguous else ()
+    label = f"packed-bwd {dtype} offsets={offsets[1:]} user_weights={int(has_weights)} {layout}"
+    return Specialization("packed_backward_kernel", label, types, constexprs, divisible)
+
+
+def _weights_backward(dtype: str, mask_name: str, packed: bool, layout: str) -> Specialization:
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    contiguous = layout == "contiguous"
+    mask_ty, bits_ty = MASK_KINDS[mask_name]
+    types = {
+        "grad_block_ptr": f"*{dtype}", "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "wsum_ptr": f"*{acc}",
+        "wmean_ptr": f"*{acc}", "grad_ptr": f"*{dtype}", "cu_seqlens_ptr": "*i32" if packed else "*i32",
+        "MASK_BITS": bits_ty,
+    }  # fmt: skip
+    constexprs = {
+        "HAS_MASK": mask_name != "none", "PACKED": packed, "ACC_DTYPE": acc,
+        "BLOCK_T": launch.token_block(size), "BLOCK_D": launch.feature_block(size),
+        **({"stride_hd": 1} if contiguous else {}),
+    }  # fmt: skip
+    divisible = ("d", "stride_ht") if contiguous else ()
+    where = "packed" if packed else f"mask={mask_name}"
+    label = f"weights-bwd {dtype} {where} {layout}"
+    return Specialization("weights_backward_kernel", label, types, constexprs, divisible)
+
+
 def specializations() -> list[Specialization]:
-    """Every (kernel, dtype, mask kind, modes, layout) the launchers can launch (T-splits are runtime)."""
+    """Every (kernel, dtype, mask kind, modes, layout) the launchers can launch. The parallelism of a
+    launch (programs per row), the normalisation and the mode columns are runtime arguments."""
     specs: list[Specialization] = []
-    for dtype, size in HIDDEN_DTYPES.items():
-        acc = _acc(dtype)
-        block_d = launchers.feature_block(size)
+    for dtype in HIDDEN_DTYPES:
         for layout in LAYOUTS:
             contiguous = layout == "contiguous"
             if not contiguous and dtype == "fp16":
                 continue  # bf16 covers the strided addressing of 2-byte elements, same block sizes
-            fixed_h = {"stride_hd": 1} if contiguous else {}
-            div_h = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
-            for mask_name, (mask_ty, bits_ty) in MASK_KINDS.items():
+            for mask_name in MASK_KINDS:
                 if not contiguous and mask_name not in STRIDED_MASK_KINDS:
                     continue
-                has_mask = mask_name != "none"
-                fixed_m = {"stride_mt": 1} if (contiguous and has_mask) else {}
-                variants = [(*v, False) for v in LOOP_VARIANTS + ((False, False, False),)]
-                if mask_name in STRIDED_MASK_KINDS:
-                    variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
-                else:
-                    # Wider masks change one load: compiled for the lightest and the heaviest mix.
-                    variants = [(True, False, False, False), (True, True, True, False)]
-                if not contiguous and has_mask:  # the mode mixes are covered without a mask
-                    variants = [
-                        (True, False, False, False),
-                        (True, True, True, False),
-                        (False, False, True, True),
-                    ]
-                for do_mean, do_max, do_weighted, has_weights in variants:
-                    weights_ty = f"*{dtype}" if has_weights else f"*{acc}"
-                    types = {
-                        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}",
-                        "argmax_ptr": "*i32", "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}",
-                        "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32", "part_stats_ptr": "*i32",
-                        "part_wsum_ptr": f"*{acc}", "weights_ptr": weights_ty, "wsum_ptr": f"*{acc}",
-                        **UNUSED_WORK_LIST, "MASK_BITS": bits_ty,
-                    }  # fmt: skip
-                    constexprs = {
-                        "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max,
-                        "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": False,
-                        "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size, do_max or do_weighted),
-                        "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h, **fixed_m,
-                    }  # fmt: skip
-                    label = (
-                        f"fwd {dtype} mask={mask_name} mean={int(do_mean)} max={int(do_max)} "
-                        f"weighted={int(do_weighted)} user_weights={int(has_weights)} {layout}"
-                    )
-                    specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
+                full = contiguous and mask_name in STRIDED_MASK_KINDS
+                for variant in FORWARD_VARIANTS if full else SAMPLED_VARIANTS:
+                    specs.append(_forward(dtype, mask_name, variant, layout, packed=False))
                 for has_weights in (False, True) if mask_name in STRIDED_MASK_KINDS else (False,):
-                    types = {
-                        "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
-                        "stats_ptr": "*i32", "ranks_ptr": "*i32",
-                        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
-                        "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
-                    }  # fmt: skip
-                    constexprs = {
-                        "HAS_MASK": has_mask, "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc,
-                        "BLOCK_T": launchers.token_block(size), "BLOCK_D": block_d,
-                        **({"stride_god": 1, "stride_gd": 1} if contiguous else {}), **fixed_m,
-                    }  # fmt: skip
-                    div_g = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
-                    label = f"bwd {dtype} mask={mask_name} user_weights={int(has_weights)} {layout}"
-                    specs.append(Specialization("pool_backward_kernel", label, types, constexprs, div_g))
-            combine_variants = [(*v, False) for v in LOOP_VARIANTS]
-            combine_variants += [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
-            if not contiguous:  # only the first/last-token gather addresses hidden
-                combine_variants = [(True, True, True, False), (False, True, True, True)]
-            for do_mean, do_max, do_weighted, has_weights in combine_variants:
-                types = {
-                    "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
-                    "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
-                    "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
-                    "wsum_ptr": f"*{acc}", "chunk_start_ptr": "*i32",
-                }  # fmt: skip
-                constexprs = {
-                    "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
-                    "HAS_WEIGHTS": has_weights, "PACKED": False, "ACC_DTYPE": acc, "BLOCK_D": block_d,
-                    **fixed_h,
-                }  # fmt: skip
-                flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
-                label = f"combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
-                specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
-            specs += _packed_specializations(dtype, size, layout)
-        specs += _normalized_row_specializations(dtype, size)
-    return specs
-
-
-def _normalized_row_specializations(dtype: str, size: int) -> list[Specialization]:
-    """The widened feature blocks of the fused L2 normalisation (one program per output row, up to
-    MAX_NORMALIZED_ROW_BYTES), contiguous, for the lightest and the heaviest mode mix."""
-    acc = _acc(dtype)
-    specs = []
-    block_d = launchers.feature_block(size) * 2
-    while size < 8 and block_d * size <= launchers.MAX_NORMALIZED_ROW_BYTES:
-        for mask_name, do_max in (("none", False), ("i8", True)):
-            mask_ty, bits_ty = MASK_KINDS[mask_name]
-            config = launchers.forward_config(1, 1, block_d, size, True, do_max, 132, block_d)
-            types = {
-                "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
-                "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
-                "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
-                "weights_ptr": f"*{acc}", "wsum_ptr": f"*{acc}", "norm_ptr": f"*{acc}", **UNUSED_WORK_LIST,
-                "normalize_eps": "fp32", "MASK_BITS": bits_ty,
-            }  # fmt: skip
-            constexprs = {
-                "HAS_MASK": mask_name != "none", "DO_MEAN": True, "DO_MAX": do_max, "DO_WEIGHTED": do_max,
-                "HAS_WEIGHTS": False, "PACKED": False, "ACC_DTYPE": acc, "BLOCK_T": config.block_t,
-                "BLOCK_D": block_d, "SCAN_BLOCK": launchers.SCAN_BLOCK, "stride_hd": 1,
-                **({"stride_mt": 1} if mask_name != "none" else {}),
-            }  # fmt: skip
-            div = ("d", "stride_hb", "stride_ht", "stride_ob")
-            label = f"fwd-normalized {dtype} block_d={block_d} mask={mask_name} max={int(do_max)} contiguous"
-            specs.append(
-                Specialization(
-                    "pool_forward_kernel", label, types, constexprs, div, num_warps=config.num_warps
-                )
-            )
-        types = {
-            "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "stats_ptr": "*i32",
-            "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
-            "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}", "wsum_ptr": f"*{acc}",
-            "chunk_start_ptr": "*i32", "norm_ptr": f"*{acc}", "normalize_eps": "fp32",
-        }  # fmt: skip
-        constexprs = {
-            "DO_MEAN": True, "DO_MAX": True, "DO_WEIGHTED": True, "HAS_WEIGHTS": False, "PACKED": False,
-            "ACC_DTYPE": acc, "BLOCK_D": block_d, "stride_hd": 1,
-        }  # fmt: skip
-        label = f"combine-normalized {dtype} block_d={block_d} contiguous"
-        warps = launchers.forward_warps(block_d, size)
-        specs.append(
-            Specialization(
-                "pool_combine_kernel", label, types, constexprs, ("d", "stride_ob"), num_warps=warps
-            )
-        )
-        block_d *= 2
-    return specs
-
-
-def _packed_specializations(dtype: str, size: int, layout: str) -> list[Specialization]:
-    """The packed launches (no mask; offsets int32 or int64). The strided layout only changes
-    hidden's addressing: it is compiled for a few mode mixes, the combine only contiguous."""
-    acc = _acc(dtype)
-    block_d = launchers.feature_block(size)
-    contiguous = layout == "contiguous"
-    fixed_h = {"stride_hd": 1} if contiguous else {}
-    div_h = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()  # stride_hb is 0
-    loops = [(*v, False) for v in LOOP_VARIANTS] + [(m, x, True, True) for m, x in USER_WEIGHT_VARIANTS]
-    if not contiguous:
-        loops = [(True, False, False, False), (False, True, False, False), (True, True, True, True)]
-    specs = []
-    for i, (do_mean, do_max, do_weighted, has_weights) in enumerate(loops):
-        offsets_ty = "*i64" if i % 2 else "*i32"
-        types = {
-            "hidden_ptr": f"*{dtype}", "mask_ptr": "*i32", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
-            "stats_ptr": "*i32", "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
-            "part_pos_ptr": "*i32", "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}",
-            "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
-            "cu_seqlens_ptr": offsets_ty, "chunk_seg_ptr": "*i32", "chunk_start_ptr": "*i32",
-        }  # fmt: skip
-        constexprs = {
-            "HAS_MASK": False, "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
-            "HAS_WEIGHTS": has_weights, "PACKED": True, "ACC_DTYPE": acc,
-            "BLOCK_T": launchers.token_block(size, do_max or do_weighted), "BLOCK_D": block_d,
-            "SCAN_BLOCK": launchers.SCAN_BLOCK, **fixed_h,
-        }  # fmt: skip
-        flags = f"mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)}"
-        label = (
-            f"packed-fwd {dtype} offsets={offsets_ty[1:]} {flags} user_weights={int(has_weights)} {layout}"
-        )
-        specs.append(Specialization("pool_forward_kernel", label, types, constexprs, div_h))
-        if contiguous and (do_max or has_weights):  # the fold itself is the padded one's
-            types = {
-                "hidden_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "stats_ptr": "*i32",
-                "part_sum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
-                "part_stats_ptr": "*i32", "part_wsum_ptr": f"*{acc}", "wsum_ptr": f"*{acc}",
-                "chunk_start_ptr": "*i32",
-            }  # fmt: skip
-            constexprs = {
-                "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted,
-                "HAS_WEIGHTS": has_weights, "PACKED": True, "ACC_DTYPE": acc, "BLOCK_D": block_d,
-                **fixed_h,
-            }  # fmt: skip
-            label = f"packed-combine {dtype} {flags} user_weights={int(has_weights)} {layout}"
-            specs.append(Specialization("pool_combine_kernel", label, types, constexprs, div_h))
-    for has_weights in (False, True):
-        offsets_ty = "*i64" if has_weights else "*i32"
-        types = {
-            "grad_out_ptr": f"*{dtype}", "cu_seqlens_ptr": offsets_ty, "chunk_seg_ptr": "*i32",
-            "chunk_start_ptr": "*i32", "argmax_ptr": "*i32", "stats_ptr": "*i32",
-            "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
-            "grad_ptr": f"*{dtype}",
-        }  # fmt: skip
-        constexprs = {
-            "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "BLOCK_T": launchers.token_block(size),
-            "BLOCK_D": block_d, **({"stride_god": 1, "stride_gd": 1} if contiguous else {}),
-        }  # fmt: skip
-        div_g = ("d", "stride_gob", "stride_gt") if contiguous else ()
-        label = f"packed-bwd {dtype} offsets={offsets_ty[1:]} user_weights={int(has_weights)} {layout}"
-        specs.append(Specialization("packed_backward_kernel", label, types, constexprs, div_g))
+                    specs.append(_backward(dtype, mask_name, has_weights, layout))
+            for i, variant in enumerate(FORWARD_VARIANTS if contiguous else SAMPLED_VARIANTS):
+                offsets = "*i64" if i % 2 else "*i32"
+                specs.append(_forward(dtype, "none", variant, layout, packed=True, offsets=offsets))
+            for has_weights in (False, True):
+                specs.append(_packed_backward(dtype, "*i64" if has_weights else "*i32", has_weights, layout))
+            for mask_name in ("none", "i8"):
+                specs.append(_weights_backward(dtype, mask_name, False, layout))
+            specs.append(_weights_backward(dtype, "none", True, layout))
     return specs
 
 
@@ -295,8 +230,9 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 
 
-def compile_one(spec: Specialization, arch: int) -> dict:
-    """Compile ``spec`` for sm_<arch>; returns registers, stack and local bytes (or the error)."""
+def compile_one(spec: Specialization, arch: int, sass: bool = False) -> dict:
+    """Compile ``spec`` for sm_<arch>; returns registers, stack and local bytes (or the error), and with
+    ``sass`` what the loads of its innermost loops look like (``loop_loads``)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -305,9 +241,6 @@ def compile_one(spec: Specialization, arch: int) -> dict:
     fn = _kernel(spec.kernel)
     names = fn.arg_names
     signature, constexprs = {}, {}
-    # Arguments every forward launch passes the same way: the norms output (a placeholder of the
-    # accumulation dtype when not normalising) and the float normalisation floor.
-    defaults = {"norm_ptr": "*" + spec.constexprs.get("ACC_DTYPE", "fp32"), "normalize_eps": "fp32"}
     for name in names:
         if name in spec.constexprs:
             value = spec.constexprs[name]
@@ -318,15 +251,16 @@ def compile_one(spec: Specialization, arch: int) -> dict:
         elif name in spec.types:
             signature[name] = spec.types[name]
         else:
-            signature[name] = defaults.get(name, "i32")
+            signature[name] = "i32"
     pointer_args = [n for n in names if signature[n].startswith("*")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointer_args, *spec.divisible)}
     result = {"label": spec.label, "arch": arch}
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps}
-        )
+        options = {"num_warps": spec.num_warps}
+        if spec.maxnreg is not None:
+            options["maxnreg"] = spec.maxnreg
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # noqa: BLE001 - reported per specialization
         result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return result
@@ -336,11 +270,44 @@ def compile_one(spec: Specialization, arch: int) -> dict:
         usage = subprocess.run(
             [_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True
         )
+        if sass:
+            listing = subprocess.run(
+                [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True
+            )
+            result["loop_loads"] = loop_loads(listing.stdout)
     for key in ("REG", "STACK", "LOCAL"):
         match = re.search(rf"\b{key}:(\d+)", usage.stdout)
         result[key.lower()] = int(match.group(1)) if match else -1
     result["vector_loads"] = compiled.asm["ptx"].count("ld.global.v")
+    result["shared"] = compiled.metadata.shared
     return result
+
+
+def loop_loads(sass: str) -> list[dict]:
+    """The global loads of each innermost loop of a SASS listing: async copies (LDGSTS, cp.async) and
+    direct loads (LDG) by width, and the copy groups waited on (DEPBAR), in program order."""
+    code = []
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if match:
+            code.append((int(match.group(1), 16), match.group(2)))
+    loops = []
+    for address, text in code:
+        branch = re.search(r"\bBRA\b.*0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    report = []
+    for begin, end in inner:
+        body = [text for address, text in code if begin <= address <= end]
+        counts: dict[str, int] = {}
+        for text in body:
+            op = re.search(r"\b(LDGSTS\S*|LDG\S*|DEPBAR\S*)", text)
+            if op:
+                counts[op.group(1)] = counts.get(op.group(1), 0) + 1
+        if any(k.startswith("LDG") for k in counts):
+            report.append({"range": f"{begin:#x}-{end:#x}", **counts})
+    return report
 
 
 def _compile_packed(job):
@@ -355,20 +322,56 @@ def compile_all(archs: list[int], workers: int | None = None) -> list[dict]:
         return list(pool.map(_compile_packed, jobs, chunksize=4))
 
 
+# The forward variants whose hot loop the --sass report shows (contiguous bf16, byte mask).
+SASS_REPORT = (
+    "fwd bf16 mask=i8 mean=1 max=0 pos=0 weighted=0 user_weights=0 contiguous",
+    "fwd bf16 mask=i8 mean=0 max=1 pos=0 weighted=0 user_weights=0 contiguous",
+    "fwd bf16 mask=i8 mean=1 max=1 pos=1 weighted=0 user_weights=0 contiguous",
+)
+
+
+def sass_report(arch: int) -> list[str]:
+    """Lines describing the loads of the forward's token loops (dense: async copies; with holes:
+    predicated loads), with the bytes each thread keeps in flight in the dense loop."""
+    lines = []
+    threads = 32 * launch.NUM_WARPS
+    tile = launch.LANES * launch.ROW_BYTES  # bytes of hidden per loop iteration (one program)
+    in_flight = (launch.NUM_STAGES - 1) * tile // threads
+    for spec in specializations():
+        if spec.label not in SASS_REPORT:
+            continue
+        r = compile_one(spec, arch, sass=True)
+        loops = "; ".join(
+            f"{loop['range']}: " + ", ".join(f"{k} x{v}" for k, v in loop.items() if k != "range")
+            for loop in r.get("loop_loads", [])
+        )
+        lines.append(
+            f"sm_{arch} {spec.label}: regs={r.get('reg')} shared={r.get('shared')} B; tile {tile} B per "
+            f"iteration, {launch.NUM_STAGES} stages: {in_flight} B in flight per thread in the dense loop; "
+            f"innermost loops with global loads: {loops}"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--sass", action="store_true", help="report the forward's hot-loop loads")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastpool.aot: unset TRITON_INTERPRET to compile for GPUs", file=sys.stderr)
         return 2
+    if args.sass:
+        for arch in args.arch:
+            print("\n".join(sass_report(arch)))
+        return 0
     results = compile_all(args.arch, args.workers)
     bad = [r for r in results if "error" in r or r["stack"] or r["local"]]
     for r in results:
-        status = (
-            r.get("error")
-            or f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']}"
+        status = r.get("error") or (
+            f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']} "
+            f"shared={r['shared']}"
         )
         print(f"sm_{r['arch']} {r['label']}: {status}")
     print(f"{len(results) - len(bad)} compiled without spills, {len(bad)} failed")

@@ -100,7 +100,8 @@ def _pool(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     normalize_eps: float = -1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_indices: bool = False,
+) -> tuple[torch.Tensor, ...]:
     joined = ",".join(modes)
     packed = cu_seqlens is not None or (isinstance(hidden, torch.Tensor) and hidden.is_nested)
     if not packed:
@@ -108,7 +109,8 @@ def _pool(
             raise ValueError(f"max_seqlen: expected None without cu_seqlens, got {max_seqlen!r}")
         _validate(hidden, mask)
         _validate_weights(hidden, weights, modes)
-        return ops.pool_forward(hidden, mask, weights, joined, resolve_backend(hidden.device), normalize_eps)
+        backend = resolve_backend(hidden.device)
+        return ops.pool_forward(hidden, mask, weights, joined, backend, normalize_eps, return_indices)
     if weights is not None and "weighted_mean" not in modes:
         raise ValueError(f"weights: expected mode 'weighted_mean' among the modes, got {list(modes)}")
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
@@ -116,7 +118,7 @@ def _pool(
     batch = validate_packed(hidden, mask, cu_seqlens, max_seqlen, weights, backend)
     return ops.packed_pool_forward(
         batch.hidden, batch.cu_seqlens, batch.weights, joined, backend, batch.max_seqlen, normalize_eps,
-        batch.check_offsets,
+        batch.check_offsets, return_indices,
     )  # fmt: skip
 
 
@@ -217,7 +219,7 @@ def max_pool(
     Returns values, or ``(values, indices)`` with indices (B, d) int64 positions along T when
     ``return_indices`` is True (global token indices into N for a packed batch).
     """
-    values, argmax, _, _ = _pool(hidden, mask, ("max",), None, cu_seqlens, max_seqlen)
+    values, argmax, *_ = _pool(hidden, mask, ("max",), None, cu_seqlens, max_seqlen, -1.0, return_indices)
     if return_indices:
         return values, argmax.to(torch.int64)
     return values

@@ -12,8 +12,12 @@ redispatch) costs several times the kernel's own time at serving shapes, so eage
 those functions (or straight to the implementation when no gradient is needed), which run the very
 same implementations and backward.
 
-Every forward returns ``(out, argmax, stats, norms)``: norms (B,) is the L2 norm of each output
-row before normalisation when ``normalize_eps >= 0`` (empty otherwise), kept for backward.
+Every forward returns ``(out, argmax, stats, norms, wsum, wmean, prefix)``: norms (B,) is the L2 norm
+of each output row before normalisation when ``normalize_eps >= 0`` (empty otherwise); wsum, wmean
+and prefix are what the Triton backward kernels need (user weights' sums, the un-rounded weighted
+mean, real tokens before each chunk), empty where a mode, the backend or the call does not need them.
+``track_positions=False`` (no indices and no gradient wanted) lets max skip its positions: argmax is
+then (rows, 0).
 """
 
 from __future__ import annotations
@@ -22,34 +26,73 @@ import torch
 from torch.autograd import forward_ad
 
 from . import eager, eager_packed
+from .launch import CHUNK
 
 _BACKENDS = ("triton", "torch")
 
-Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Outputs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]
+
+
+_triton_modules: tuple | None = None
 
 
 def _impl(backend: str, packed: bool = False):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    """The module implementing ``backend`` (padded or packed); triton's launchers import lazily, once."""
+    global _triton_modules
     if backend == "torch":
         return eager_packed if packed else eager
-    from . import launchers, packed_launchers
+    torch._check(backend == "triton", lambda: f"fastpool: unknown backend {backend!r}")
+    if _triton_modules is None:
+        from . import launchers, packed_launchers
 
-    return packed_launchers if packed else launchers
+        _triton_modules = (launchers, packed_launchers)
+    return _triton_modules[1] if packed else _triton_modules[0]
 
 
 def _hint(max_seqlen: int) -> int | None:
     return None if max_seqlen < 0 else max_seqlen
 
 
-def _fake_outputs(hidden: torch.Tensor, rows, d, modes: str, normalize_eps: float) -> Outputs:
+def _fake_outputs(
+    hidden: torch.Tensor,
+    rows,
+    d,
+    T,
+    modes: str,
+    normalize_eps: float,
+    backend: str,
+    has_weights: bool,
+    track_positions: bool,
+    for_backward: bool,
+    has_mask: bool,
+) -> Outputs:
     names = modes.split(",")
+    acc = eager.accumulation_dtype(hidden.dtype)
+    triton = backend == "triton"
     out = hidden.new_empty((rows, len(names) * d))
-    argmax = hidden.new_empty((rows, d if "max" in names else 0), dtype=torch.int32)
+    argmax = hidden.new_empty((rows, d if "max" in names and track_positions else 0), dtype=torch.int32)
     stats = hidden.new_empty((3, rows), dtype=torch.int32)
-    norms = hidden.new_empty(
-        (rows if normalize_eps >= 0 else 0,), dtype=eager.accumulation_dtype(hidden.dtype)
-    )
-    return out, argmax, stats, norms
+    norms = hidden.new_empty((rows if normalize_eps >= 0 else 0,), dtype=acc)
+    wsum = hidden.new_empty((rows if triton and has_weights else 0,), dtype=acc)
+    wmean = hidden.new_empty((rows if triton and has_weights and for_backward else 0, d), dtype=acc)
+    ranks = triton and for_backward and has_mask and "weighted_mean" in names and not has_weights
+    prefix = hidden.new_empty((rows, -(-T // CHUNK) if ranks else 0), dtype=torch.int32)
+    return out, argmax, stats, norms, wsum, wmean, prefix
+
+
+def _with_empty_extras(outputs, rows: int, d: int, track_positions: bool) -> Outputs:
+    """The eager backend's (out, argmax, stats, norms) with the Triton-only outputs left empty (and
+    argmax too when positions were not asked for)."""
+    out, argmax, stats, norms = outputs
+    acc = norms.dtype
+    if not track_positions:
+        argmax = argmax.new_empty((rows, 0))
+    return (
+        out, argmax, stats, norms, out.new_empty((0,), dtype=acc), out.new_empty((0, d), dtype=acc),
+        out.new_empty((rows, 0), dtype=torch.int32),
+    )  # fmt: skip
 
 
 def forward_impl(
@@ -59,9 +102,20 @@ def forward_impl(
     modes: str,
     backend: str,
     normalize_eps: float,
+    track_positions: bool = True,
+    for_backward: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> Outputs:
-    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats, norms)."""
-    return _impl(backend).pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
+    """The forward of ``pool_fwd`` without any dispatch: (out, argmax, stats, norms, wsum, wmean, prefix).
+    ``lean``: only out and argmax will be read (an inference call); ``share_empty``: absent outputs
+    may be shared zero-size tensors (not returned by a custom op)."""
+    if backend == "torch":
+        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
+        return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
+    return _impl(backend).pool_forward(
+        hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
+    )
 
 
 @torch.library.custom_op("fastpool::pool_fwd", mutates_args=())
@@ -72,21 +126,29 @@ def pool_fwd(
     modes: str,
     backend: str,
     normalize_eps: float,
+    track_positions: bool,
+    for_backward: bool,
 ) -> Outputs:
     """Fused masked pooling. hidden (B, T, d); mask (B, T) or None; weights (B, T) float or None
     (weighted_mean's token weights); modes comma-separated, e.g. "mean,max"; normalize_eps >= 0
-    L2-normalises each output row (``x / max(||x||, eps)``), < 0 does not.
+    L2-normalises each output row (``x / max(||x||, eps)``), < 0 does not; track_positions: max keeps
+    its positions; for_backward: also return what the backward needs.
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 when "max" is requested
-    (else (B, 0)), stats (3, B) int32: real-token count, first and last real position (-1 if none),
-    and norms (B,) (or (0,) without normalisation).
+    with track_positions (else (B, 0)), stats (3, B) int32: real-token count, first and last real
+    position (-1 if none), norms (B,) (or (0,) without normalisation), and the Triton backward's
+    wsum, wmean, prefix (see ``launchers.pool_forward``; empty on the torch backend).
     """
-    return forward_impl(hidden, mask, weights, modes, backend, normalize_eps)
+    return forward_impl(hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward)
 
 
 @pool_fwd.register_fake
-def _pool_fwd_fake(hidden, mask, weights, modes, backend, normalize_eps):
-    return _fake_outputs(hidden, hidden.shape[0], hidden.shape[2], modes, normalize_eps)
+def _pool_fwd_fake(hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward):
+    B, T, d = hidden.shape
+    return _fake_outputs(
+        hidden, B, d, T, modes, normalize_eps, backend, weights is not None, track_positions, for_backward,
+        mask is not None,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("fastpool::pool_bwd", mutates_args=())
@@ -96,6 +158,8 @@ def pool_bwd(
     weights: torch.Tensor | None,
     argmax: torch.Tensor,
     stats: torch.Tensor,
+    wsum: torch.Tensor,
+    prefix: torch.Tensor,
     T: int,
     dtype: torch.dtype,
     modes: str,
@@ -103,13 +167,51 @@ def pool_bwd(
 ) -> torch.Tensor:
     """Gradient of hidden, (B, T, d) in ``dtype``, from grad_out (B, len(modes) * d) of the
     un-normalised output."""
-    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes.split(","), weights)
+    return _pool_backward_impl(grad_out, mask, weights, argmax, stats, wsum, prefix, T, dtype, modes, backend)
+
+
+def _pool_backward_impl(grad_out, mask, weights, argmax, stats, wsum, prefix, T, dtype, modes, backend):
+    names = modes.split(",")
+    if backend == "torch":
+        return eager.pool_backward(grad_out, mask, argmax, stats, T, dtype, names, weights)
+    return _impl(backend).pool_backward(grad_out, mask, argmax, stats, T, dtype, modes, weights, wsum, prefix)
 
 
 @pool_bwd.register_fake
-def _pool_bwd_fake(grad_out, mask, weights, argmax, stats, T, dtype, modes, backend):
+def _pool_bwd_fake(grad_out, mask, weights, argmax, stats, wsum, prefix, T, dtype, modes, backend):
     B = stats.shape[1]
     return grad_out.new_empty((B, T, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
+
+
+@torch.library.custom_op("fastpool::weights_bwd", mutates_args=())
+def weights_bwd(
+    grad_block: torch.Tensor,
+    hidden: torch.Tensor,
+    layout: torch.Tensor | None,
+    weights: torch.Tensor,
+    wsum: torch.Tensor,
+    wmean: torch.Tensor,
+    packed: bool,
+    backend: str,
+) -> torch.Tensor:
+    """Gradient of weighted_mean's user weights, (B, T) or (N,) in their dtype, from grad_block
+    (rows, d), the gradient of the weighted_mean output. layout: the mask (padded) or cu_seqlens."""
+    return _weights_backward(grad_block, hidden, layout, weights, wsum, wmean, packed, backend)
+
+
+@weights_bwd.register_fake
+def _weights_bwd_fake(grad_block, hidden, layout, weights, wsum, wmean, packed, backend):
+    return torch.empty_like(weights)
+
+
+def _weights_backward(grad_block, hidden, layout, weights, wsum, wmean, packed, backend):
+    if backend == "torch":
+        grad_of_weights = eager_packed.weights_grad if packed else eager.weights_grad
+        return grad_of_weights(grad_block, hidden, layout, weights)
+    from . import launchers, packed_launchers
+
+    launcher = packed_launchers.weights_backward if packed else launchers.weights_backward
+    return launcher(grad_block, hidden, layout, weights, wsum, wmean)
 
 
 def packed_forward_impl(
@@ -119,19 +221,26 @@ def packed_forward_impl(
     modes: str,
     backend: str,
     normalize_eps: float,
+    track_positions: bool,
+    for_backward: bool,
     max_seqlen: int,
     check_offsets: bool = False,
+    lean: bool = False,
+    share_empty: bool = False,
 ) -> Outputs:
-    """The forward of ``packed_pool_fwd`` without any dispatch: (out, argmax, stats, norms)."""
+    """The forward of ``packed_pool_fwd`` without any dispatch (outputs as ``forward_impl``)."""
     if check_offsets:
         from .packed import check_offsets as check
 
         check(cu_seqlens, hidden.shape[0])
-    impl = _impl(backend, packed=True)
     names = modes.split(",")
-    if impl is eager_packed:
-        return impl.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
-    return impl.pool_forward(hidden, cu_seqlens, names, weights, _hint(max_seqlen), normalize_eps)
+    if backend == "torch":
+        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
+        return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
+    return _impl(backend, packed=True).pool_forward(
+        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward, lean,
+        share_empty,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("fastpool::packed_pool_fwd", mutates_args=())
@@ -142,6 +251,8 @@ def packed_pool_fwd(
     modes: str,
     backend: str,
     normalize_eps: float,
+    track_positions: bool,
+    for_backward: bool,
     max_seqlen: int,
     check_offsets: bool,
 ) -> Outputs:
@@ -150,27 +261,34 @@ def packed_pool_fwd(
     check_offsets: check the offsets' values first (when the caller could not, under compile).
 
     Returns out (S, len(modes) * d), argmax (S, d) int32 global token indices (or (S, 0)), stats
-    (3, S) int32: length, first and last token index of each segment (-1 if empty), and norms.
+    (3, S) int32: length, first and last token index of each segment (-1 if empty), norms, and the
+    Triton backward's wsum and wmean (prefix is (S, 0)).
     """
     return packed_forward_impl(
-        hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen, check_offsets
-    )
+        hidden, cu_seqlens, weights, modes, backend, normalize_eps, track_positions, for_backward, max_seqlen,
+        check_offsets,
+    )  # fmt: skip
 
 
 @packed_pool_fwd.register_fake
 def _packed_pool_fwd_fake(
-    hidden, cu_seqlens, weights, modes, backend, normalize_eps, max_seqlen, check_offsets
-):
-    return _fake_outputs(hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], modes, normalize_eps)
+    hidden, cu_seqlens, weights, modes, backend, normalize_eps, track_positions, for_backward, max_seqlen,
+    check_offsets,
+):  # fmt: skip
+    return _fake_outputs(
+        hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], 0, modes, normalize_eps, backend, weights is not None,
+        track_positions, for_backward, False,
+    )  # fmt: skip
 
 
-def _packed_backward_impl(grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen):
-    impl = _impl(backend, packed=True)
+def _packed_backward_impl(
+    grad_out, cu_seqlens, weights, argmax, stats, wsum, N, dtype, modes, backend, max_seqlen
+):  # fmt: skip
     names = modes.split(",")
-    if impl is eager_packed:
-        return impl.pool_backward(grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights)
-    return impl.pool_backward(
-        grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights, _hint(max_seqlen)
+    if backend == "torch":
+        return eager_packed.pool_backward(grad_out, cu_seqlens, argmax, stats, N, dtype, names, weights)
+    return _impl(backend, packed=True).pool_backward(
+        grad_out, cu_seqlens, argmax, stats, N, dtype, modes, weights, _hint(max_seqlen), wsum
     )
 
 
@@ -181,6 +299,7 @@ def packed_pool_bwd(
     weights: torch.Tensor | None,
     argmax: torch.Tensor,
     stats: torch.Tensor,
+    wsum: torch.Tensor,
     N: int,
     dtype: torch.dtype,
     modes: str,
@@ -189,22 +308,24 @@ def packed_pool_bwd(
 ) -> torch.Tensor:
     """Gradient of a packed hidden, (N, d) in ``dtype``, from grad_out (S, len(modes) * d)."""
     return _packed_backward_impl(
-        grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen
+        grad_out, cu_seqlens, weights, argmax, stats, wsum, N, dtype, modes, backend, max_seqlen
     )
 
 
 @packed_pool_bwd.register_fake
-def _packed_pool_bwd_fake(grad_out, cu_seqlens, weights, argmax, stats, N, dtype, modes, backend, max_seqlen):
+def _packed_pool_bwd_fake(
+    grad_out, cu_seqlens, weights, argmax, stats, wsum, N, dtype, modes, backend, max_seqlen
+):
     return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    # Padded: (hidden, mask, weights, modes, backend, normalize_eps); packed: the same with
-    # cu_seqlens in place of the mask, then max_seqlen and check_offsets. Position 1 never takes
-    # a gradient.
-    hidden, layout, weights, modes, backend, normalize_eps, *packed = inputs
+    # Padded: (hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward);
+    # packed: the same with cu_seqlens in place of the mask, then max_seqlen and check_offsets.
+    # Position 1 never takes a gradient.
+    hidden, layout, weights, modes, backend, normalize_eps, _track, _for_backward, *packed = inputs
     ctx.n_inputs = len(inputs)
-    out, argmax, stats, norms = output
+    out, argmax, stats, norms, wsum, wmean, prefix = output
     # The integer outputs never carry gradient: no zero tensors materialised for them.
     ctx.set_materialize_grads(False)
     # hidden is kept only for the gradient of user weights (the hidden gradient never reads it);
@@ -213,7 +334,7 @@ def _setup_context(ctx, inputs, output):
     normalized = normalize_eps >= 0
     ctx.save_for_backward(
         layout, weights, argmax, stats, hidden if weights_need_grad else None,
-        out if normalized else None, norms if normalized else None,
+        out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
     )  # fmt: skip
     ctx.packed = bool(packed)
     ctx.max_seqlen = packed[0] if packed else -1
@@ -238,42 +359,62 @@ def normalize_backward(
     return torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
 
 
-def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats):
-    modes = ctx.modes.split(",")
+def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
+    backend = ctx.backend
     if ctx.direct:
         # create_graph=True needs a differentiable backward: the eager one is built from torch ops
         # (same semantics, any device); the kernel's output has no graph.
-        backend = "torch" if torch.is_grad_enabled() else ctx.backend
+        if torch.is_grad_enabled():
+            backend = "torch"
         if ctx.packed:
             return _packed_backward_impl(
-                grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, backend, ctx.max_seqlen
-            )
-        return _impl(backend).pool_backward(grad_out, layout, argmax, stats, ctx.T, ctx.dtype, modes, weights)
+                grad_out, layout, weights, argmax, stats, wsum, ctx.T, ctx.dtype, ctx.modes, backend,
+                ctx.max_seqlen,
+            )  # fmt: skip
+        return _pool_backward_impl(
+            grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend
+        )
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
         return packed_pool_bwd(
-            grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend, ctx.max_seqlen
+            grad_out,
+            layout,
+            weights,
+            argmax,
+            stats,
+            wsum,
+            ctx.T,
+            ctx.dtype,
+            ctx.modes,
+            backend,
+            ctx.max_seqlen,
         )
-    return pool_bwd(grad_out, layout, weights, argmax, stats, ctx.T, ctx.dtype, ctx.modes, ctx.backend)
+    return pool_bwd(
+        grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend
+    )
 
 
-def _backward(ctx, grad_out, _grad_argmax, _grad_stats, _grad_norms):
-    layout, weights, argmax, stats, hidden, out, norms = ctx.saved_tensors
+def _backward(ctx, grad_out, *_grads_of_other_outputs):
+    layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
+    # Saved forward results are constants of the backward (no gradient flows through them).
+    wsum, wmean = wsum.detach(), wmean.detach()
     grads = [None] * ctx.n_inputs
     if grad_out is None:
         return tuple(grads)
     if ctx.normalize_eps >= 0:
         grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps)
     if ctx.needs_input_grad[0]:
-        grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats)
+        grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix)
     if weights is not None and ctx.needs_input_grad[2]:
-        # A (B, T) or (N,) result from one read of hidden: torch ops on every backend (traceable).
         modes = ctx.modes.split(",")
         d = grad_out.shape[1] // len(modes)
         col = modes.index("weighted_mean") * d
         block = grad_out[:, col : col + d]
-        grad_of_weights = eager_packed.weights_grad if ctx.packed else eager.weights_grad
-        grads[2] = grad_of_weights(block, hidden, layout, weights)
+        if ctx.direct:
+            backend = "torch" if torch.is_grad_enabled() else ctx.backend
+            grads[2] = _weights_backward(block, hidden, layout, weights, wsum, wmean, ctx.packed, backend)
+        else:
+            grads[2] = weights_bwd(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
     return tuple(grads)
 
 
@@ -285,8 +426,8 @@ def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Funct
     """An autograd.Function running ``implementation`` with the ops' own setup_context and backward."""
 
     def forward(ctx, *inputs):
-        output = implementation(*inputs)
-        ctx.mark_non_differentiable(output[1], output[2], output[3])
+        output = implementation(*inputs, share_empty=True)
+        ctx.mark_non_differentiable(*output[1:])
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
         return output
@@ -318,15 +459,18 @@ def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend:
     return (wants_grad and torch.is_grad_enabled()) or dual
 
 
-def _run(op, function, implementation, inputs: tuple) -> Outputs:
+def _run(op, function, implementation, inputs: tuple, return_indices: bool) -> Outputs:
     """The custom op while compiling; else the autograd function when a gradient (or a loud
-    forward-AD failure) is needed; else the implementation itself."""
+    forward-AD failure) is needed; else the implementation itself. Max keeps its positions only
+    when indices are asked for or a gradient may follow."""
     hidden, _, weights, _, backend, *_ = inputs
+    wants = _wants_autograd(hidden, weights, backend)
+    inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
     if torch.compiler.is_compiling():
         return op(*inputs)
-    if _wants_autograd(hidden, weights, backend):
+    if wants:
         return function.apply(*inputs)
-    return implementation(*inputs)
+    return implementation(*inputs, lean=True)
 
 
 def pool_forward(
@@ -336,10 +480,11 @@ def pool_forward(
     modes: str,
     backend: str,
     normalize_eps: float = -1.0,
+    return_indices: bool = False,
 ) -> Outputs:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     inputs = (hidden, mask, weights, modes, backend, float(normalize_eps))
-    return _run(pool_fwd, PoolFunction, forward_impl, inputs)
+    return _run(pool_fwd, PoolFunction, forward_impl, inputs, return_indices)
 
 
 def packed_pool_forward(
@@ -351,7 +496,8 @@ def packed_pool_forward(
     max_seqlen: int,
     normalize_eps: float = -1.0,
     check_offsets: bool = False,
+    return_indices: bool = False,
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
     inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
-    return _run(packed_pool_fwd, PackedPoolFunction, packed_forward_impl, inputs)
+    return _run(packed_pool_fwd, PackedPoolFunction, packed_forward_impl, inputs, return_indices)

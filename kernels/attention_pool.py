@@ -143,4 +143,6 @@ def attention_pool_backward_kernel(
                 mask=t_in[:, None] & d_in[None, :],
             )
         ds = tl.where(p > 0, p * (g_dot_x - g_dot_out), 0.0)
-        tl.store(grad_scores_ptr + (b * T + offs_t) * H + h, ds.to(grad_scores_ptr.dtype.element_ty), mask=t_in)
+        tl.store(
+            grad_scores_ptr + (b * T + offs_t) * H + h, ds.to(grad_scores_ptr.dtype.element_ty), mask=t_in
+        )

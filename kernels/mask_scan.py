@@ -1,6 +1,12 @@
-"""Helpers shared by the pooling kernels: the scan of a mask row and the lane-wise argmax.
+"""Helpers shared by the pooling kernels: mask scans, the fixed chunking of a row, the lane-wise argmax.
 
 These are ``@triton.jit`` device functions only; they are inlined into the kernels that call them.
+
+The chunking is what makes a row's bits independent of the batch: a row is cut into chunks of CHUNK
+positions counted from the row's first real token (whatever the padding before it), each chunk is
+summed in LANES lanes and reduced by a fixed tree, and the chunk sums are folded in chunk order. The
+same function computes the same bits whether one program folds every chunk in registers or the
+chunks are spread over programs whose partials the last one to finish folds.
 """
 
 import triton
@@ -13,47 +19,64 @@ NO_TOKEN = tl.constexpr(2147483647)
 
 
 @triton.jit
-def row_span(
-    mask_ptr,  # (B, T) integer view of the mask (int8/16/32/64), nonzero = real token
-    stride_mb,  # int: mask stride along B (elements)
+def first_real_token(
+    mask_row,  # pointer: the row of the (integer view of the) mask
     stride_mt,  # int: mask stride along T (elements)
     MASK_BITS,  # int: bits that make a mask element nonzero (float masks: all but the sign)
-    row,  # int64 scalar: batch row
-    t_begin,  # int32 scalar: first position to scan
-    t_end,  # int32 scalar: one past the last position to scan
+    T,  # int32: positions in the row
     HAS_MASK: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
 ):
-    """(first, last, count) of the real tokens of ``row`` inside ``[t_begin, t_end)``.
-
-    ``first`` is NO_TOKEN and ``last`` is -1 when the range holds no real token. Only the mask is
-    read (one byte to eight per token), so the span is known before a single hidden element moves:
-    the main loop of a kernel then runs over ``[first, last]`` and never touches the padding outside.
-    """
+    """The first real position of a row, NO_TOKEN when it has none. Stops at the first block holding
+    a real token: right-padded and unpadded rows read one block of the mask."""
+    first = tl.full((), NO_TOKEN, tl.int32)
     if HAS_MASK:
         offs = tl.arange(0, SCAN_BLOCK)
-        first = tl.full((), NO_TOKEN, tl.int32)
-        last = tl.full((), -1, tl.int32)
-        count = tl.full((), 0, tl.int32)
-        row_ptr = mask_ptr + row * stride_mb
-        for t0 in range(t_begin, t_end, SCAN_BLOCK):
+        t0 = tl.full((), 0, tl.int32)
+        while (first == NO_TOKEN) & (t0 < T):
             t = t0 + offs
-            inside = t < t_end
-            m = tl.load(row_ptr + t.to(tl.int64) * stride_mt, mask=inside, other=0)
+            inside = t < T
+            m = tl.load(mask_row + t.to(tl.int64) * stride_mt, mask=inside, other=0)
             real = ((m & MASK_BITS) != 0) & inside
-            count += tl.sum(real.to(tl.int32), axis=0)
-            first = tl.minimum(first, tl.min(tl.where(real, t, NO_TOKEN), axis=0))
-            last = tl.maximum(last, tl.max(tl.where(real, t, -1), axis=0))
+            first = tl.min(tl.where(real, t, NO_TOKEN), axis=0)
+            t0 += SCAN_BLOCK
     else:
-        count = tl.maximum(t_end - t_begin, 0)
-        first = tl.where(count > 0, t_begin, NO_TOKEN)
-        last = tl.where(count > 0, t_end - 1, -1)
+        first = tl.where(T > 0, 0, NO_TOKEN)
+    return first
+
+
+@triton.jit
+def chunk_span(
+    mask_row,  # pointer: the row of the mask
+    stride_mt,
+    MASK_BITS,
+    c_begin,  # int32: first position of the chunk
+    c_end,  # int32: one past its last position (c_end - c_begin <= CHUNK)
+    HAS_MASK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """(first, last, count) of the real tokens of one chunk; first = NO_TOKEN, last = -1 when it has none.
+
+    One vector load of the chunk's mask (CHUNK elements), before any of its hidden states is read.
+    """
+    if HAS_MASK:
+        t = c_begin + tl.arange(0, CHUNK)
+        inside = t < c_end
+        m = tl.load(mask_row + t.to(tl.int64) * stride_mt, mask=inside, other=0)
+        real = ((m & MASK_BITS) != 0) & inside
+        count = tl.sum(real.to(tl.int32), axis=0)
+        first = tl.min(tl.where(real, t, NO_TOKEN), axis=0)
+        last = tl.max(tl.where(real, t, -1), axis=0)
+    else:
+        count = tl.maximum(c_end - c_begin, 0)
+        first = tl.where(count > 0, c_begin, NO_TOKEN)
+        last = tl.where(count > 0, c_end - 1, -1)
     return first, last, count
 
 
 @triton.jit
 def lanes_argmax(values, positions):
-    """Reduce (BLOCK_T, BLOCK_D) per-lane maxima to one (value, position) per column.
+    """Reduce (LANES, BLOCK_D) per-lane maxima to one (value, position) per column.
 
     ``positions`` holds NO_TOKEN in lanes that saw no real token. NaN beats every number (as in
     ``torch.max``); among equal maxima, or among NaNs, the smallest position wins. Returns the value
@@ -65,10 +88,16 @@ def lanes_argmax(values, positions):
     best = tl.max(tl.where(valid & (values == values), values, float("-inf")), axis=0)
     hit = valid & tl.where(has_nan[None, :], is_nan, values == best[None, :])
     position = tl.min(tl.where(hit, positions, NO_TOKEN), axis=0)
-    # When -0.0 and +0.0 tie, the value's sign comes from the reduction, not from the winning lane:
-    # taking the winning lane's value costs one more cross-warp reduction and spilled registers.
     value = tl.where(has_nan, float("nan"), best)
     return value, position
+
+
+@triton.jit
+def lanes_max(values):
+    """(LANES, BLOCK_D) per-lane maxima (-inf where nothing was seen) to one value per column; NaN wins."""
+    has_nan = tl.max((values != values).to(tl.int32), axis=0) > 0
+    best = tl.max(tl.where(values == values, values, float("-inf")), axis=0)
+    return tl.where(has_nan, float("nan"), best)
 
 
 @triton.jit
@@ -93,61 +122,110 @@ def exact_sqrt(x):
 
 
 @triton.jit
-def packed_range(
+def segment_bounds(
     cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
-    chunk_seg_ptr,  # (grid,) int32: segment of each chunk (S for a spare program); chunk_len > 0 only
-    chunk_start_ptr,  # (S + 1,) int32: first chunk of each segment; chunk_len > 0 only
-    chunk,  # int32 scalar: this program's chunk
-    S,
-    N,
-    chunk_len,  # tokens per chunk, 0 when every segment is one chunk (then chunk == segment)
+    seg,  # int32 scalar, < S
+    N,  # int32: tokens
 ):
-    """(segment, t_begin, t_end, seg_begin, n_parts) of one chunk of a packed batch.
+    """(begin, end) of segment ``seg``, clamped into [0, N] with end >= begin, so that malformed offsets
+    (when the launcher was told not to check them) can never address outside hidden."""
+    begin = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg).to(tl.int32), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg + 1).to(tl.int32), begin), N)
+    return begin, end
 
-    n_parts is the number of chunks of the segment: with more than one, the chunk's partial
-    results go through ``pool_combine_kernel``.
 
-    Offsets are clamped into [0, N] and made non-decreasing here, so even malformed offsets (when
-    the launcher was told not to check them) can never address outside hidden. A spare program
-    (beyond the last chunk) gets segment S and an empty range.
-    """
-    if chunk_len > 0:
-        seg = tl.load(chunk_seg_ptr + chunk)
-        seg_c = tl.minimum(seg, S - 1)
-        part0 = tl.load(chunk_start_ptr + seg_c)
-        n_parts = tl.load(chunk_start_ptr + seg_c + 1) - part0
-        j = chunk - part0
-    else:
-        seg = chunk
-        seg_c = chunk
-        n_parts = 1
-        j = 0
-    seg_begin = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c).to(tl.int32), 0), N)
-    seg_end = tl.minimum(tl.maximum(tl.load(cu_seqlens_ptr + seg_c + 1).to(tl.int32), seg_begin), N)
-    if chunk_len > 0:
-        # Differences first: begin + chunk_len could pass 2**31 near the end of a long batch.
-        t_begin = seg_begin + tl.minimum(j * chunk_len, seg_end - seg_begin)
-        t_end = t_begin + tl.minimum(chunk_len, seg_end - t_begin)
-    else:
-        t_begin = seg_begin
-        t_end = seg_end
-    t_end = tl.where(seg < S, t_end, t_begin)
-    return seg, t_begin, t_end, seg_begin, n_parts
+@triton.jit
+def segment_of_token(
+    cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
+    token,  # int32 scalar in [0, N)
+    S,
+    search_steps,  # int32 >= bit length of S
+):
+    """The last segment s with cu_seqlens[s] <= token (binary search; the segment holding ``token`` when
+    the offsets are well formed, some segment in [0, S) otherwise)."""
+    lo = tl.full((), 0, tl.int32)
+    hi = S - 1
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        at = tl.load(cu_seqlens_ptr + tl.minimum(tl.maximum(mid, 0), S)).to(tl.int64)
+        go_up = (lo < hi) & (at <= token)
+        go_down = (lo < hi) & (at > token)
+        lo = tl.where(go_up, mid, lo)
+        hi = tl.where(go_down, mid - 1, hi)
+    return tl.maximum(lo, 0)
 
 
 @triton.jit
 def weight_total(
-    wsum_ptr,  # (rows,) acc dtype: sums of the user weights; HAS_WEIGHTS only
-    row,  # int64 scalar
+    wsum,  # acc dtype scalar: the user weights' sum over the row (HAS_WEIGHTS only)
     count,  # int32 scalar: real tokens of the row
     ACC_DTYPE: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
 ):
-    """The sum of weighted_mean's weights over a row: the user weights' precomputed sum, or the
-    rank weights' 1 + 2 + ... + count in float (exact to count = 5791 in float32, rounded once beyond)."""
+    """The sum of weighted_mean's weights over a row: the user weights' sum, or the rank weights'
+    1 + 2 + ... + count in float (exact to count = 5791 in float32, rounded once beyond)."""
     if HAS_WEIGHTS:
-        total = tl.load(wsum_ptr + row).to(ACC_DTYPE)
+        total = wsum.to(ACC_DTYPE)
     else:
         c = count.to(ACC_DTYPE)
         total = c * (c + 1.0) * 0.5
     return total
+
+
+@triton.jit
+def packed_program(
+    cu_seqlens_ptr,  # (S + 1,) int32/int64 segment offsets
+    q,  # int32: the program's index along grid axis 0
+    S,
+    N,
+    search_steps,  # bit length of S
+    CHUNK: tl.constexpr,
+):
+    """(segment, chunk index, segment begin, segment end) of packed program q.
+
+    Program q < S owns chunk 0 of segment q (even an empty segment: its result is zeros). Program
+    S + p owns the chunk of the segment holding token p * CHUNK that starts in the window
+    [p * CHUNK, (p + 1) * CHUNK), if that chunk is not the segment's first; then chunk >= 1, else the
+    program has nothing to do (chunk == 0 for a window program). Offsets are clamped (see
+    ``segment_bounds``); every quantity stays below N + CHUNK, so nothing overflows int32.
+    """
+    is_window = q >= S
+    seg = q
+    if is_window:
+        seg = segment_of_token(cu_seqlens_ptr, (q - S) * CHUNK, S, search_steps)
+    begin, end = segment_bounds(cu_seqlens_ptr, seg, N)
+    k = tl.full((), 0, tl.int32)
+    if is_window:
+        k = tl.cdiv(tl.maximum((q - S) * CHUNK - begin, 0), CHUNK)
+    return seg, k, begin, end
+
+
+@triton.jit
+def draw_ticket(
+    counter,  # pointer to one int64 counter: (epoch << 32) | arrivals, or 0
+    epoch,  # int64 > 0: this launch's tag
+):
+    """Count one arrival and return how many came before it in this launch (acquire-release).
+
+    A counter left by an earlier launch (tagged with another epoch) counts as 0: a launch that
+    never completed a row (only possible with malformed offsets on the unchecked packed path) can
+    never poison a later one. The last arrival resets the counter to 0 (``release_ticket``), so a
+    replayed CUDA graph, whose epoch never changes, starts from 0 too.
+    """
+    tag = epoch.to(tl.int64) << 32
+    current = tl.atomic_add(counter, 0, sem="relaxed")
+    ticket = tl.full((), 0, tl.int64)
+    done = tl.full((), 0, tl.int32)
+    while done == 0:
+        fresh = (current >> 32) != epoch.to(tl.int64)
+        ticket = tl.where(fresh, 0, current & 0xFFFFFFFF)
+        seen = tl.atomic_cas(counter, current, tag + ticket + 1, sem="acq_rel")
+        done = (seen == current).to(tl.int32)
+        current = seen
+    return ticket
+
+
+@triton.jit
+def release_ticket(counter):
+    """Reset a counter after the last arrival of a launch."""
+    tl.atomic_xchg(counter, tl.full((), 0, tl.int64), sem="relaxed")

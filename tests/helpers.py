@@ -5,21 +5,23 @@ import contextlib
 import pytest
 import torch
 
-from fastpool import launchers
+from fastpool import launch
 
 # Small blocks make interpreter-sized shapes cross several feature blocks, token blocks and
 # T-splits; "default" uses the launcher's own choice.
 KERNEL_CONFIGS = {
     "default": {},
-    "small-blocks": dict(block_t=4, block_d=16, scan_block=8, n_splits=1),
-    "split-T": dict(block_t=4, block_d=16, scan_block=8, n_splits=3),
+    # One program per (row, feature block), folding several chunks in registers.
+    "small-blocks": dict(block_t=4, block_d=16, scan_block=8, chunk=8, lanes=2, chunks_per_program=1 << 20),
+    # One program per chunk: partials folded by the last program of each row (tickets).
+    "split-T": dict(block_t=4, block_d=16, scan_block=8, chunk=8, lanes=2, chunks_per_program=1),
 }
 MASK_KINDS = ("none", "ones", "right", "left", "holes", "empty-row")
 
 
 @contextlib.contextmanager
 def kernel_config(name: str):
-    with launchers.config_override(**KERNEL_CONFIGS[name]):
+    with launch.config_override(**KERNEL_CONFIGS[name]):
         yield
 
 

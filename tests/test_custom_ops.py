@@ -24,13 +24,16 @@ def test_opcheck(device, backend_name, modes, normalize_eps, with_mask):
     hidden = torch.randn(3, 7, 5, generator=gen).to(device).requires_grad_()
     mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
     with kernel_config("small-blocks" if backend_name == "triton" else "default"):
-        fwd_args = (hidden, mask, None, modes, backend_name, normalize_eps)
+        # Without positions (no indices, no gradient wanted): values only, no autograd.
+        no_positions = (hidden.detach(), mask, None, modes, backend_name, normalize_eps, False, False)
+        torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, no_positions)
+        fwd_args = (hidden, mask, None, modes, backend_name, normalize_eps, True, True)
         torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
-        out, argmax, stats, _ = torch.ops.fastpool.pool_fwd(hidden.detach(), *fwd_args[1:])
+        out, argmax, stats, _, wsum, _, prefix = torch.ops.fastpool.pool_fwd(hidden.detach(), *fwd_args[1:])
         grad_out = torch.randn_like(out)
         torch.library.opcheck(
             torch.ops.fastpool.pool_bwd.default,
-            (grad_out, mask, None, argmax, stats, 7, hidden.dtype, modes, backend_name),
+            (grad_out, mask, None, argmax, stats, wsum, prefix, 7, hidden.dtype, modes, backend_name),
         )
 
 
@@ -42,22 +45,30 @@ def test_opcheck_with_user_weights(device, backend_name):
     mask = make_mask("holes", 3, 7, gen).to(device)
     modes = "max,weighted_mean"
     with kernel_config("small-blocks" if backend_name == "triton" else "default"):
-        fwd_args = (hidden, mask, weights, modes, backend_name, 1e-12)
+        fwd_args = (hidden, mask, weights, modes, backend_name, 1e-12, True, True)
         torch.library.opcheck(torch.ops.fastpool.pool_fwd.default, fwd_args)
-        out, argmax, stats, _ = torch.ops.fastpool.pool_fwd(hidden.detach(), *fwd_args[1:])
+        constants = (hidden.detach(), mask, weights.detach(), *fwd_args[3:])
+        out, argmax, stats, _, wsum, wmean, prefix = torch.ops.fastpool.pool_fwd(*constants)
+        grad_out = torch.randn_like(out)
         torch.library.opcheck(
             torch.ops.fastpool.pool_bwd.default,
             (
-                torch.randn_like(out),
+                grad_out,
                 mask,
                 weights.detach(),
                 argmax,
                 stats,
+                wsum,
+                prefix,
                 7,
                 hidden.dtype,
                 modes,
                 backend_name,
             ),
+        )
+        torch.library.opcheck(
+            torch.ops.fastpool.weights_bwd.default,
+            (grad_out[:, 5:], hidden.detach(), mask, weights.detach(), wsum, wmean, False, backend_name),
         )
 
 

@@ -7,12 +7,12 @@ user-weight gradient (both backends) used to query it.
 
 import contextlib
 
+import oracle
 import pytest
 import torch
+from tolerances import for_mode
 
 import fastpool
-import oracle
-from tolerances import for_mode
 
 
 @contextlib.contextmanager

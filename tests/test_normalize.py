@@ -1,7 +1,8 @@
 """L2 normalisation of the pooled rows (``pool(..., normalize=True)``, ``nn.Pooling(normalize=True)``).
 
-Fused into the forward kernel's epilogue when one program holds a whole output row, done by torch
-after pooling for wider rows; both against the oracle, forward and backward, padded and packed.
+Fused into the forward kernel: the last feature block of a row to finish normalises the whole row
+from its un-rounded values, at any width and in every dtype; against the oracle, forward and
+backward, padded and packed.
 """
 
 import numpy as np
@@ -13,7 +14,7 @@ from tolerances import REDUCTION
 from torch._dynamo.testing import CompileCounter
 
 import fastpool
-from fastpool import launchers
+from fastpool import launch
 
 MODES = ("max", "last", "weighted_mean", "mean_sqrt_len", "mean", "cls")
 
@@ -32,8 +33,7 @@ def oracle_normalized(hidden, mask, modes, eps, grad_out):
     return torch.from_numpy(y), torch.from_numpy(grad)
 
 
-# d = 21 fits the default feature block; 300 widens it (fused); 2100 (16-bit) / 1100 (float32) /
-# 600 (float64) exceed MAX_NORMALIZED_ROW_BYTES: normalised by torch after pooling.
+# d = 21 fits one feature block; 300 and the wide rows span several, gathered by the row's last one.
 WIDE = {torch.bfloat16: 2100, torch.float16: 2100, torch.float32: 1100, torch.float64: 600}
 
 
@@ -42,7 +42,7 @@ def cases():
         for width in ("fits", "widened", "too-wide"):
             for backend_name, config in (("torch", "default"), ("triton", "default"), ("triton", "split-T")):
                 if config == "split-T" and width == "too-wide":
-                    continue  # the split does not change the torch-side normalisation
+                    continue  # "widened" already spreads rows over feature blocks and chunks
                 yield backend_name, config, dtype, width
 
 
@@ -57,8 +57,10 @@ def test_matches_oracle_forward_and_backward(device, backend_name, config, dtype
     hidden = torch.randn(B, T, d, generator=gen).to(dtype).to(device).requires_grad_()
     mask = make_mask("empty-row", B, T, gen).to(device)
     grad_out = torch.randn(B, len(MODES) * d, generator=gen).to(dtype).to(device)
-    overrides = {"n_splits": 2, "block_t": 2, "scan_block": 8} if config == "split-T" else {}
-    with fastpool.use_backend(backend_name), launchers.config_override(**overrides):
+    overrides = (
+        {"chunks_per_program": 1, "chunk": 2, "lanes": 2, "scan_block": 8} if config == "split-T" else {}
+    )
+    with fastpool.use_backend(backend_name), launch.config_override(**overrides):
         out = fastpool.pool(hidden, mask, mode=list(MODES), normalize=True)
         (grad,) = torch.autograd.grad(out, hidden, grad_out)
     want, want_grad = oracle_normalized(hidden, mask, MODES, 1e-12, grad_out)
@@ -70,13 +72,14 @@ def test_matches_oracle_forward_and_backward(device, backend_name, config, dtype
     torch.testing.assert_close(norms[norms > 0].cpu(), torch.ones_like(norms[norms > 0]).cpu(), **tol)
 
 
-def test_fused_launch_widens_the_feature_block_to_the_row():
-    assert launchers.normalized_block_d(21, 4) == 128  # the default block already holds it
-    assert launchers.normalized_block_d(300, 2) == 512
-    assert launchers.normalized_block_d(2048, 2) == 2048 and launchers.normalized_block_d(2049, 2) is None
-    assert launchers.normalized_block_d(1024, 4) == 1024 and launchers.normalized_block_d(513, 8) is None
-    config = launchers.forward_config(8, 512, 768, 2, True, True, 132, 1024)
-    assert config.block_d == 1024 and config.block_t * config.block_d * 2 == launchers.TILE_BYTES_WITH_MAX
+def test_rows_wider_than_a_feature_block_are_normalised_in_the_same_launch(device):
+    """A row spread over several feature blocks: the last block to finish normalises it (one launch)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 70, generator=gen).to(device)
+    with fastpool.use_backend("triton"), launch.config_override(block_d=16):
+        out = fastpool.pool(hidden, mode=["mean", "max"], normalize=True)
+    want = torch.nn.functional.normalize(fastpool.pool(hidden.double(), mode=["mean", "max"]), dim=-1)
+    torch.testing.assert_close(out.double().cpu(), want.cpu(), **REDUCTION[torch.float32])
 
 
 def test_eps_floor_and_gradient_below_it(backend, device):

