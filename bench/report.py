@@ -35,7 +35,7 @@ from summary import (
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 TABLE_PASSES = ("fwd", "fwd+bwd")
-MAX_ROWS = 20  # per run: the README is an overview; the JSONL and PNG hold the rest
+MAX_ROWS = 40  # per run: the README is an overview; the JSONL and PNG hold the rest
 
 
 def load(path: Path) -> list[dict]:
@@ -62,7 +62,9 @@ def section(rows: list[dict], source: str) -> str:
         "",
         f"torch {first['torch']}, triton {first['triton']}, fastpool {first['fastpool']} "
         f"(backend {next((by['fastpool']['backend'] for by in groups.values() if 'fastpool' in by), '?')}), "
-        f"{first['date'][:10]}; source `bench/results/{source}`."
+        f"{first['date'][:10]}"
+        + (f", {first['threads']} CPU thread(s), timer {first['timer']}" if first.get("threads") else "")
+        + f"; source `bench/results/{source}`."
         + (
             " Measured rooflines: " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in roofs.items()) + "."
             if roofs
@@ -93,9 +95,14 @@ def section(rows: list[dict], source: str) -> str:
     for pass_ in ("fwd", "fwd+bwd", "bwd"):
         parts = []
         for base in ("eager", "compile", *PACKED_BASELINES):
-            values = [s for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
+            values = [(s, k) for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
             if values:
-                parts.append(f"{fmt_x(geomean(values))} vs {base} ({len(values)} cases)")
+                low, key = min(values)
+                lowest = f"{key[0]} {SHORT_DTYPE.get(key[2], key[2])} {' '.join(shape_label(key))}"
+                parts.append(
+                    f"{fmt_x(geomean([v for v, _ in values]))} vs {base} ({len(values)} cases, lowest "
+                    f"{fmt_x(low)}: {lowest})"
+                )
         if parts:
             summary.append(f"{pass_}: " + ", ".join(parts))
     if summary:

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from shapes import DTYPES, PRESETS, Case, FeatureBlock, PackedBlock, Preset, make_inputs, spatial_label
 from summary import print_table
-from timing import Timing, measure, measure_rooflines
+from timing import Timing, measure, measure_interleaved, measure_rooflines
 from tqdm import tqdm
 from traffic import ROOFLINE_OF_PASS, gbps, minimal_bytes, packed_minimal_bytes
 
@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-budget", type=float, help="seconds of compiling after which compile is skipped"
     )
-    parser.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU: torch.set_num_threads (default: the preset's, else torch's choice)"
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="list the grid and count measurements, run nothing"
     )
@@ -132,6 +134,24 @@ def time_one(case: Case, provider: Provider, h, mask, g, args, preset: Preset) -
             run, h.device, quick=args.quick, min_run_time=preset.min_run_time,
             cudagraph=args.cudagraph and provider.cudagraph,
         )  # fmt: skip
+
+
+def time_interleaved(case: Case, providers: list[Provider], h, mask, g, args, preset: Preset) -> dict:
+    """CPU: every provider of the case timed in alternation ({name: Timing}); a provider whose
+    callable cannot be built or run is left out (only optional ones may fail)."""
+    fns = {}
+    with torch.set_grad_enabled(case.pass_ != "fwd"):
+        for p in providers:
+            try:
+                run = timed_callable(case.pass_, p.fn(case.op), p.prepare(h), mask, g)
+                run()
+            except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
+                if not p.optional:
+                    raise
+                tqdm.write(f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            fns[p.name] = run
+        return measure_interleaved(fns, quick=args.quick, min_run_time=preset.min_run_time)
 
 
 def case_bytes(case: Case, mask) -> int:
@@ -218,17 +238,28 @@ def run_grid(
             pad_actual = attention_global.padding_fraction(case, mask)
         else:
             pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
-        for p in runs:
-            if p.unavailable() or case.pass_ not in p.passes or p.name not in checked[key]:
-                continue
-            try:
-                t = time_one(case, p, h, mask, g, args, preset)
-            except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
-                if not p.optional:
-                    raise
-                # Skip this case only: e.g. one pass may not support being replayed.
-                tqdm.write(f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
+        timed = [
+            p for p in runs
+            if not p.unavailable() and case.pass_ in p.passes and p.name in checked[key]
+        ]  # fmt: skip
+        # CPU: the providers of a case are timed in alternation (a shared CPU's load hits them alike).
+        interleaved = time_interleaved(case, timed, h, mask, g, args, preset) if device.type == "cpu" else {}
+        for p in timed:
+            if device.type == "cpu":
+                if p.name not in interleaved:
+                    continue
+                t = interleaved[p.name]
+            else:
+                try:
+                    t = time_one(case, p, h, mask, g, args, preset)
+                except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
+                    if not p.optional:
+                        raise
+                    # Skip this case only: e.g. one pass may not support being replayed.
+                    tqdm.write(
+                        f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}"
+                    )
+                    continue
             rate = gbps(n_bytes, t.median_ms)
             roof_rate = roof.get(ROOFLINE_OF_PASS[case.pass_])
             row = {
@@ -305,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_grid(preset, provider_names, device)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (preset.cpu_threads if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     env = environment(device)
     out = args.out or args.out_dir / f"{slug(env['device'])}-{preset.name}.jsonl"
     png = args.plot or out.with_suffix(".png")
