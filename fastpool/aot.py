@@ -125,7 +125,7 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
         "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "TRACK_POS": track,
         "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": packed, "ACC_DTYPE": acc,
         "LANES": launch.LANES, "BLOCK_D": launch.feature_block(size), "CHUNK": launch.CHUNK,
-        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES,
+        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES, "STATE": False,
         **({"stride_hd": 1} if contiguous else {}), **({"stride_mt": 1} if contiguous and has_mask else {}),
     }  # fmt: skip
     divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
