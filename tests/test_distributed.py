@@ -4,12 +4,14 @@ every mode, user weights, normalisation, gradients, the same bits on every rank,
 
 import io
 import multiprocessing
+import os
 import queue as queue_module
 
 import distributed_worker
 import oracle
 import pytest
 import torch
+from filelock import FileLock
 from helpers import np_mask, to_numpy
 from tolerances import REDUCTION, for_mode
 
@@ -24,12 +26,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """{rank: results} from one spawned run of every scenario."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.fail("torch.distributed with gloo is required")
-    init_file = str(tmp_path_factory.mktemp("dist") / "store")
+def spawn_ranks(init_file: str) -> dict:
+    """{rank: results} from one spawned run of every scenario on WORLD processes."""
     ctx = multiprocessing.get_context("spawn")
     results_queue = ctx.Queue()
     processes = [
@@ -54,6 +52,25 @@ def ranks(tmp_path_factory):
                 p.kill()
     assert not errors, "\n".join(errors)
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The ranks' results, spawned once per test session: xdist workers share them through a file."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is required")
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's directory, shared by its workers
+    data = root / "fastpool-distributed-results.pt"
+    with FileLock(str(root / "fastpool-distributed.lock")):
+        if data.is_file():
+            return torch.load(data, weights_only=False)
+        store = root / "fastpool-distributed-store"
+        store.unlink(missing_ok=True)
+        results = spawn_ranks(str(store))
+        torch.save(results, data)
+        return results
 
 
 def expected(scenario: str, backend: str):
@@ -139,6 +156,8 @@ def test_dtensor_sharded_on_the_sequence_gives_a_replicated_dtensor(ranks, backe
 
 def test_mismatched_ranks_all_get_the_same_clear_error(ranks):
     messages = [ranks[r]["mismatch"] for r in range(WORLD)]
+    assert all(m.endswith(f"(this is rank {r})") for r, m in enumerate(messages)), messages
+    messages = [m.rsplit(" (this is rank", 1)[0] for m in messages]
     assert len(set(messages)) == 1 and messages[0].startswith("hidden: expected every rank"), messages
     assert "batch size" in messages[0] and "[2, 3, 2]" in messages[0]
 
