@@ -93,7 +93,9 @@ def _pack(state: PoolState) -> tuple[torch.Tensor, torch.Tensor]:
     return floats, torch.cat(ints, dim=1)
 
 
-def _unpack(template: PoolState, floats: torch.Tensor, ints: torch.Tensor, span: tuple[int, int]) -> PoolState:
+def _unpack(
+    template: PoolState, floats: torch.Tensor, ints: torch.Tensor, span: tuple[int, int]
+) -> PoolState:
     width = template.values.shape[1]
     return PoolState(
         template.modes, template.has_weights, template.dtype, template.backend, floats[:, :width],
@@ -201,7 +203,8 @@ def _pool_dtensor(hidden, mask, mode, weights, normalize, eps, return_indices):
         )
     result = pool(
         hidden.to_local(), _local("mask", mask, hidden), mode, group=mesh.get_group(),
-        weights=_local("weights", weights, hidden), normalize=normalize, eps=eps, return_indices=return_indices,
+        weights=_local("weights", weights, hidden), normalize=normalize, eps=eps,
+        return_indices=return_indices,
     )  # fmt: skip
 
     def replicated(t: torch.Tensor) -> DTensor:

@@ -51,7 +51,9 @@ def partial_fwd(
     return _launchers().state_forward(hidden, mask, modes, weights, for_backward)
 
 
-def _fake_state(hidden, rows: int, d: int, T: int, modes: str, has_weights: bool, prefix_columns: int) -> Outputs:
+def _fake_state(
+    hidden, rows: int, d: int, T: int, modes: str, has_weights: bool, prefix_columns: int
+) -> Outputs:
     slots = state_slots(modes.split(","), has_weights)
     acc = accumulation_dtype(hidden.dtype)
     return (
@@ -190,9 +192,7 @@ def _finish_setup_context(ctx, inputs, output):
     out, norms = output
     ctx.set_materialize_grads(False)
     normalized = normalize_eps >= 0
-    ctx.save_for_backward(
-        values, count, wsum, out if normalized else None, norms if normalized else None
-    )
+    ctx.save_for_backward(values, count, wsum, out if normalized else None, norms if normalized else None)
     ctx.modes = modes
     ctx.has_weights = has_weights
     ctx.normalize_eps = normalize_eps
@@ -243,7 +243,10 @@ def finish_backward(
         else:
             slot = {"max": "max", "cls": "first", "last": "last"}[name]
             parts[slot] = torch.where(has, gm, zero)
-    pieces = [parts[s] if parts[s] is not None else torch.zeros((rows, d), dtype=acc, device=values.device) for s in slots]
+    pieces = [
+        parts[s] if parts[s] is not None else torch.zeros((rows, d), dtype=acc, device=values.device)
+        for s in slots
+    ]
     return torch.cat(pieces, dim=1), grad_wsum
 
 

@@ -172,7 +172,11 @@ def state_backward(
     g_sum, g_weighted, g_max, g_first, g_last = map(part, ("sum", "weighted", "max", "first", "last"))
     w = None
     if g_weighted is not None:
-        w = token_ranks(real, B, T, device).to(acc) if weights is None else user_weights(weights, real, acc)[0]
+        w = (
+            token_ranks(real, B, T, device).to(acc)
+            if weights is None
+            else user_weights(weights, real, acc)[0]
+        )
     keep = (count > 0).view(B, 1, 1)
     for span in _slabs(B, T, d, torch.finfo(acc).bits // 8):
         t = torch.arange(span.start, span.stop, device=device)

@@ -115,9 +115,10 @@ def state_forward(
     counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
     stride_hb, stride_ht, stride_hd = hidden.stride()
     args = (
-        hidden, mask_view, values, argmax if plan.do_max else stats, stats, wsum if has_weights else acc_dummy,
-        acc_dummy, prefix if plan.store_prefix else stats, *partials, counters, weights_arg, stats, acc_dummy,
-        acc_dummy, B, T, d, grid.chunks_per_program, grid.n_slots, 0, epoch,
+        hidden, mask_view, values, argmax if plan.do_max else stats, stats,
+        wsum if has_weights else acc_dummy, acc_dummy, prefix if plan.store_prefix else stats, *partials,
+        counters, weights_arg, stats, acc_dummy, acc_dummy, B, T, d, grid.chunks_per_program, grid.n_slots, 0,
+        epoch,
         stride_hb, stride_ht, stride_hd, stride_mb, stride_mt, stride_wb, stride_wt, values.stride(0),
         *_slot_columns(slots), -1.0, 0, int(plan.store_prefix), mask_bits,
     )  # fmt: skip
@@ -130,9 +131,7 @@ def state_forward(
         not has_weights or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
     with on_device(device):
-        forward_launcher()(
-            key, (B, n_dblocks, grid.programs_per_row), args, _constexprs(plan), plan.options
-        )
+        forward_launcher()(key, (B, n_dblocks, grid.programs_per_row), args, _constexprs(plan), plan.options)
     return values, argmax, stats, wsum, prefix
 
 
@@ -196,7 +195,9 @@ def state_finish(
     if _finish is None:
         _finish = _finish_launcher()
     with on_device(device):
-        _finish(None, (rows, n_dblocks, 1), args, constexprs, dict(num_warps=overridden("num_warps", NUM_WARPS)))
+        _finish(
+            None, (rows, n_dblocks, 1), args, constexprs, dict(num_warps=overridden("num_warps", NUM_WARPS))
+        )
     return out, norms
 
 

@@ -593,8 +593,8 @@ def pool_forward_kernel(
             if finish:
                 _write_state(
                     hidden_ptr, out_ptr, argmax_ptr, stats_ptr, wsum_ptr, row, pid_d, d_offs, d_in, rows, d,
-                    stride_hb, stride_ht, stride_hd, stride_ob, total, weighted, wsum, count, max_value, max_pos,
-                    first, last, col_mean, col_max, col_first, col_last, col_weighted,
+                    stride_hb, stride_ht, stride_hd, stride_ob, total, weighted, wsum, count, max_value,
+                    max_pos, first, last, col_mean, col_max, col_first, col_last, col_weighted,
                     DO_MEAN, DO_MAX, TRACK_POS, DO_WEIGHTED, HAS_WEIGHTS,
                 )  # fmt: skip
         elif finish:
@@ -775,7 +775,9 @@ def pool_finish_kernel(
         row_counter = counter_ptr + row
         if draw_ticket(row_counter, epoch) == n_dblocks - 1:
             release_ticket(row_counter)
-            _normalize_row(rowbuf_ptr, out_ptr, norm_ptr, row, n_cols, stride_ob, normalize_eps, ACC_DTYPE, BLOCK_D)
+            _normalize_row(
+                rowbuf_ptr, out_ptr, norm_ptr, row, n_cols, stride_ob, normalize_eps, ACC_DTYPE, BLOCK_D
+            )
 
 
 @triton.jit

@@ -82,9 +82,9 @@ def run_dtensor(rank: int, world: int) -> dict:
             out, index = fastpool.distributed.pool(dh, dm, ["mean", "max"], return_indices=True)
             out.sum().backward()
             results[backend] = dict(
-                out=out.to_local().detach(), index=index.to_local(), replicated=out.placements == (Replicate(),),
-                grad=dh.grad.to_local(), grad_sharded=dh.grad.placements == (Shard(1),),
-                local_width=dh.to_local().shape[1],
+                out=out.to_local().detach(), index=index.to_local(),
+                replicated=out.placements == (Replicate(),), grad=dh.grad.to_local(),
+                grad_sharded=dh.grad.placements == (Shard(1),), local_width=dh.to_local().shape[1],
             )  # fmt: skip
     return results
 
@@ -110,7 +110,11 @@ def main(rank: int, world: int, init_file: str, queue) -> None:
         )  # fmt: skip
         results = {
             scenario: run_scenario(scenario, rank)
-            for scenario in ("uneven-empty-shard", "even-left-padding-weights", "normalize-right-padding-bf16")
+            for scenario in (
+                "uneven-empty-shard",
+                "even-left-padding-weights",
+                "normalize-right-padding-bf16",
+            )
         }
         results["dtensor"] = run_dtensor(rank, world)
         results["mismatch"] = run_mismatch(rank)

@@ -80,7 +80,9 @@ def expected(scenario: str, backend: str):
     w = None if weights is None else weights.clone().requires_grad_()
     with fastpool.use_backend(backend):
         out = fastpool.pool(h, mask, modes, weights=w, normalize=kwargs.get("normalize", False))
-        index = fastpool.max_pool(hidden, mask, return_indices=True)[1] if kwargs.get("return_indices") else None
+        index = (
+            fastpool.max_pool(hidden, mask, return_indices=True)[1] if kwargs.get("return_indices") else None
+        )
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads = torch.autograd.grad(out, (h,) if w is None else (h, w), grad_out.to(out.dtype))
     return out.detach(), index, grads
@@ -105,7 +107,9 @@ def test_every_rank_gets_the_one_device_result_with_the_same_bits(ranks, scenari
         h, m, w = to_numpy(hidden), np_mask(mask), to_numpy(weights)
         for i, mode in enumerate(modes):
             oracle_out = torch.from_numpy(oracle.pool(h, m, mode, w)).to(hidden.dtype)
-            torch.testing.assert_close(outs[0][:, i * d : (i + 1) * d], oracle_out, **for_mode(mode, hidden.dtype))
+            torch.testing.assert_close(
+                outs[0][:, i * d : (i + 1) * d], oracle_out, **for_mode(mode, hidden.dtype)
+            )
     if want_index is not None:
         for r in range(WORLD):
             assert torch.equal(ranks[r][scenario][backend_name]["index"], want_index)  # global positions

@@ -156,7 +156,8 @@ def test_merge_is_a_left_fold(backend, device):
 
 
 @pytest.mark.parametrize(
-    "backend_name,mask_kind", [("torch", "left"), ("torch", "holes"), ("torch", "empty-row"), ("triton", "holes")]
+    "backend_name,mask_kind",
+    [("torch", "left"), ("torch", "holes"), ("torch", "empty-row"), ("triton", "holes")],
 )
 def test_gradients_match_oracle(device, backend_name, mask_kind):
     """Through merge and finish, to every chunk's hidden and user weights, normalised or not."""
@@ -175,16 +176,22 @@ def test_gradients_match_oracle(device, backend_name, mask_kind):
             grads = torch.autograd.grad(out, inputs, grad_out)
             g = to_numpy(grad_out)
             wn = None if weights_arg is None else w
-            want = sum(oracle.pool_grad(h, m, mode, g[:, i * d : (i + 1) * d], wn) for i, mode in enumerate(modes))
+            want = sum(
+                oracle.pool_grad(h, m, mode, g[:, i * d : (i + 1) * d], wn) for i, mode in enumerate(modes)
+            )
             torch.testing.assert_close(grads[0].cpu(), torch.from_numpy(want), **REDUCTION[torch.float64])
             if weights_arg is not None:
                 want_w = oracle.weights_grad(h, m, w, g[:, :d])
-                torch.testing.assert_close(grads[1].cpu(), torch.from_numpy(want_w), **REDUCTION[torch.float64])
+                torch.testing.assert_close(
+                    grads[1].cpu(), torch.from_numpy(want_w), **REDUCTION[torch.float64]
+                )
         # normalised: against the one-shot gradient
         grad_out = torch.randn(B, len(ALL_MODES) * d, generator=gen, dtype=torch.float64).to(device)
         out = fastpool.merge(pieces(hidden, mask, ALL_MODES, cuts)).finish(normalize=True)
         got = torch.autograd.grad(out, hidden, grad_out)[0]
-        want = torch.autograd.grad(fastpool.pool(hidden, mask, list(ALL_MODES), normalize=True), hidden, grad_out)[0]
+        want = torch.autograd.grad(
+            fastpool.pool(hidden, mask, list(ALL_MODES), normalize=True), hidden, grad_out
+        )[0]
         torch.testing.assert_close(got, want, **REDUCTION[torch.float64])
 
 
@@ -198,7 +205,9 @@ def test_gradcheck_float64(device, backend_name):
     def pooled(h, w):
         with launch.config_override(chunk=4, lanes=4, block_d=2, scan_block=4, block_t=4):
             states = [
-                fastpool.pool_partial(h[:, a:b], mask[:, a:b], ["weighted_mean", "mean"], weights=w[:, a:b], start=a)
+                fastpool.pool_partial(
+                    h[:, a:b], mask[:, a:b], ["weighted_mean", "mean"], weights=w[:, a:b], start=a
+                )
                 for a, b in ((0, 2), (2, 5))
             ]
             return fastpool.merge(states).finish(normalize=True)
@@ -245,7 +254,9 @@ def test_empty_chunks_and_empty_dimensions(backend, device):
     assert index[1].tolist() == [-1, -1, -1] and torch.equal(out[1], torch.zeros(18, device=device))
     for shape in ((0, 4, 3), (2, 4, 0)):
         h = torch.randn(shape, device=device)
-        out = fastpool.merge([fastpool.pool_partial(h, None, modes), fastpool.pool_partial(h, None, modes, start=4)])
+        out = fastpool.merge(
+            [fastpool.pool_partial(h, None, modes), fastpool.pool_partial(h, None, modes, start=4)]
+        )
         assert torch.equal(out.finish(), fastpool.pool(torch.cat([h, h], 1), None, modes))
 
 
@@ -281,7 +292,11 @@ def _bad_calls(device):
     return [
         ("start", TypeError, lambda: fastpool.pool_partial(h, None, "mean", start=1.5)),
         ("start", ValueError, lambda: fastpool.pool_partial(h, None, "mean", start=-1)),
-        ("start", ValueError, lambda: fastpool.pool_partial(h, None, "mean", start=torch.zeros(3, dtype=torch.int64))),
+        (
+            "start",
+            ValueError,
+            lambda: fastpool.pool_partial(h, None, "mean", start=torch.zeros(3, dtype=torch.int64)),
+        ),
         ("start", TypeError, lambda: fastpool.pool_partial(h, None, "mean", start=torch.zeros(2))),
         ("start", ValueError, lambda: fastpool.pool_partial(h, None, "mean", start=torch.tensor([0, -2]))),
         ("hidden", ValueError, lambda: fastpool.pool_partial(h[0], None, "mean")),
@@ -291,7 +306,11 @@ def _bad_calls(device):
         ("states", TypeError, lambda: fastpool.merge(s)),
         ("states", TypeError, lambda: fastpool.merge([s, h])),
         ("states", ValueError, lambda: fastpool.merge([s, fastpool.pool_partial(h, None, ["max"], start=4)])),
-        ("states", ValueError, lambda: fastpool.merge([s, fastpool.pool_partial(h[:1], None, ["mean"], start=4)])),
+        (
+            "states",
+            ValueError,
+            lambda: fastpool.merge([s, fastpool.pool_partial(h[:1], None, ["mean"], start=4)]),
+        ),
         ("states", ValueError, lambda: fastpool.merge([later, s])),
         ("states", ValueError, lambda: fastpool.merge([s, s])),
         ("return_indices", ValueError, lambda: s.finish(return_indices=True)),
