@@ -106,8 +106,9 @@ def _flags(variant: tuple) -> str:
 
 
 def _forward(
-    dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32", state: bool = False
-):
+    dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32",
+    state: bool = False,
+):  # fmt: skip
     """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type);
     ``state``: the STATE variant of ``fastpool.partial`` (out_ptr is the state, in the acc dtype)."""
     size = HIDDEN_DTYPES[dtype]
@@ -117,8 +118,8 @@ def _forward(
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}", "argmax_ptr": "*i32",
-        "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
+        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}",
+        "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
         "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
         "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
         "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
