@@ -119,7 +119,8 @@ def _forward(
     has_mask = mask_name != "none"
     types = {
         "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}",
-        "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
+        "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}",
+        "prefix_ptr": "*i32",
         "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
         "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
         "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
@@ -151,7 +152,8 @@ def _backward(
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "grad_out_ptr": f"*{grad_dtype or dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32", "stats_ptr": "*i32",
+        "grad_out_ptr": f"*{grad_dtype or dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
+        "stats_ptr": "*i32",
         "prefix_ptr": "*i32", "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
         "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
     }  # fmt: skip
