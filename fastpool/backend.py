@@ -58,6 +58,17 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+_cuda_devices: dict[torch.device, bool] = {}
+
+
+def _is_cuda(device: torch.device) -> bool:
+    # Cached per device: ``device.type`` builds a new string on every access.
+    is_cuda = _cuda_devices.get(device)
+    if is_cuda is None:
+        is_cuda = _cuda_devices[device] = device.type == "cuda"
+    return is_cuda
+
+
 def resolve_backend(device: torch.device) -> str:
     """The concrete backend ("triton" or "torch") for tensors on ``device``.
 
@@ -66,11 +77,11 @@ def resolve_backend(device: torch.device) -> str:
     """
     name = requested_backend()
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if _is_cuda(device) and triton_available() else "torch"
     if name == "triton":
         if not triton_available():
             raise RuntimeError("fastpool backend 'triton' was requested but triton is not installed")
-        if device.type != "cuda" and not triton_interpreter_enabled():
+        if not _is_cuda(device) and not triton_interpreter_enabled():
             raise RuntimeError(
                 f"fastpool backend 'triton' got {device.type} tensors: Triton kernels run on CUDA "
                 "tensors, or on CPU tensors under the Triton interpreter, which needs TRITON_INTERPRET=1 "

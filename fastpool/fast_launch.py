@@ -54,17 +54,14 @@ class KernelLauncher:
         """
         plan = self._plans.get(key) if key is not None else None
         if plan is not None and _hooks_idle():
-            compiled, tail, driver = plan
+            launch, head, tail, driver = plan
             stream = driver.get_current_stream(driver.get_current_device())
-            compiled.run(
-                grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata,
-                None, None, None, *args, *tail,
-            )  # fmt: skip
+            launch(grid[0], grid[1], grid[2], stream, *head, *args, *tail)
             return
         compiled = self.kernel[grid](*args, **constexprs, **options)
         if key is not None and self._usable(compiled):
             tail = tuple(constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
-            self._plans[key] = (compiled, tail, _driver())
+            self._plans[key] = (*_launch_entry(compiled), tail, _driver())
 
     def _usable(self, compiled) -> bool:
         if self._checked is None:
@@ -74,6 +71,23 @@ class KernelLauncher:
     def clear(self) -> None:
         """Forget the cached plans (tests)."""
         self._plans.clear()
+
+
+def _launch_entry(compiled) -> tuple:
+    """(launch, head): call ``launch(gx, gy, gz, stream, *head, *args)`` to launch ``compiled``.
+
+    The compiled kernel's launcher object (``compiled.run``) allocates scratch buffers in Python
+    before calling its C ``launch``; when the kernel needs none, that C function is called directly
+    with the arguments the launcher object would pass. Otherwise through the launcher object.
+    """
+    runner = compiled.run
+    no_launch_metadata = (compiled.packed_metadata, None, None, None)  # metadata, hooks: none installed
+    direct = all(hasattr(runner, name) for name in ("launch", "launch_cooperative_grid", "launch_pdl"))
+    scratch = (getattr(runner, "global_scratch_size", 1), getattr(runner, "profile_scratch_size", 1))
+    if direct and scratch == (0, 0):
+        head = (compiled.function, runner.launch_cooperative_grid, runner.launch_pdl, None, None)
+        return runner.launch, (*head, *no_launch_metadata)
+    return runner, (compiled.function, *no_launch_metadata)
 
 
 def _driver():

@@ -106,16 +106,20 @@ def token_block(element_size: int) -> int:
     return TILE_BYTES // (feature_block(element_size) * element_size)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_sm_counts: dict[torch.device, int] = {}
 
 
 def sm_count(device: torch.device) -> int:
-    """Multiprocessors of ``device`` (DEFAULT_SM_COUNT for non-CUDA devices)."""
-    if device.type != "cuda":
-        return DEFAULT_SM_COUNT
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    """Multiprocessors of ``device`` (DEFAULT_SM_COUNT for non-CUDA devices); cached per device."""
+    count = _sm_counts.get(device)
+    if count is None:
+        if device.type != "cuda":
+            count = DEFAULT_SM_COUNT
+        else:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            count = torch.cuda.get_device_properties(index).multi_processor_count
+        _sm_counts[device] = count
+    return count
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,11 +155,27 @@ _workspaces: dict[tuple, torch.Tensor] = {}
 _epoch = 0
 
 
-def _stream_key(device: torch.device) -> tuple:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return (device, torch._C._cuda_getCurrentRawStream(index))
-    return (device,)
+_device_kinds: dict[torch.device, tuple[bool, int | None]] = {}
+
+
+def cuda_index(device: torch.device) -> int | None:
+    """The CUDA device index of ``device`` (the current device for a bare "cuda"), None when it is not a
+    CUDA device. Cached per device: ``device.type`` builds a string on every access (~3k instructions)."""
+    kind = _device_kinds.get(device)
+    if kind is None:
+        kind = _device_kinds[device] = (device.type == "cuda", device.index)
+    is_cuda, index = kind
+    if not is_cuda:
+        return None
+    return index if index is not None else torch.cuda.current_device()
+
+
+def stream_key(device: torch.device) -> tuple:
+    """(device,) or (device, current raw stream) for CUDA: what per-stream caches are keyed by."""
+    index = cuda_index(device)
+    if index is None:
+        return (device,)
+    return (device, torch._C._cuda_getCurrentRawStream(index))
 
 
 def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -167,7 +187,7 @@ def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -
     (never sliced). It grows by doubling; an old buffer still in use by queued kernels is released to
     the caching allocator, which reuses memory in stream order.
     """
-    key = (*_stream_key(device), role, dtype)
+    key = (*stream_key(device), role, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < numel:
         size = max(numel, 1024, 2 * (0 if buffer is None else buffer.numel()))
@@ -187,16 +207,31 @@ def ticket_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
     epoch, so the buffer is zeroed once when it is allocated and never again: no memset per call.
     Keyed by the current stream, so launches on different streams never share counters.
     """
+    return workspace(device, "tickets", torch.int64, n), next_epoch()
+
+
+def next_epoch() -> int:
+    """A new launch's ticket tag (1 ... 2**31 - 1, cycling)."""
     global _epoch
     _epoch = _epoch % (2**31 - 1) + 1
-    return workspace(device, "tickets", torch.int64, n), _epoch
+    return _epoch
 
 
-def on_device(device: torch.device):
-    """Make ``device`` current for the launch: Triton launches on the current device and stream."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+def needs_device_switch(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device other than the current one (Triton launches on the current
+    device and stream, so the launch must run under ``torch.cuda.device(device)``)."""
+    index = cuda_index(device)
+    return index is not None and index != torch.cuda.current_device()
+
+
+def launch_on(device: torch.device, launcher, key, grid: tuple, args: tuple, constexprs: dict, options: dict):
+    """``launcher(key, grid, args, constexprs, options)`` with ``device`` current (switching only when
+    it is not: no context manager on the common path)."""
+    if needs_device_switch(device):
+        with torch.cuda.device(device):
+            launcher(key, grid, args, constexprs, options)
+    else:
+        launcher(key, grid, args, constexprs, options)
 
 
 def check_feature_blocks(d: int, block_d: int) -> int:

@@ -25,13 +25,15 @@ from .launch import (
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
     ForwardOutputs,
+    next_epoch,
+    stream_key,
     empty,
     check_feature_blocks,
     feature_block,
     forward_plan,
     has_overrides,
     kernel_columns,
-    on_device,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -85,7 +87,16 @@ def _forward_grid(B: int, T: int, n_dblocks: int, sms: int) -> ForwardGrid:
 # launch keys below include each of them (tests/test_fast_launch.py checks these lists against the
 # kernels' do_not_specialize lists). Every other integer argument is do_not_specialize.
 FORWARD_SPECIALIZED = ("d", "stride_hb", "stride_ht", "stride_hd", "stride_mt", "stride_wt", "stride_ob")
-BACKWARD_SPECIALIZED = ("d", "stride_gob", "stride_god", "stride_mt", "stride_wt", "stride_gb", "stride_gt", "stride_gd")
+BACKWARD_SPECIALIZED = (
+    "d",
+    "stride_gob",
+    "stride_god",
+    "stride_mt",
+    "stride_wt",
+    "stride_gb",
+    "stride_gt",
+    "stride_gd",
+)
 
 
 def mask_arguments(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -158,13 +169,22 @@ def pool_forward(
     """
     B, T, d = hidden.shape
     device = hidden.device
+    if lean and not has_overrides():
+        repeat = _repeat_signature(
+            hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device
+        )
+        call = _repeat_calls.get(repeat)
+        if call is not None:
+            return call.launch(hidden, mask, weights, normalize_eps)
     plan = forward_plan(
         modes, hidden.dtype, mask is not None, weights is not None, normalize_eps >= 0, track_positions,
         for_backward, False,
     )  # fmt: skip
     outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty)
     if plan.store_prefix:
-        prefix = torch.empty((B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device)
+        prefix = torch.empty(
+            (B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device
+        )
     else:
         prefix = empty(device, torch.int32)
     if B == 0 or d == 0:
@@ -201,9 +221,88 @@ def pool_forward(
         specialization(stride_ob), aligned(hidden), mask is None or aligned(mask_view),
         weights is None or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
-    with on_device(device):
-        forward_launcher()(key, (B, n_dblocks, grid.programs_per_row), args, plan.constexprs, plan.options)
+    grid_dims = (B, n_dblocks, grid.programs_per_row)
+    launch_on(device, forward_launcher(), key, grid_dims, args, plan.constexprs, plan.options)
+    if lean and key is not None:
+        _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0))
     return outs.result(prefix)
+
+
+# --- repeated inference calls ----------------------------------------------------------------------
+# An inference call (``lean``) with the same signature as an earlier one (modes, dtypes, shapes,
+# strides, alignment, device and stream) reuses everything but the tensors it was given: its plan,
+# grid, workspaces and launch key. Per call it allocates the output (and argmax when indices are
+# asked for) and launches: what a serving loop calling with fixed shapes pays.
+
+_repeat_calls: dict[tuple, RepeatCall] = {}
+_REPEAT_LIMIT = 256
+
+
+def _repeat_signature(hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device) -> tuple:
+    stream = stream_key(device)
+    hidden_part = (hidden.dtype, hidden.stride(), aligned(hidden))
+    mask_part = None if mask is None else (mask.dtype, mask.stride(), aligned(mask))
+    weights_part = None if weights is None else (weights.dtype, weights.stride(), aligned(weights))
+    normalize = normalize_eps >= 0
+    return (modes, B, T, d, hidden_part, mask_part, weights_part, normalize, track_positions, stream)
+
+
+def _remember(signature: tuple, call: RepeatCall) -> None:
+    if len(_repeat_calls) >= _REPEAT_LIMIT:
+        _repeat_calls.clear()
+    _repeat_calls[signature] = call
+
+
+class RepeatCall:
+    """A launch to repeat with new tensors: the argument tuple of the first call, cut around the
+    per-call entries (hidden, mask, out, argmax, weights, epoch, normalize_eps)."""
+
+    __slots__ = (
+        "plan",
+        "grid",
+        "key",
+        "device",
+        "tickets",
+        "shape",
+        "dtype",
+        "argmax_shape",
+        "parts",
+        "stats",
+    )
+
+    def __init__(self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool):
+        self.plan, self.grid, self.key, self.device, self.tickets = plan, grid, key, device, tickets
+        self.shape, self.dtype = outs.out.shape, outs.out.dtype
+        self.argmax_shape = outs.argmax.shape if plan.track_positions else None
+        self.stats = outs.stats
+        # Positions in the kernel's argument list: 0 hidden, 1 mask, 2 out, 3 argmax, 15 weights,
+        # 25 epoch, 40 normalize_eps.
+        self.parts = (args[4:15], args[16:25], args[26:40], args[41:])
+        if not self.plan.has_weights:
+            self.parts = (args[4:15] + (args[15],) + args[16:25],) + self.parts[2:]
+
+    def launch(self, hidden, mask, weights, normalize_eps: float) -> tuple:
+        plan = self.plan
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        argmax = (
+            torch.empty(self.argmax_shape, dtype=torch.int32, device=self.device)
+            if self.argmax_shape
+            else None
+        )
+        epoch = next_epoch() if self.tickets else 1
+        stats = self.stats
+        mask_arg = stats if mask is None else integer_view(mask)[0]
+        if plan.has_weights:
+            head, middle, tail, rest = self.parts
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, weights, *middle, epoch, *tail,
+                    normalize_eps, *rest)  # fmt: skip
+        else:
+            head, tail, rest = self.parts
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, epoch, *tail, normalize_eps,
+                    *rest)  # fmt: skip
+        launch_on(self.device, forward_launcher(), self.key, self.grid, args, plan.constexprs, plan.options)
+        empty_int = empty(self.device, torch.int32)
+        return out, empty_int if argmax is None else argmax, stats, None, None, None, empty_int
 
 
 def _without_features(outs: ForwardOutputs, mask, B: int, T: int, d: int, prefix: torch.Tensor) -> tuple:
@@ -239,52 +338,87 @@ def pool_backward(
     Memory traffic: writes ``B * T * d * element_size`` bytes (each element exactly once, no memset);
     reads grad_out (``B * n_modes * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
     """
-    names = modes.split(",")
     B = stats.shape[1]
-    d = grad_out.shape[1] // len(names)
     device = grad_out.device
-    grad = torch.empty((B, T, d), dtype=dtype, device=device)
-    if grad.numel() == 0:
-        return grad
-    slots = mode_columns(names, 1)
-    size = grad.element_size()
-    block_t = overridden("block_t", token_block(size))
-    block_d = overridden("block_d", feature_block(size))
-    mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
-    acc_dummy = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
-    if weights is not None:
-        weights_arg, (stride_wb, stride_wt) = weights, weights.stride()
-    else:
-        weights_arg, stride_wb, stride_wt = acc_dummy, 0, 0
-    ranks_from_prefix = slots["weighted_mean"] >= 0 and weights is None and mask is not None
-    n_tblocks = triton_cdiv(T, block_t)
-    stride_gob, stride_god = grad_out.stride()
-    args = (
-        grad_out, mask_view, argmax if slots["max"] >= 0 else stats, stats,
-        prefix if ranks_from_prefix else stats, weights_arg, wsum if weights is not None else acc_dummy, grad,
-        B, T, d, n_tblocks, prefix.shape[1] if ranks_from_prefix else 0,
-        stride_gob, stride_god, stride_mb, stride_mt, stride_wb, stride_wt, *grad.stride(),
-        *kernel_columns(slots), mask_bits,
-    )  # fmt: skip
-    constexprs = dict(
-        HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
-        CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
-    )  # fmt: skip
-    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
-    key = None
+    signature = None
     if not has_overrides():
-        key = (
-            device, dtype, grad_out.dtype, mask_view.dtype if mask is not None else None,
-            weights.dtype if weights is not None else None, specialization(d), specialization(stride_gob),
-            specialization(stride_god), specialization(stride_mb), specialization(stride_mt),
-            specialization(stride_wb), specialization(stride_wt), *map(specialization, grad.stride()),
-            aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
-            mask_bits >= 2**31,
+        signature = (
+            modes, B, T, dtype, grad_out.dtype, grad_out.shape[1], grad_out.stride(), aligned(grad_out),
+            None if mask is None else (mask.dtype, mask.stride(), aligned(mask)),
+            None if weights is None else (weights.dtype, weights.stride(), aligned(weights)),
+            stream_key(device),
         )  # fmt: skip
-    grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
-    with on_device(device):
-        backward_launcher()(key, grid, args, constexprs, options)
-    return grad
+        call = _backward_calls.get(signature)
+        if call is not None:
+            return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
+    call = BackwardCall(grad_out, mask, stats, T, dtype, modes, weights, prefix, signature is not None)
+    if signature is not None and call.grid is not None:
+        if len(_backward_calls) >= _REPEAT_LIMIT:
+            _backward_calls.clear()
+        _backward_calls[signature] = call
+    return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
+
+
+_backward_calls: dict[tuple, BackwardCall] = {}
+
+
+class BackwardCall:
+    """Everything about a backward launch but its tensors, for one call signature (modes, dtypes,
+    shapes, strides, alignment, stream): built once, then each call allocates the gradient and
+    launches."""
+
+    __slots__ = ("shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks")
+
+    def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool):
+        names = modes.split(",")
+        B = stats.shape[1]
+        d = grad_out.shape[1] // len(names)
+        self.shape, self.dtype, self.device = (B, T, d), dtype, grad_out.device
+        self.grid = None
+        if B * T * d == 0:
+            return
+        self.slots = slots = mode_columns(names, 1)
+        size = torch.empty((), dtype=dtype).element_size()
+        block_t = overridden("block_t", token_block(size))
+        block_d = overridden("block_d", feature_block(size))
+        mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
+        stride_wb, stride_wt = weights.stride() if weights is not None else (0, 0)
+        self.ranks = slots["weighted_mean"] >= 0 and weights is None and mask is not None
+        n_tblocks = triton_cdiv(T, block_t)
+        stride_gob, stride_god = grad_out.stride()
+        grad_strides = (T * d, d, 1)  # the gradient is allocated contiguous
+        self.tail = (
+            B, T, d, n_tblocks, prefix.shape[1] if self.ranks else 0,
+            stride_gob, stride_god, stride_mb, stride_mt, stride_wb, stride_wt, *grad_strides,
+            *kernel_columns(slots), mask_bits,
+        )  # fmt: skip
+        self.constexprs = dict(
+            HAS_MASK=mask is not None, HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype),
+            CHUNK=overridden("chunk", CHUNK), BLOCK_T=block_t, BLOCK_D=block_d,
+        )  # fmt: skip
+        self.options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+        self.key = None
+        if cacheable:
+            self.key = (
+                self.device, dtype, grad_out.dtype, mask_view.dtype if mask is not None else None,
+                weights.dtype if weights is not None else None,
+                *map(specialization, (d, stride_gob, stride_god, stride_mt, stride_wt, *grad_strides)),
+                aligned(grad_out), mask is None or aligned(mask_view), weights is None or aligned(weights),
+                mask_bits >= 2**31,
+            )  # fmt: skip
+        self.grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
+
+    def launch(self, grad_out, mask, argmax, stats, weights, wsum, prefix) -> torch.Tensor:
+        grad = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if self.grid is None:
+            return grad
+        dummy = placeholder(self.device, wsum.dtype) if weights is None else wsum
+        args = (
+            grad_out, stats if mask is None else integer_view(mask)[0], argmax if self.slots["max"] >= 0 else stats,
+            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad, *self.tail,
+        )  # fmt: skip
+        launch_on(self.device, backward_launcher(), self.key, self.grid, args, self.constexprs, self.options)
+        return grad
 
 
 def weights_backward(
@@ -322,8 +456,8 @@ def weights_backward(
         HAS_MASK=mask is not None, PACKED=False, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
         BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
-    with on_device(device):
-        weights_launcher()(None, (B, triton_cdiv(T, block_t), 1), args, constexprs, dict(num_warps=NUM_WARPS))
+    grid = (B, triton_cdiv(T, block_t), 1)
+    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad
 
 

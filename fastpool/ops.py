@@ -35,13 +35,20 @@ Outputs = tuple[
 ]
 
 
+_triton_modules: tuple | None = None
+
+
 def _impl(backend: str, packed: bool = False):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    """The module implementing ``backend`` (padded or packed); triton's launchers import lazily, once."""
+    global _triton_modules
     if backend == "torch":
         return eager_packed if packed else eager
-    from . import launchers, packed_launchers
+    torch._check(backend == "triton", lambda: f"fastpool: unknown backend {backend!r}")
+    if _triton_modules is None:
+        from . import launchers, packed_launchers
 
-    return packed_launchers if packed else launchers
+        _triton_modules = (launchers, packed_launchers)
+    return _triton_modules[1] if packed else _triton_modules[0]
 
 
 def _hint(max_seqlen: int) -> int | None:
@@ -106,9 +113,7 @@ def forward_impl(
     if backend == "torch":
         outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
-    from . import launchers
-
-    return launchers.pool_forward(
+    return _impl(backend).pool_forward(
         hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
     )
 
@@ -232,9 +237,7 @@ def packed_forward_impl(
     if backend == "torch":
         outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
-    from . import packed_launchers
-
-    return packed_launchers.pool_forward(
+    return _impl(backend, packed=True).pool_forward(
         hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward, lean,
         share_empty,
     )  # fmt: skip

@@ -11,12 +11,15 @@ programs are left out of the grid.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .fast_launch import aligned, specialization
+from .fast_launch import KernelLauncher, aligned, specialization
 from .launch import (
     CHUNK,
     MAX_GRID_X,
+    NUM_WARPS,
     ForwardOutputs,
     empty,
     check_feature_blocks,
@@ -24,7 +27,7 @@ from .launch import (
     forward_plan,
     has_overrides,
     kernel_columns,
-    on_device,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -33,8 +36,17 @@ from .launch import (
     triton_acc_dtype,
     triton_cdiv,
 )
-from .launchers import forward_launcher
+from .launchers import forward_launcher, weights_launcher
 from .modes import mode_columns
+
+
+def _packed_backward_launcher() -> KernelLauncher:
+    from .kernels.pool_backward import packed_backward_kernel
+
+    return KernelLauncher(packed_backward_kernel)
+
+
+packed_backward_launcher = functools.cache(_packed_backward_launcher)
 
 
 def packed_programs(S: int, N: int, max_seqlen: int | None) -> tuple[int, int]:
@@ -126,8 +138,7 @@ def pool_forward(
         specialization(d), specialization(stride_ht), specialization(stride_hd), specialization(stride_wt),
         specialization(stride_ob), aligned(hidden), aligned(cu_seqlens), weights is None or aligned(weights),
     )  # fmt: skip
-    with on_device(device):
-        forward_launcher()(key, (programs, n_dblocks, 1), args, plan.constexprs, plan.options)
+    launch_on(device, forward_launcher(), key, (programs, n_dblocks, 1), args, plan.constexprs, plan.options)
     return outs.result(prefix)
 
 
@@ -149,8 +160,6 @@ def pool_backward(
     Memory traffic: writes ``N * d * element_size`` bytes (each element once, no memset); reads
     grad_out, argmax and stats (per segment, L2-resident) and the user weights if any.
     """
-    from .kernels.pool_backward import packed_backward_kernel
-
     names = modes.split(",")
     S = stats.shape[1]
     d = grad_out.shape[1] // len(names)
@@ -167,15 +176,25 @@ def pool_backward(
     programs, chunk = packed_programs(S, N, max_seqlen)
     acc_placeholder = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
     weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_placeholder, 0)
-    with on_device(device):
-        packed_backward_kernel[(programs, check_feature_blocks(d, block_d))](
-            grad_out, cu_seqlens, argmax if cols["max"] >= 0 else stats, stats,
-            weights_arg, wsum if weights is not None else acc_placeholder, grad,
-            S, N, d, search_steps(S), *grad_out.stride(), stride_wt, *grad.stride(),
-            *kernel_columns(cols),
-            HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk,
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=overridden("num_warps", 4),
-        )  # fmt: skip
+    stride_gob, stride_god = grad_out.stride()
+    stride_gt, stride_gd = grad.stride()
+    args = (
+        grad_out, cu_seqlens, argmax if cols["max"] >= 0 else stats, stats,
+        weights_arg, wsum if weights is not None else acc_placeholder, grad,
+        S, N, d, search_steps(S), stride_gob, stride_god, stride_wt, stride_gt, stride_gd, *kernel_columns(cols),
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk, BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )  # fmt: skip
+    key = None if has_overrides() else (
+        device, dtype, grad_out.dtype, cu_seqlens.dtype, weights.dtype if weights is not None else None,
+        *map(specialization, (d, stride_gob, stride_god, stride_wt, stride_gt, stride_gd)),
+        aligned(grad_out), aligned(cu_seqlens), weights is None or aligned(weights),
+    )  # fmt: skip
+    grid = (programs, check_feature_blocks(d, block_d), 1)
+    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+    launch_on(device, packed_backward_launcher(), key, grid, args, constexprs, options)
     return grad
 
 
@@ -189,8 +208,6 @@ def weights_backward(
 ) -> torch.Tensor:
     """(N,) gradient of packed weighted_mean with user weights with respect to the weights (as
     ``launchers.weights_backward``); one launch."""
-    from .kernels.pool_backward import weights_backward_kernel
-
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
@@ -203,12 +220,13 @@ def weights_backward(
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
     stride_ht, stride_hd = hidden.stride()
-    with on_device(device):
-        weights_backward_kernel[(triton_cdiv(N, block_t), 1)](
-            grad_block, hidden, wsum, wsum, wmean, grad, cu_seqlens,
-            S, N, d, search_steps(S), *grad_block.stride(), 0, stride_ht, stride_hd, 0, 0, 0, grad.stride(0),
-            -1,
-            HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=overridden("num_warps", 4),
-        )  # fmt: skip
+    args = (
+        grad_block, hidden, wsum, wsum, wmean, grad, cu_seqlens,
+        S, N, d, search_steps(S), *grad_block.stride(), 0, stride_ht, stride_hd, 0, 0, 0, grad.stride(0), -1,
+    )  # fmt: skip
+    constexprs = dict(
+        HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_T=block_t, BLOCK_D=block_d
+    )
+    grid = (triton_cdiv(N, block_t), 1, 1)
+    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad

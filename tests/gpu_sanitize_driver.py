@@ -1,11 +1,14 @@
 """Drive every kernel path on a CUDA device, for compute-sanitizer (memcheck, racecheck).
 
 Not a pytest module: ``compute-sanitizer --tool memcheck python tests/gpu_sanitize_driver.py``.
-Covers every dtype, mask layout and dtype, fused and single modes, user weights, forced and
-heuristic T-splits, strided inputs, empty dimensions and empty rows, forward and backward; packed
-batches (one chunk per sequence and chunked, with and without the max_seqlen hint, empty and long
-sequences) and malformed offsets on the unchecked path (must stay in bounds). Exits non-zero on a
-wrong result (against the eager backend), prints OK otherwise.
+Covers every dtype, mask layout and dtype, fused and single modes, user weights (with their gradient),
+rows held by one program and rows spread over programs (the in-launch ticket fold), the
+normalisation epilogue over several feature blocks, inference calls (values-only max, outputs in
+the workspace), strided inputs, empty dimensions and empty rows, forward and backward (the rank
+prefixes of weighted_mean with a mask); packed batches (segment programs only, and window programs
+for long segments, with and without the max_seqlen hint, empty and long sequences) and malformed
+offsets on the unchecked path (must stay in bounds). Exits non-zero on a wrong result (against the
+eager backend), prints OK otherwise.
 """
 
 import argparse
@@ -72,20 +75,25 @@ def main() -> int:
         hidden.requires_grad_()
         weights = None
         if "weighted_mean" in modes and layout == "holes":
-            weights = (torch.rand(shape[:2], generator=gen) + 0.5).to(dtype).to(DEVICE)
+            weights = (torch.rand(shape[:2], generator=gen) + 0.5).to(dtype).to(DEVICE).requires_grad_()
+        normalize = len(modes) > 1
+        inputs = (hidden,) if weights is None else (hidden, weights)
         results = []
         for backend, override in (("torch", {}), ("triton", {}), ("triton", {"chunks_per_program": 1})):
             with fastpool.use_backend(backend), launch.config_override(**override):
-                out = fastpool.pool(hidden, mask, mode=modes, weights=weights)
-                grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
-            results.append((out, grad))
+                out = fastpool.pool(hidden, mask, mode=modes, weights=weights, normalize=normalize)
+                grads = torch.autograd.grad(out, inputs, torch.ones_like(out)) if out.numel() else None
+                with torch.no_grad():
+                    inference = fastpool.pool(hidden, mask, mode=modes, weights=weights, normalize=normalize)
+            results.append((out, grads, inference))
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         tol = {"rtol": 2e-2, "atol": 2e-2}
-        for out, grad in results[1:]:
+        for out, grads, inference in results[1:]:
             torch.testing.assert_close(out, results[0][0], **tol)
-            if grad is not None:
-                torch.testing.assert_close(grad, results[0][1], **tol)
+            torch.testing.assert_close(inference, out, rtol=0, atol=0)
+            if grads is not None:
+                torch.testing.assert_close(grads, results[0][1], **tol)
         checked += 1
     checked += packed_cases(args.quick or args.tiny, gen)
     print(f"OK {checked} cases")
@@ -105,13 +113,15 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
             )
             N, d = int(cu[-1]), 264
             hidden = torch.randn(N, d, generator=gen).to(dtype).to(DEVICE).requires_grad_()
-            weights = (torch.rand(N, generator=gen) + 0.5).to(dtype).to(DEVICE)
+            weights = (torch.rand(N, generator=gen) + 0.5).to(dtype).to(DEVICE).requires_grad_()
             results = []
             runs = (("torch", {}, None), ("triton", {}, max(lengths)), ("triton", {}, None))
             for backend, override, hint in runs:
                 with fastpool.use_backend(backend), launch.config_override(**override):
-                    out = fastpool.pool(hidden, mode=modes, cu_seqlens=cu, max_seqlen=hint, weights=weights)
-                    grad = torch.autograd.grad(out, hidden, torch.ones_like(out))[0] if out.numel() else None
+                    out = fastpool.pool(
+                        hidden, mode=modes, cu_seqlens=cu, max_seqlen=hint, weights=weights, normalize=True
+                    )
+                    grad = torch.autograd.grad(out, (hidden, weights), torch.ones_like(out)) if out.numel() else None
                 results.append((out, grad))
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
@@ -123,11 +133,10 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
     # Malformed offsets straight into the launchers (what an unchecked max_seqlen call could pass).
     hidden = torch.randn(100, 264, device=DEVICE)
     bad = torch.tensor([0, 5000, 30, -9, 2**30, 100, 7], dtype=torch.int32, device=DEVICE)
+    joined = ",".join(modes)
     for hint in (None, 10):
-        out, argmax, stats, *_ = packed_launchers.pool_forward(
-            hidden, bad, modes, None, hint, -1.0, True, True
-        )
-        packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, modes)
+        out, argmax, stats, *_ = packed_launchers.pool_forward(hidden, bad, joined, None, hint, -1.0, True, True)
+        packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, joined)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return checked + 1
