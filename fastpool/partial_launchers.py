@@ -24,7 +24,7 @@ from .launch import (
     check_feature_blocks,
     forward_plan,
     has_overrides,
-    on_device,
+    launch_on,
     overridden,
     partial_buffers,
     placeholder,
@@ -130,8 +130,10 @@ def state_forward(
         specialization(values.stride(0)), aligned(hidden), mask is None or aligned(mask_view),
         not has_weights or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
-    with on_device(device):
-        forward_launcher()(key, (B, n_dblocks, grid.programs_per_row), args, _constexprs(plan), plan.options)
+    launch_on(
+        device, forward_launcher(), key, (B, n_dblocks, grid.programs_per_row), args, _constexprs(plan),
+        plan.options,
+    )  # fmt: skip
     return values, argmax, stats, wsum, prefix
 
 
@@ -194,10 +196,8 @@ def state_finish(
     )  # fmt: skip
     if _finish is None:
         _finish = _finish_launcher()
-    with on_device(device):
-        _finish(
-            None, (rows, n_dblocks, 1), args, constexprs, dict(num_warps=overridden("num_warps", NUM_WARPS))
-        )
+    options = dict(num_warps=overridden("num_warps", NUM_WARPS))
+    launch_on(device, _finish, None, (rows, n_dblocks, 1), args, constexprs, options)
     return out, norms
 
 
