@@ -221,5 +221,5 @@ def state_backward(
     unit = torch.ones((stats.shape[1],), dtype=grad_values.dtype, device=grad_values.device)
     return pool_backward(
         grad_values, mask, argmax, one_token, T, dtype, ",".join(SLOT_MODE[s] for s in slots), weights,
-        unit if weights is not None else None, prefix,
+        unit, prefix,
     )  # fmt: skip

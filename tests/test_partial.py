@@ -324,3 +324,37 @@ def _bad_calls(device):
 def test_bad_input_gets_a_clear_error(device, index):
     argument, error, call = _bad_calls(device)[index]
     assert_clear_error(argument, error, call)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("with_weights", [False, True], ids=["ranks", "user-weights"])
+def test_opcheck(device, backend_name, with_weights):
+    """The partial ops' schemas, fake kernels and autograd registrations (torch.library.opcheck)."""
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(2, 7, 5, generator=gen).to(device).requires_grad_()
+    weights = (torch.rand(2, 7, generator=gen) + 0.25).to(device).requires_grad_() if with_weights else None
+    mask = make_mask("holes", 2, 7, gen).to(device)
+    modes = "max,weighted_mean,cls" if with_weights else "last,max,mean_sqrt_len,weighted_mean"
+    with launch.config_override(**CONFIGS["small"]):
+        fwd_args = (hidden, mask, weights, modes, backend_name, True)
+        torch.library.opcheck(torch.ops.fastpool.partial_fwd.default, fwd_args)
+        constants = (hidden.detach(), mask, None if weights is None else weights.detach(), *fwd_args[3:])
+        values, argmax, stats, wsum, prefix = torch.ops.fastpool.partial_fwd(*constants)
+        torch.library.opcheck(
+            torch.ops.fastpool.partial_bwd.default,
+            (torch.randn_like(values), mask, constants[2], argmax, stats, prefix, 7, hidden.dtype, modes,
+             backend_name),
+        )  # fmt: skip
+        count = stats[0].to(torch.int64)
+        for eps in (-1.0, 1e-12):
+            finish_args = (
+                values.requires_grad_(),
+                count,
+                wsum,
+                modes,
+                backend_name,
+                hidden.dtype,
+                with_weights,
+                eps,
+            )
+            torch.library.opcheck(torch.ops.fastpool.partial_finish.default, finish_args)
