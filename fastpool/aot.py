@@ -89,6 +89,7 @@ def _kernel(name: str):
         "pool_backward_kernel": pool_backward.pool_backward_kernel,
         "packed_backward_kernel": pool_backward.packed_backward_kernel,
         "weights_backward_kernel": pool_backward.weights_backward_kernel,
+        "pool_finish_kernel": pool_forward.pool_finish_kernel,
     }[name]
 
 
@@ -104,8 +105,12 @@ def _flags(variant: tuple) -> str:
     )
 
 
-def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32"):
-    """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type)."""
+def _forward(
+    dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32",
+    state: bool = False,
+):  # fmt: skip
+    """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type);
+    ``state``: the STATE variant of ``fastpool.partial`` (out_ptr is the state, in the acc dtype)."""
     size = HIDDEN_DTYPES[dtype]
     acc = _acc(dtype)
     do_mean, do_max, track, do_weighted, has_weights = variant
@@ -113,8 +118,9 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
-        "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
+        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}",
+        "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}",
+        "prefix_ptr": "*i32",
         "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
         "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
         "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
@@ -125,24 +131,29 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
         "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "TRACK_POS": track,
         "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": packed, "ACC_DTYPE": acc,
         "LANES": launch.LANES, "BLOCK_D": launch.feature_block(size), "CHUNK": launch.CHUNK,
-        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES,
+        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES, "STATE": state,
         **({"stride_hd": 1} if contiguous else {}), **({"stride_mt": 1} if contiguous and has_mask else {}),
     }  # fmt: skip
     divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
     where = f"packed offsets={offsets[1:]}" if packed else f"mask={mask_name}"
-    label = f"fwd {dtype} {where} {_flags(variant)} {layout}"
+    label = f"{'state-fwd' if state else 'fwd'} {dtype} {where} {_flags(variant)} {layout}"
     maxnreg = launch.forward_max_registers(track, do_weighted)
     return Specialization("pool_forward_kernel", label, types, constexprs, divisible, maxnreg=maxnreg)
 
 
-def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Specialization:
+def _backward(
+    dtype: str, mask_name: str, has_weights: bool, layout: str, grad_dtype: str | None = None
+) -> Specialization:
+    """One pool_backward_kernel specialization; ``grad_dtype``: grad_out's, when not hidden's (the
+    partial states' backward reads the state's gradient in the acc dtype)."""
     size = HIDDEN_DTYPES[dtype]
     acc = _acc(dtype)
     contiguous = layout == "contiguous"
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32", "stats_ptr": "*i32",
+        "grad_out_ptr": f"*{grad_dtype or dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
+        "stats_ptr": "*i32",
         "prefix_ptr": "*i32", "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
         "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
     }  # fmt: skip
@@ -153,7 +164,8 @@ def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Spe
         **({"stride_mt": 1} if contiguous and has_mask else {}),
     }  # fmt: skip
     divisible = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
-    label = f"bwd {dtype} mask={mask_name} user_weights={int(has_weights)} {layout}"
+    grad_label = f" grad={grad_dtype}" if grad_dtype else ""
+    label = f"bwd {dtype}{grad_label} mask={mask_name} user_weights={int(has_weights)} {layout}"
     return Specialization("pool_backward_kernel", label, types, constexprs, divisible)
 
 
@@ -196,6 +208,56 @@ def _weights_backward(dtype: str, mask_name: str, packed: bool, layout: str) -> 
     return Specialization("weights_backward_kernel", label, types, constexprs, divisible)
 
 
+def _finish(dtype: str, variant: tuple) -> Specialization:
+    """One pool_finish_kernel specialization: (DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS)."""
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    do_mean, do_max, do_weighted, has_weights = variant
+    types = {
+        "state_ptr": f"*{acc}", "count_ptr": "*i32", "wsum_in_ptr": f"*{acc}", "out_ptr": f"*{dtype}",
+        "scratch_ptr": "*i32", "wsum_out_ptr": f"*{acc}", "norm_ptr": f"*{acc}", "rowbuf_ptr": f"*{acc}",
+        "counter_ptr": "*i64", "epoch": "i64", "normalize_eps": "fp32",
+    }  # fmt: skip
+    constexprs = {
+        "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights,
+        "ACC_DTYPE": acc, "BLOCK_D": launch.feature_block(size),
+    }  # fmt: skip
+    label = (
+        f"finish {dtype} mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)} "
+        f"user_weights={int(has_weights)}"
+    )
+    return Specialization("pool_finish_kernel", label, types, constexprs, ("d", "stride_sb", "stride_ob"))
+
+
+# Partial states (fastpool.partial): the STATE forward always keeps max positions; sampled like the
+# wider masks: the lightest and the heaviest mixes, rank and user weights. The finish kernel's mixes.
+STATE_VARIANTS = (
+    FORWARD_VARIANTS[0], FORWARD_VARIANTS[1], FORWARD_VARIANTS[3], FORWARD_VARIANTS[7], FORWARD_VARIANTS[11]
+)
+FINISH_VARIANTS = (
+    (False, False, False, False),  # cls / last only
+    (True, False, False, False),
+    (True, True, True, False),
+    (True, True, True, True),
+)
+
+
+def state_specializations() -> list[Specialization]:
+    """The kernels of the partial states: the STATE forward, the finish kernel, and the backward
+    reading a float32 state gradient for 16-bit hidden."""
+    specs: list[Specialization] = []
+    for dtype in HIDDEN_DTYPES:
+        for variant in STATE_VARIANTS:
+            specs.append(_forward(dtype, "i8", variant, "contiguous", packed=False, state=True))
+        for variant in FINISH_VARIANTS:
+            specs.append(_finish(dtype, variant))
+    specs.append(_forward("bf16", "none", STATE_VARIANTS[-1], "strided", packed=False, state=True))
+    for dtype in ("fp16", "bf16"):
+        for has_weights in (False, True):
+            specs.append(_backward(dtype, "i8", has_weights, "contiguous", grad_dtype="fp32"))
+    return specs
+
+
 def specializations() -> list[Specialization]:
     """Every (kernel, dtype, mask kind, modes, layout) the launchers can launch. The parallelism of a
     launch (programs per row), the normalisation and the mode columns are runtime arguments."""
@@ -221,7 +283,7 @@ def specializations() -> list[Specialization]:
             for mask_name in ("none", "i8"):
                 specs.append(_weights_backward(dtype, mask_name, False, layout))
             specs.append(_weights_backward(dtype, "none", True, layout))
-    return specs
+    return specs + state_specializations()
 
 
 def _cuobjdump() -> str:

@@ -307,6 +307,7 @@ def _forward_plan(modes, dtype, has_mask, has_weights, normalize, track_position
         HAS_WEIGHTS=has_weights, PACKED=packed, ACC_DTYPE=triton_acc_dtype(dtype),
         LANES=overridden("lanes", LANES), BLOCK_D=block_d, CHUNK=overridden("chunk", CHUNK),
         SCAN_BLOCK=overridden("scan_block", SCAN_BLOCK), NUM_STAGES=overridden("num_stages", NUM_STAGES),
+        STATE=False,  # the pooled outputs (fastpool.partial launches the state-output variant)
     )  # fmt: skip
     return ForwardPlan(
         n_modes=len(names),
