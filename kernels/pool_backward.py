@@ -112,7 +112,7 @@ def _token_ranks(
     before = tl.load(prefix_row + k, mask=any_real, other=0)
     WINDOW: tl.constexpr = triton.next_power_of_2(CHUNK + BLOCK_T)
     u = c_begin + tl.arange(0, WINDOW)
-    inside = any_real & (u <= t_last)
+    inside = u <= t_last  # none when the tile has no real token (t_last = -1, u >= 0)
     m = tl.load(mask_row + u.to(tl.int64) * stride_mt, mask=inside, other=0)
     u_real = inside & ((m & MASK_BITS) != 0)
     upto = tl.sum((u_real[None, :] & (u[None, :] <= t[:, None])).to(tl.int32), axis=1)
@@ -167,7 +167,9 @@ def pool_backward_kernel(
     count = tl.load(stats_ptr + row)
     first = tl.load(stats_ptr + B + row)
     last = tl.load(stats_ptr + 2 * B + row)
-    real = t_in & (count > 0)
+    # One block comparison (t_in, or nothing for an empty row), never `t_in & scalar_bool`: the
+    # Triton >= 3.7 interpreter broadcasts a scalar bool to int32 and rejects it as a load mask.
+    real = t < tl.where(count > 0, T, 0)
     if HAS_MASK:
         if (col_mean >= 0) | (col_sqrt >= 0) | (col_weighted >= 0):
             m = tl.load(mask_ptr + row * stride_mb + t.to(tl.int64) * stride_mt, mask=t_in, other=0)

@@ -264,13 +264,16 @@ def _write_results(
         # depends on its order, and a row's bits must not.
         max_out = tl.where(has_tokens & (max_value != 0.0), max_value, 0.0)
     # The gathers cost d loads per row: a uniform runtime branch, not another specialization.
+    # The load mask is one block comparison (d_in, or nothing for an empty row): a scalar bool
+    # broadcast by `&` reaches the Triton >= 3.7 interpreter's loads as int32, which they reject.
+    gather = d_offs < tl.where(has_tokens, d, 0)
     if col_first >= 0:
         src = hidden_ptr + row * stride_hb + first.to(tl.int64) * stride_ht
-        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=gather, other=0.0)
         first_token = token.to(total.dtype)
     if col_last >= 0:
         src = hidden_ptr + row * stride_hb + last.to(tl.int64) * stride_ht
-        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=gather, other=0.0)
         last_token = token.to(total.dtype)
     if DO_MAX and TRACK_POS:
         tl.store(argmax_ptr + row * d + d_offs, tl.where(has_tokens, max_pos, -1), mask=d_in)
