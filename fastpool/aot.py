@@ -137,7 +137,7 @@ def _forward(
     divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
     where = f"packed offsets={offsets[1:]}" if packed else f"mask={mask_name}"
     label = f"{'state-fwd' if state else 'fwd'} {dtype} {where} {_flags(variant)} {layout}"
-    maxnreg = launch.forward_max_registers(track, do_weighted)
+    maxnreg = launch.forward_max_registers(track, do_weighted, packed)
     return Specialization("pool_forward_kernel", label, types, constexprs, divisible, maxnreg=maxnreg)
 
 

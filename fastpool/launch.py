@@ -34,14 +34,19 @@ NUM_STAGES = 4
 # Register cap of the forward kernel. Without one, ptxas keeps some variants near 48 registers and
 # spills a few bytes outside the token loops; with 128 every variant fits without spilling and keeps
 # 4 programs of 128 threads per multiprocessor, except the mix that keeps four accumulators (max
-# with positions and a weighted sum, besides the sum), which needs up to 192 (strided hidden).
+# with positions and a weighted sum, besides the sum), which needs up to 192 (strided hidden), and
+# packed max with positions, whose int64 offsets need 139 on sm_80 (at 128 ptxas keeps an 8-byte
+# stack frame): 3 programs per multiprocessor there.
 FORWARD_MAX_REGISTERS = 128
+FORWARD_MAX_REGISTERS_PACKED_POSITIONS = 160
 FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS = 255
 
 
-def forward_max_registers(track_positions: bool, do_weighted: bool) -> int:
+def forward_max_registers(track_positions: bool, do_weighted: bool, packed: bool) -> int:
     """The forward kernel's register cap for a mode mix (see FORWARD_MAX_REGISTERS)."""
-    return FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS if track_positions and do_weighted else FORWARD_MAX_REGISTERS
+    if track_positions and do_weighted:
+        return FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS
+    return FORWARD_MAX_REGISTERS_PACKED_POSITIONS if track_positions and packed else FORWARD_MAX_REGISTERS
 # Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
 PROGRAMS_PER_SM = 4
 # Backward: bytes of one output tile (BLOCK_T * BLOCK_D * element size).
@@ -324,7 +329,7 @@ def _forward_plan(modes, dtype, has_mask, has_weights, normalize, track_position
         block_d=block_d,
         constexprs=constexprs,
         options=dict(
-            num_warps=overridden("num_warps", NUM_WARPS), maxnreg=forward_max_registers(track, do_weighted)
+            num_warps=overridden("num_warps", NUM_WARPS), maxnreg=forward_max_registers(track, do_weighted, packed)
         ),
     )
 
