@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import attention_global
 import torch
 from providers import EAGER, Provider, eager_max, eager_mean, segment_ids
 from shapes import MODES_OF, OPS, PACKED_OPS, Case, PackedBatch, seed_of
@@ -84,6 +85,8 @@ def check_forward(
     case: Case, providers: list[Provider], h: torch.Tensor, mask: torch.Tensor
 ) -> dict[str, bool]:
     """Check every provider's forward; returns {provider: matches the correct reference}."""
+    if case.op in attention_global.EAGER:
+        return attention_global.check_forward(case, providers, h, mask)
     if case.packed is not None:
         return check_packed_forward(case, providers, h, mask)
     op = case.op
@@ -127,6 +130,9 @@ def check_backward(case: Case, providers: list[Provider], h: torch.Tensor, mask:
     max does not promise the first), and to eager cls / last picking the wrong token; fastpool's
     gradient must also be exactly zero at every padding position.
     """
+    if case.op in attention_global.EAGER:
+        attention_global.check_backward(case, providers, h, mask)
+        return
     if case.packed is not None:
         check_packed_backward(case, providers, h, mask)
         return

@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import attention_global
 import torch
-from shapes import OPS, Case, PackedBatch
+from shapes import OPS, Case, PackedBatch, input_kind, op_family
 from tqdm import tqdm
 
 import fastpool
@@ -155,7 +156,7 @@ class Provider:
 
     def skip(self, case: Case) -> str | None:
         """Why this provider does not run ``case`` (padded vs packed input, size limits), or None."""
-        kind = "padded" if case.packed is None else "packed"
+        kind = input_kind(case)
         return None if kind in self.inputs else f"{self.name} takes no {kind} input"
 
     def backend(self) -> str:
@@ -178,12 +179,14 @@ class FastpoolProvider(Provider):
     """fastpool's public functions, backend auto (Triton on CUDA, eager torch elsewhere)."""
 
     name = "fastpool"
-    inputs = ("padded", "packed")
+    inputs = ("padded", "packed", "attention", "feature")
 
     def backend(self) -> str:
         return resolve_backend(self.device)
 
     def fn(self, op: str) -> PoolFn:
+        if op in attention_global.EAGER:
+            return attention_global.fastpool_fn(op)
         if op in PACKED_FNS:
             # Offsets and max_seqlen, as flash-attention users have them: no host sync on CUDA.
             f = PACKED_FNS[op]
@@ -205,9 +208,10 @@ PACKED_FNS = {"packed_mean": fastpool.mean_pool, "packed_max": fastpool.max_pool
 
 class EagerProvider(Provider):
     name = "eager"
+    inputs = ("padded", "attention", "feature")
 
     def fn(self, op: str) -> PoolFn:
-        return EAGER[op]
+        return attention_global.EAGER[op] if op in attention_global.EAGER else EAGER[op]
 
 
 class CompileProvider(Provider):
@@ -220,11 +224,17 @@ class CompileProvider(Provider):
 
     name = "compile"
     optional = True
+    inputs = ("padded", "attention", "feature")
 
     def __init__(self, device: torch.device, budget_s: float | None = None) -> None:
         super().__init__(device)
         self.budget_s = budget_s
         self.spent_s = 0.0
+        # The budget holds per op family (shapes.op_family): attention and global pooling graphs
+        # get their own, so the pooling ops' cold-cache compile does not starve them.
+        self.spent_by_family: dict[str, float] = {}
+        self._family = "pooling"
+        self._budget_noted: set[str] = set()
         self._compiled: dict[str, PoolFn] = {}
         # Every shape is a new static graph: lift the recompile limit so dynamo never silently
         # falls back to eager (which would be timed as "compile").
@@ -243,12 +253,23 @@ class CompileProvider(Provider):
     def backend(self) -> str:
         return "inductor"
 
-    def over_budget(self) -> bool:
-        return self.budget_s is not None and self.spent_s > self.budget_s
+    def over_budget(self, family: str = "pooling") -> bool:
+        return self.budget_s is not None and self.spent_by_family.get(family, 0.0) > self.budget_s
+
+    def skip(self, case: Case) -> str | None:
+        family = op_family(case.op)
+        if self.over_budget(family):
+            reason = f"compile budget of {self.budget_s:.0f} s spent on {family} graphs"
+            if family not in self._budget_noted:
+                self._budget_noted.add(family)
+                tqdm.write(f"note: skipping provider 'compile' on {family} cases from here on: {reason}")
+            return reason
+        return super().skip(case)
 
     def fn(self, op: str) -> PoolFn:
+        self._family = op_family(op)
         if op not in self._compiled:
-            self._compiled[op] = torch.compile(EAGER[op], dynamic=False)
+            self._compiled[op] = torch.compile({**EAGER, **attention_global.EAGER}[op], dynamic=False)
         return self._compiled[op]
 
     def first_call(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
@@ -256,7 +277,9 @@ class CompileProvider(Provider):
         try:
             return super().first_call(fn)
         finally:
-            self.spent_s += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.spent_s += elapsed
+            self.spent_by_family[self._family] = self.spent_by_family.get(self._family, 0.0) + elapsed
 
 
 class SentenceTransformersProvider(Provider):

@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from shapes import op_family
 from summary import (
     PACKED_BASELINES,
     SHORT_DTYPE,
@@ -34,7 +35,7 @@ from summary import (
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 TABLE_PASSES = ("fwd", "fwd+bwd")
-MAX_ROWS = 20  # per run: the README is an overview; the JSONL and PNG hold the rest
+MAX_ROWS = 40  # per run: the README is an overview; the JSONL and PNG hold the rest
 
 
 def load(path: Path) -> list[dict]:
@@ -49,7 +50,8 @@ def section(rows: list[dict], source: str) -> str:
     """Markdown for one run: heading naming the device, a compact table, the overall speedups."""
     first = measurements(rows)[0]
     groups = pivot(rows)
-    padded = {k: by for k, by in groups.items() if not is_packed(k)}
+    extra = [k for k in groups if op_family(k[0]) != "pooling" and k[1] in TABLE_PASSES]
+    padded = {k: by for k, by in groups.items() if not is_packed(k) and op_family(k[0]) == "pooling"}
     chosen = [
         k for k, by in padded.items() if k[1] in TABLE_PASSES and by.get("fastpool", {}).get("headline")
     ]
@@ -59,8 +61,10 @@ def section(rows: list[dict], source: str) -> str:
         f"#### {first['device']} ({first['preset']} preset)",
         "",
         f"torch {first['torch']}, triton {first['triton']}, fastpool {first['fastpool']} "
-        f"(backend {groups[chosen[0]].get('fastpool', {}).get('backend', '?') if chosen else '?'}), "
-        f"{first['date'][:10]}; source `bench/results/{source}`."
+        f"(backend {next((by['fastpool']['backend'] for by in groups.values() if 'fastpool' in by), '?')}), "
+        f"{first['date'][:10]}"
+        + (f", {first['threads']} CPU thread(s), timer {first['timer']}" if first.get("threads") else "")
+        + f"; source `bench/results/{source}`."
         + (
             " Measured rooflines: " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in roofs.items()) + "."
             if roofs
@@ -86,13 +90,19 @@ def section(rows: list[dict], source: str) -> str:
             cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += packed_table([k for k in groups if is_packed(k) and k[1] in TABLE_PASSES], groups, bool(roofs))
+    lines += extra_table(extra, groups, bool(roofs))
     summary = []
     for pass_ in ("fwd", "fwd+bwd", "bwd"):
         parts = []
         for base in ("eager", "compile", *PACKED_BASELINES):
-            values = [s for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
+            values = [(s, k) for k, by in groups.items() if k[1] == pass_ and (s := speedup(by, base))]
             if values:
-                parts.append(f"{fmt_x(geomean(values))} vs {base} ({len(values)} cases)")
+                low, key = min(values)
+                lowest = f"{key[0]} {SHORT_DTYPE.get(key[2], key[2])} {' '.join(shape_label(key))}"
+                parts.append(
+                    f"{fmt_x(geomean([v for v, _ in values]))} vs {base} ({len(values)} cases, lowest "
+                    f"{fmt_x(low)}: {lowest})"
+                )
         if parts:
             summary.append(f"{pass_}: " + ", ".join(parts))
     if summary:
@@ -121,6 +131,35 @@ def packed_table(keys: list[tuple], groups: dict, roofs: bool) -> list[str]:
         cells = [key[0], key[1], SHORT_DTYPE.get(key[2], key[2]), shape, lengths]
         cells += [fmt_ms(by[p]["median_ms"]) if p in by else "-" for p in ("fastpool", *PACKED_BASELINES)]
         cells += [fmt_x(speedup(by, p)) for p in PACKED_BASELINES]
+        cells.append(f"{fp['gbps']:.0f}" if fp else "-")
+        if roofs:
+            cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def extra_table(keys: list[tuple], groups: dict, roofs: bool) -> list[str]:
+    """Markdown lines for attention pooling and global pooling cases (none when the run has none)."""
+    if not keys:
+        return []
+    lines = [
+        "",
+        "Attention pooling (`attention`: one score per token, eager = masked `softmax` then the (B, T, d) "
+        "product summed over T; training passes differentiate hidden and scores) and global pooling of "
+        "feature maps (`global_mean` / `global_max`, B x C x H x W in NCHW or channels_last; eager = "
+        "`AdaptiveAvgPool2d(1)` / `flatten(2).amax(-1)`); compile = `torch.compile` of the eager code.",
+        "",
+        "| op | pass | dtype | shape | padding / format | fastpool ms | eager ms | compile ms "
+        "| vs eager | vs compile | fastpool GB/s |" + (" % roofline |" if roofs else ""),
+        "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if roofs else ""),
+    ]
+    for key in keys[:MAX_ROWS]:
+        by = groups[key]
+        shape, pad = shape_label(key)
+        fp = by.get("fastpool")
+        cells = [key[0], key[1], SHORT_DTYPE.get(key[2], key[2]), shape, pad]
+        cells += [fmt_ms(by[p]["median_ms"]) if p in by else "-" for p in ("fastpool", "eager", "compile")]
+        cells += [fmt_x(speedup(by, "eager")), fmt_x(speedup(by, "compile"))]
         cells.append(f"{fp['gbps']:.0f}" if fp else "-")
         if roofs:
             cells.append(f"{fp['frac_roofline']:.0%}" if fp and fp.get("frac_roofline") else "-")

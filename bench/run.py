@@ -18,6 +18,7 @@ number of sequences, the output's rows), T = the longest sequence, padding 0 and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -25,15 +26,16 @@ import re
 import sys
 from pathlib import Path
 
+import attention_global
 import torch
 from checks import check_backward, check_forward, grad_output
 from plot import plot
-from providers import PROVIDERS, CompileProvider, Provider, build_provider, make_providers
+from providers import PROVIDERS, Provider, build_provider, make_providers
 from rich.console import Console
 from rich.table import Table
-from shapes import DTYPES, PRESETS, Case, PackedBlock, Preset, make_inputs
+from shapes import DTYPES, PRESETS, Case, FeatureBlock, PackedBlock, Preset, make_inputs, spatial_label
 from summary import print_table
-from timing import Timing, measure, measure_rooflines
+from timing import Timing, measure, measure_interleaved, measure_rooflines
 from tqdm import tqdm
 from traffic import ROOFLINE_OF_PASS, gbps, minimal_bytes, packed_minimal_bytes
 
@@ -44,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROW_FIELDS = (
     "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "S", "N", "length_dist", "provider",
     "median_ms", "p20_ms", "p80_ms", "wall_ms", "graph_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
-    "matches_reference", "pad_actual", "headline", "block", "preset",
+    "matches_reference", "pad_actual", "headline", "block", "preset", "spatial",
     "device", "threads", "torch", "triton", "fastpool", "date",
 )  # fmt: skip
 
@@ -53,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: the preset's")
+    parser.add_argument("--blocks", nargs="+", help="run only these blocks of the preset (default: all)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where default-named results go")
     parser.add_argument("--out", type=Path, help="JSONL path (default <out-dir>/<device>-<preset>.jsonl)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: --out with .png)")
@@ -67,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-budget", type=float, help="seconds of compiling after which compile is skipped"
     )
-    parser.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="CPU: torch.set_num_threads (default: the preset's, else torch's choice)"
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="list the grid and count measurements, run nothing"
     )
@@ -111,6 +116,8 @@ def environment(device: torch.device) -> dict:
 def timed_callable(pass_: str, fn, h: torch.Tensor, mask: torch.Tensor, g: torch.Tensor):
     """What one timed iteration runs. Backward goes through autograd.grad, not .backward(), so no
     .grad accumulates (that would add a read-modify-write of (B, T, d) to every iteration)."""
+    if isinstance(mask, attention_global.AttentionInputs):
+        return attention_global.timed_callable(pass_, fn, h, mask, g)
     if pass_ == "fwd":
         return lambda: fn(h, mask)
     hg = h.detach().requires_grad_()
@@ -129,9 +136,29 @@ def time_one(case: Case, provider: Provider, h, mask, g, args, preset: Preset) -
         )  # fmt: skip
 
 
+def time_interleaved(case: Case, providers: list[Provider], h, mask, g, args, preset: Preset) -> dict:
+    """CPU: every provider of the case timed in alternation ({name: Timing}); a provider whose
+    callable cannot be built or run is left out (only optional ones may fail)."""
+    fns = {}
+    with torch.set_grad_enabled(case.pass_ != "fwd"):
+        for p in providers:
+            try:
+                run = timed_callable(case.pass_, p.fn(case.op), p.prepare(h), mask, g)
+                run()
+            except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
+                if not p.optional:
+                    raise
+                tqdm.write(f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            fns[p.name] = run
+        return measure_interleaved(fns, quick=args.quick, min_run_time=preset.min_run_time)
+
+
 def case_bytes(case: Case, mask) -> int:
     """bench/traffic.py's minimal byte count of the case (``mask`` is a PackedBatch when packed)."""
     dtype = DTYPES[case.dtype]
+    if case.op in attention_global.EAGER:
+        return attention_global.minimal_bytes(case, mask)
     if case.packed is None:
         return minimal_bytes(case.op, case.pass_, case.B, case.T, case.d, dtype, mask)
     cu = mask.cu_seqlens
@@ -141,9 +168,11 @@ def case_bytes(case: Case, mask) -> int:
 
 
 def shape_columns(case: Case) -> dict:
-    """The packed-shape columns of a row (None on padded rows)."""
+    """The packed-shape columns of a row (None on padded rows), and the feature-map spatial shape
+    ("HxW", None on other rows)."""
     p = case.packed
-    return {"S": p and p.S, "N": p and p.N, "length_dist": p and p.dist}
+    spatial = case.spatial and spatial_label(case.spatial)
+    return {"S": p and p.S, "N": p and p.N, "length_dist": p and p.dist, "spatial": spatial}
 
 
 def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
@@ -157,7 +186,7 @@ def roofline_rows(device: torch.device, args, env: dict) -> list[dict]:
             "gbps": gbps(n_bytes, t.median_ms),
             "frac_roofline": None, "bytes": n_bytes, "backend": "torch", "timer": t.timer,
             "matches_reference": None, "pad_actual": None, "headline": False, "block": "roofline",
-            "preset": args.preset, **env,
+            "spatial": None, "preset": args.preset, **env,
         })  # fmt: skip
     return rows
 
@@ -188,9 +217,7 @@ def run_grid(
                 torch.cuda.empty_cache()
             h, mask = make_inputs(case, device)
             inputs_key = case.input_key
-        for p in providers:
-            if isinstance(p, CompileProvider) and not p.disabled and p.over_budget():
-                p.disable(f"compile budget of {p.budget_s:.0f} s spent ({p.spent_s:.0f} s compiling)")
+        # CompileProvider.skip drops compile on cases whose op family spent its compile budget.
         runs = []  # the providers that take this case (padded or packed input, size limits)
         for p in providers:
             reason = p.skip(case)
@@ -207,18 +234,32 @@ def run_grid(
             grads_checked.add(key)
         g = grad_output(case, h)
         n_bytes = case_bytes(case, mask)
-        pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
-        for p in runs:
-            if p.unavailable() or case.pass_ not in p.passes or p.name not in checked[key]:
-                continue
-            try:
-                t = time_one(case, p, h, mask, g, args, preset)
-            except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
-                if not p.optional:
-                    raise
-                # Skip this case only: e.g. one pass may not support being replayed.
-                tqdm.write(f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
+        if case.op in attention_global.EAGER:
+            pad_actual = attention_global.padding_fraction(case, mask)
+        else:
+            pad_actual = 0.0 if case.packed is not None else float((mask == 0).float().mean())
+        timed = [
+            p for p in runs
+            if not p.unavailable() and case.pass_ in p.passes and p.name in checked[key]
+        ]  # fmt: skip
+        # CPU: the providers of a case are timed in alternation (a shared CPU's load hits them alike).
+        interleaved = time_interleaved(case, timed, h, mask, g, args, preset) if device.type == "cpu" else {}
+        for p in timed:
+            if device.type == "cpu":
+                if p.name not in interleaved:
+                    continue
+                t = interleaved[p.name]
+            else:
+                try:
+                    t = time_one(case, p, h, mask, g, args, preset)
+                except Exception as exc:  # noqa: BLE001 - only optional providers may fail here
+                    if not p.optional:
+                        raise
+                    # Skip this case only: e.g. one pass may not support being replayed.
+                    tqdm.write(
+                        f"note: {p.name} failed on {case.label}: {type(exc).__name__}: {str(exc)[:300]}"
+                    )
+                    continue
             rate = gbps(n_bytes, t.median_ms)
             roof_rate = roof.get(ROOFLINE_OF_PASS[case.pass_])
             row = {
@@ -246,6 +287,9 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
         if isinstance(b, PackedBlock):
             names = [f"{p.S} {p.dist} max {p.max_len} ({p.N} tok) x{p.d}" for p in b.shapes[:4]]
             pads = "packed"
+        elif isinstance(b, FeatureBlock):
+            names = ["x".join(map(str, shape)) for shape in b.shapes[:4]]
+            pads = ", ".join(b.formats)
         else:
             names = [f"{B}x{T}x{d}" for B, T, d in b.shapes[:4]]
             pads = f"{', '.join(f'{p:g}' for p in b.paddings)} x {', '.join(b.layouts)}"
@@ -281,13 +325,20 @@ def print_grid(preset: Preset, provider_names: tuple[str, ...], device: torch.de
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.blocks:
+        unknown = set(args.blocks) - {b.name for b in preset.blocks}
+        if unknown:
+            raise SystemExit(f"--blocks: no block {sorted(unknown)} in preset {preset.name!r}")
+        blocks = tuple(b for b in preset.blocks if b.name in args.blocks)
+        preset = dataclasses.replace(preset, name=f"{preset.name}:{'+'.join(args.blocks)}", blocks=blocks)
     provider_names = tuple(args.providers or preset.providers)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.dry_run:
         print_grid(preset, provider_names, device)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (preset.cpu_threads if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     env = environment(device)
     out = args.out or args.out_dir / f"{slug(env['device'])}-{preset.name}.jsonl"
     png = args.plot or out.with_suffix(".png")

@@ -131,14 +131,31 @@ class Case:
     headline: bool = False
     # Packed cases: the sequences (then B = S, T = the longest length, padding 0, layout "packed").
     packed: PackedShape | None = None
+    # Feature-map cases (global pooling): the spatial shape (then d = C, T = its product, padding 0,
+    # layout the memory format "nchw" or "channels_last").
+    spatial: tuple[int, ...] | None = None
 
     @property
     def input_key(self) -> tuple:
-        """Cases with the same key share one (hidden, mask) allocation."""
-        return (self.B, self.T, self.d, self.dtype, self.padding, self.layout, self.packed)
+        """Cases with the same key share one (hidden, mask) allocation (attention adds scores)."""
+        attention = self.op in ATTENTION_OPS
+        return (
+            self.B,
+            self.T,
+            self.d,
+            self.dtype,
+            self.padding,
+            self.layout,
+            self.packed,
+            self.spatial,
+            attention,
+        )
 
     @property
     def label(self) -> str:
+        if self.spatial is not None:
+            shape = f"{self.B}x{self.d}x{spatial_label(self.spatial)}"
+            return f"{self.op} {self.pass_} {self.dtype} {shape} {self.layout}"
         if self.packed is not None:
             return f"{self.op} {self.pass_} {self.dtype} {self.packed.label}"
         pad = f"{self.padding:.0%} {self.layout}" if self.padding else "no pad"
@@ -214,6 +231,8 @@ class Preset:
     min_run_time: float = 0.2
     # CPU only: stop compiling new torch.compile graphs once this many seconds went into compiling.
     compile_budget_s: float | None = None
+    # CPU only: torch.set_num_threads for the run (None: torch's choice); --threads overrides it.
+    cpu_threads: int | None = None
 
     def cases(self) -> list[Case]:
         """Every case of every block, first occurrence kept (blocks may overlap), grouped by input."""
@@ -245,6 +264,8 @@ def serving_shapes() -> tuple[Shape, ...]:
     )
 
 
+# The CPU default grid of issue 13: a serving batch and a longer one.
+CPU_SHAPES: tuple[Shape, ...] = ((32, 256, 768), (8, 512, 1024))
 ISSUE_SHAPE: Shape = (64, 512, 1024)  # the shape the feature request quotes, bf16
 WIDE_SHAPE: Shape = (8, 2048, 4096)
 LONG_SHAPES: tuple[Shape, ...] = ((1, 32768, 4096), (8, 8192, 4096), (1, 131072, 1024))
@@ -296,25 +317,51 @@ PRESETS: dict[str, Preset] = {
     ),
     "default": Preset(
         "default",
-        "small CPU grid, under a minute on 2 cores",
+        "CPU grid (issue 13): fp32 and bf16, every op, fwd and fwd+bwd, padding and packed rows; "
+        "a few minutes on 2 cores",
         (
-            Block("headline", ((32, 256, 768),), ("float32",), ALL_OPS, ("fwd", "fwd+bwd"), headline=True),
-            Block("padding", ((32, 256, 768),), ("float32",), ("mean", "max"), ("fwd",), (0.5,)),
             Block(
-                "left", ((8, 512, 1024),), ("float32",), ("mean", "max", "last"), ("fwd",), (0.25,), ("left",)
+                "headline", CPU_SHAPES, ("float32", "bfloat16"), ALL_OPS, ("fwd", "fwd+bwd"), headline=True
+            ),
+            Block("padding", CPU_SHAPES[:1], ("float32", "bfloat16"), ("mean", "max"), ("fwd",), (0.5,)),
+            Block(
+                "left",
+                CPU_SHAPES[1:],
+                ("float32", "bfloat16"),
+                ("mean", "max", "last"),
+                ("fwd",),
+                (0.25,),
+                ("left",),
             ),
             # ~3k tokens each, few sequences (the loop baseline is a few ops per sequence): ~5 s in all.
-            PackedBlock("packed", (uniform(32, 128, 256),), ("float32",), ALL_PACKED_OPS, ("fwd", "fwd+bwd")),
+            PackedBlock(
+                "packed",
+                (uniform(32, 128, 256),),
+                ("float32", "bfloat16"),
+                ALL_PACKED_OPS,
+                ("fwd", "fwd+bwd"),
+            ),
+            # The same number of sequences at the padded grid's width and length: ~6k tokens x 768.
+            PackedBlock(
+                "packed-768",
+                (uniform(32, 256, 768),),
+                ("float32", "bfloat16"),
+                ALL_PACKED_OPS,
+                ("fwd", "fwd+bwd"),
+            ),
             PackedBlock(
                 "packed-skewed",
                 (skewed(34, 1024, 256, 2, (16, 64)),),
-                ("float32",),
+                ("float32", "bfloat16"),
                 ALL_PACKED_OPS,
                 ("fwd",),
             ),
-        ),
-        # A cold inductor cache spends ~30 s on the first CPU graph: cap it to keep the preset under 60 s.
-        compile_budget_s=20.0,
+        ),  # fmt: skip
+        # A cold inductor cache spends ~30 s on the first CPU graph; later graphs take a few seconds.
+        compile_budget_s=240.0,
+        # One thread, timed in CPU time (bench/timing.py): on a shared 2-core machine two threads time
+        # the scheduler (a stalled sibling thread blocks every parallel op; bench/NOTES.md).
+        cpu_threads=1,
     ),
     "gpu-quick": Preset(
         "gpu-quick",
@@ -405,9 +452,13 @@ def make_mask(B: int, T: int, padding: float, layout: str, seed: int) -> torch.T
 
 def make_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | PackedBatch]:
     """Seeded hidden = randn (never zeros: no shortcut for any provider) and the case's mask (a
-    PackedBatch of offsets for a packed case)."""
+    PackedBatch of offsets for a packed case; attention and global pooling: see attention_global)."""
     if case.packed is not None:
         return make_packed_inputs(case, device)
+    if case.op in ATTENTION_OPS or case.op in GLOBAL_OPS:
+        import attention_global
+
+        return attention_global.make_inputs(case, device)
     seed = seed_of(case.B, case.T, case.d, case.dtype, case.padding, case.layout)
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn((case.B, case.T, case.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
@@ -426,3 +477,77 @@ def make_packed_inputs(case: Case, device: torch.device) -> tuple[torch.Tensor, 
     gen = torch.Generator(device=device).manual_seed(seed_of("packed", p, case.dtype))
     hidden = torch.randn((int(cu[-1]), p.d), generator=gen, device=device, dtype=DTYPES[case.dtype])
     return hidden, PackedBatch(cu.to(device), int(lengths.max()))
+
+
+# --- Attention pooling and global pooling of feature maps (inputs, checks: bench/attention_global.py) --
+# "attention": hidden (B, T, d), a padding mask and one score per token (a single head);
+# "global_mean" / "global_max": a (B, C, H, W) feature map in one memory format.
+ATTENTION_OPS: dict[str, tuple[str, ...]] = {"attention": ("attention",)}
+GLOBAL_OPS: dict[str, tuple[str, ...]] = {"global_mean": ("mean",), "global_max": ("max",)}
+MEMORY_FORMATS = ("nchw", "channels_last")
+MODES_OF.update({**ATTENTION_OPS, **GLOBAL_OPS})
+FeatureShape = tuple[int, int, int, int]  # (B, C, H, W)
+
+
+def spatial_label(spatial: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in spatial)
+
+
+def input_kind(case: Case) -> str:
+    """Which inputs a case feeds its providers: "padded", "packed", "attention" or "feature"."""
+    if case.packed is not None:
+        return "packed"
+    if case.op in ATTENTION_OPS:
+        return "attention"
+    return "feature" if case.op in GLOBAL_OPS else "padded"
+
+
+def op_family(op: str) -> str:
+    """Ops that share compiled-graph budgets and README tables: "pooling", "attention" or "global"."""
+    return "attention" if op in ATTENTION_OPS else "global" if op in GLOBAL_OPS else "pooling"
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """Feature maps (B, C, H, W) x dtypes x memory formats x ops x passes (ops from GLOBAL_OPS)."""
+
+    name: str
+    shapes: tuple[FeatureShape, ...]
+    dtypes: tuple[str, ...]
+    ops: tuple[str, ...]
+    passes: tuple[str, ...]
+    formats: tuple[str, ...] = MEMORY_FORMATS
+    headline: bool = False
+
+    def cases(self) -> list[Case]:
+        for op in self.ops:
+            if op not in GLOBAL_OPS:
+                raise ValueError(f"op: expected one of {tuple(GLOBAL_OPS)} in a feature block, got {op!r}")
+        return [
+            Case(self.name, op, pass_, B, H * W, C, dtype, 0.0, fmt, self.headline, None, (H, W))
+            for B, C, H, W in self.shapes
+            for dtype in self.dtypes
+            for fmt in self.formats
+            for op in self.ops
+            for pass_ in self.passes
+        ]
+
+
+RESNET_HEAD: FeatureShape = (256, 2048, 7, 7)  # ResNet-50's last feature map before the classifier
+SE_BLOCK: FeatureShape = (32, 256, 56, 56)  # a squeeze-and-excitation block's global pool
+_EXTRA_BLOCKS: dict[str, tuple] = {
+    "default": (
+        Block("attention", ((32, 256, 768),), ("float32",), ("attention",), ("fwd", "fwd+bwd"), (0.5,)),
+        FeatureBlock("global", ((32, 256, 14, 14),), ("float32",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+    ),
+    "gpu-quick": (
+        Block("attention", (ISSUE_SHAPE,), ("bfloat16",), ("attention",), ("fwd", "fwd+bwd"), (0.0, 0.5)),
+        FeatureBlock("global", (RESNET_HEAD,), ("bfloat16",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+    ),
+}
+_EXTRA_BLOCKS["gpu"] = _EXTRA_BLOCKS["full"] = (
+    Block("attention", (ISSUE_SHAPE,), ("bfloat16",), ("attention",), ("fwd", "fwd+bwd"), (0.0, 0.5)),
+    FeatureBlock("global", (RESNET_HEAD, SE_BLOCK), ("bfloat16",), tuple(GLOBAL_OPS), ("fwd", "fwd+bwd")),
+)
+for _name, _blocks in _EXTRA_BLOCKS.items():
+    PRESETS[_name] = replace(PRESETS[_name], blocks=PRESETS[_name].blocks + _blocks)

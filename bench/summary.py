@@ -10,7 +10,7 @@ from rich.table import Table
 # The fields that identify one case; a row adds provider and measurements to these. N and
 # length_dist only exist on packed rows (and in results written since packed input was added):
 # rows are read with .get, so older results files key their cases with None there.
-CASE_FIELDS = ("op", "pass", "dtype", "B", "T", "d", "padding", "layout", "N", "length_dist")
+CASE_FIELDS = ("op", "pass", "dtype", "B", "T", "d", "padding", "layout", "N", "length_dist", "spatial")
 # Whom fastpool's speedup is computed against: padded cases' baselines, then packed cases'.
 BASELINES = ("eager", "compile", "index_add", "loop")
 PACKED_BASELINES = ("index_add", "loop")
@@ -48,8 +48,10 @@ def is_packed(key: tuple) -> bool:
 
 def shape_label(key: tuple) -> tuple[str, str]:
     """("BxTxd", "padding layout") for a case key; ("S/Nxd", "<length dist> <=T") for a packed one
-    (S sequences, N tokens in all, the longest T)."""
+    (S sequences, N tokens in all, the longest T); ("BxCxHxW", "<memory format>") for a feature map."""
     k = dict(zip(CASE_FIELDS, key, strict=True))
+    if k["spatial"]:  # a feature map (global pooling): B x C x H x W, memory format
+        return f"{k['B']}x{k['d']}x{k['spatial']}", k["layout"]
     if k["layout"] == "packed":
         return f"{k['B']}/{k['N']}x{k['d']}", f"{k['length_dist']} <= {k['T']}"
     return f"{k['B']}x{k['T']}x{k['d']}", (f"{k['padding']:.0%} {k['layout']}" if k["padding"] else "0%")

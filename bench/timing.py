@@ -9,7 +9,8 @@ CUDA: every case is timed three ways, side by side (``measure_views``):
 - ``wall_ms``: back-to-back calls timed by the host clock between two synchronisations, host
   included, L2 warm (what a serving loop sees).
 - ``graph_ms``: the call replayed as a CUDA graph (no host work), when it can be captured.
-CPU: a ``torch.utils.benchmark.Timer``.
+CPU: the providers of a case timed in alternation (``measure_interleaved``; on one intra-op thread
+in the thread's CPU time), or one callable with a ``torch.utils.benchmark.Timer`` (``measure``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,44 @@ def measure(
     m = timer.blocked_autorange(min_run_time=min_run_time / 4 if quick else min_run_time)
     p20, p80 = np.percentile(np.asarray(m.times) * 1e3, [20, 80])
     return Timing(float(m.median * 1e3), float(p20), float(p80), timer="torch.utils.benchmark")
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]], *, quick: bool = False, min_run_time: float = 0.2
+) -> dict[str, Timing]:
+    """CPU: time several callables (the providers of one case) in alternation, so that a change in
+    the machine's load (other processes on a shared CPU) hits them alike and their ratios stay
+    put. Each callable runs ``rounds`` blocks of about ``min_run_time / rounds`` seconds, the blocks
+    of all callables interleaved; median and 20th / 80th percentiles are over its blocks' per-call
+    times. On one intra-op thread the clock is the thread's CPU time, else wall time. Grad mode is
+    the caller's.
+    """
+    # One intra-op thread runs every op on the calling thread: its CPU time is the op's time without
+    # the time other processes held the core (what a shared CPU adds). With more threads a blocked
+    # sibling stalls each parallel region, so only wall time is meaningful there.
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    rounds = 4 if quick else 10
+    block_s = (min_run_time / 4 if quick else min_run_time) / rounds
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: allocator, caches, lazy initialisation
+        start = clock()
+        fn()
+        once = max(clock() - start, 1e-6)
+        calls[name] = max(1, int(block_s / once))
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = clock()
+            for _ in range(calls[name]):
+                fn()
+            per_call[name].append((clock() - start) / calls[name] * 1e3)
+    out = {}
+    for name, times in per_call.items():
+        median, p20, p80 = np.percentile(np.asarray(times), [50, 20, 80])
+        timer = "interleaved thread_time" if clock is time.thread_time else "interleaved wall"
+        out[name] = Timing(float(median), float(p20), float(p80), timer=timer)
+    return out
 
 
 def measure_views(fn: Callable[[], object], *, quick: bool = False, cudagraph: bool = True) -> Timing:

@@ -92,3 +92,38 @@ def packed_minimal_bytes(
 def gbps(n_bytes: int, ms: float) -> float:
     """GB/s (10**9 bytes per second) of moving ``n_bytes`` in ``ms`` milliseconds."""
     return n_bytes / (ms * 1e-3) / 1e9
+
+
+# --- Attention pooling and global pooling (bench/attention_global.py) -----------------------------
+def attention_minimal_bytes(
+    pass_: str, B: int, T: int, d: int, dtype: torch.dtype, mask: torch.Tensor | None
+) -> int:
+    """Least bytes of attention pooling with one score per token (scores in hidden's dtype).
+
+    Forward: the real tokens of hidden and their scores, the mask, the (B, d) output. Backward: the
+    gradient needs every real token again (dscore_t = p_t (g . x_t - g . out)): the real tokens and
+    scores, the mask, grad_out and the output read; the (B, T, d) and (B, T) gradients written.
+    fastpool's per-row softmax statistics (2 floats a row) are not counted.
+    """
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass: expected fwd, bwd or fwd+bwd, got {pass_!r}")
+    es = torch.empty((), dtype=dtype).element_size()
+    real = B * T if mask is None else int((mask != 0).sum())
+    mask_bytes = 0 if mask is None else mask.numel() * mask.element_size()
+    reads = real * (d + 1) * es + mask_bytes
+    total = 0
+    if pass_ in ("fwd", "fwd+bwd"):
+        total += reads + B * d * es
+    if pass_ in ("bwd", "fwd+bwd"):
+        total += reads + 2 * B * d * es + B * T * (d + 1) * es
+    return total
+
+
+def global_minimal_bytes(pass_: str, B: int, C: int, S: int, dtype: torch.dtype) -> int:
+    """Least bytes of global pooling of (B, C, S spatial positions): forward reads x once and writes
+    (B, C); backward writes the gradient once and reads grad_out. The max's position is not counted."""
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass: expected fwd, bwd or fwd+bwd, got {pass_!r}")
+    es = torch.empty((), dtype=dtype).element_size()
+    one = (B * C * S + B * C) * es
+    return one * (2 if pass_ == "fwd+bwd" else 1)

@@ -89,6 +89,7 @@ def _kernel(name: str):
         "pool_backward_kernel": pool_backward.pool_backward_kernel,
         "packed_backward_kernel": pool_backward.packed_backward_kernel,
         "weights_backward_kernel": pool_backward.weights_backward_kernel,
+        "pool_finish_kernel": pool_forward.pool_finish_kernel,
     }[name]
 
 
@@ -104,8 +105,12 @@ def _flags(variant: tuple) -> str:
     )
 
 
-def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32"):
-    """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type)."""
+def _forward(
+    dtype: str, mask_name: str, variant: tuple, layout: str, packed: bool, offsets: str = "*i32",
+    state: bool = False,
+):  # fmt: skip
+    """One pool_forward_kernel specialization (padded with a mask kind, or packed with an offsets type);
+    ``state``: the STATE variant of ``fastpool.partial`` (out_ptr is the state, in the acc dtype)."""
     size = HIDDEN_DTYPES[dtype]
     acc = _acc(dtype)
     do_mean, do_max, track, do_weighted, has_weights = variant
@@ -113,8 +118,9 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{dtype}", "argmax_ptr": "*i32",
-        "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}", "prefix_ptr": "*i32",
+        "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}",
+        "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}",
+        "prefix_ptr": "*i32",
         "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
         "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
         "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
@@ -125,24 +131,29 @@ def _forward(dtype: str, mask_name: str, variant: tuple, layout: str, packed: bo
         "HAS_MASK": has_mask, "DO_MEAN": do_mean, "DO_MAX": do_max, "TRACK_POS": track,
         "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights, "PACKED": packed, "ACC_DTYPE": acc,
         "LANES": launch.LANES, "BLOCK_D": launch.feature_block(size), "CHUNK": launch.CHUNK,
-        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES,
+        "SCAN_BLOCK": launch.SCAN_BLOCK, "NUM_STAGES": launch.NUM_STAGES, "STATE": state,
         **({"stride_hd": 1} if contiguous else {}), **({"stride_mt": 1} if contiguous and has_mask else {}),
     }  # fmt: skip
     divisible = ("d", "stride_hb", "stride_ht", "stride_ob") if contiguous else ()
     where = f"packed offsets={offsets[1:]}" if packed else f"mask={mask_name}"
-    label = f"fwd {dtype} {where} {_flags(variant)} {layout}"
-    maxnreg = launch.forward_max_registers(track, do_weighted)
+    label = f"{'state-fwd' if state else 'fwd'} {dtype} {where} {_flags(variant)} {layout}"
+    maxnreg = launch.forward_max_registers(track, do_weighted, packed)
     return Specialization("pool_forward_kernel", label, types, constexprs, divisible, maxnreg=maxnreg)
 
 
-def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Specialization:
+def _backward(
+    dtype: str, mask_name: str, has_weights: bool, layout: str, grad_dtype: str | None = None
+) -> Specialization:
+    """One pool_backward_kernel specialization; ``grad_dtype``: grad_out's, when not hidden's (the
+    partial states' backward reads the state's gradient in the acc dtype)."""
     size = HIDDEN_DTYPES[dtype]
     acc = _acc(dtype)
     contiguous = layout == "contiguous"
     mask_ty, bits_ty = MASK_KINDS[mask_name]
     has_mask = mask_name != "none"
     types = {
-        "grad_out_ptr": f"*{dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32", "stats_ptr": "*i32",
+        "grad_out_ptr": f"*{grad_dtype or dtype}", "mask_ptr": mask_ty, "argmax_ptr": "*i32",
+        "stats_ptr": "*i32",
         "prefix_ptr": "*i32", "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
         "grad_ptr": f"*{dtype}", "MASK_BITS": bits_ty,
     }  # fmt: skip
@@ -153,7 +164,8 @@ def _backward(dtype: str, mask_name: str, has_weights: bool, layout: str) -> Spe
         **({"stride_mt": 1} if contiguous and has_mask else {}),
     }  # fmt: skip
     divisible = ("d", "stride_gob", "stride_gb", "stride_gt") if contiguous else ()
-    label = f"bwd {dtype} mask={mask_name} user_weights={int(has_weights)} {layout}"
+    grad_label = f" grad={grad_dtype}" if grad_dtype else ""
+    label = f"bwd {dtype}{grad_label} mask={mask_name} user_weights={int(has_weights)} {layout}"
     return Specialization("pool_backward_kernel", label, types, constexprs, divisible)
 
 
@@ -196,6 +208,56 @@ def _weights_backward(dtype: str, mask_name: str, packed: bool, layout: str) -> 
     return Specialization("weights_backward_kernel", label, types, constexprs, divisible)
 
 
+def _finish(dtype: str, variant: tuple) -> Specialization:
+    """One pool_finish_kernel specialization: (DO_MEAN, DO_MAX, DO_WEIGHTED, HAS_WEIGHTS)."""
+    size = HIDDEN_DTYPES[dtype]
+    acc = _acc(dtype)
+    do_mean, do_max, do_weighted, has_weights = variant
+    types = {
+        "state_ptr": f"*{acc}", "count_ptr": "*i32", "wsum_in_ptr": f"*{acc}", "out_ptr": f"*{dtype}",
+        "scratch_ptr": "*i32", "wsum_out_ptr": f"*{acc}", "norm_ptr": f"*{acc}", "rowbuf_ptr": f"*{acc}",
+        "counter_ptr": "*i64", "epoch": "i64", "normalize_eps": "fp32",
+    }  # fmt: skip
+    constexprs = {
+        "DO_MEAN": do_mean, "DO_MAX": do_max, "DO_WEIGHTED": do_weighted, "HAS_WEIGHTS": has_weights,
+        "ACC_DTYPE": acc, "BLOCK_D": launch.feature_block(size),
+    }  # fmt: skip
+    label = (
+        f"finish {dtype} mean={int(do_mean)} max={int(do_max)} weighted={int(do_weighted)} "
+        f"user_weights={int(has_weights)}"
+    )
+    return Specialization("pool_finish_kernel", label, types, constexprs, ("d", "stride_sb", "stride_ob"))
+
+
+# Partial states (fastpool.partial): the STATE forward always keeps max positions; sampled like the
+# wider masks: the lightest and the heaviest mixes, rank and user weights. The finish kernel's mixes.
+STATE_VARIANTS = (
+    FORWARD_VARIANTS[0], FORWARD_VARIANTS[1], FORWARD_VARIANTS[3], FORWARD_VARIANTS[7], FORWARD_VARIANTS[11]
+)
+FINISH_VARIANTS = (
+    (False, False, False, False),  # cls / last only
+    (True, False, False, False),
+    (True, True, True, False),
+    (True, True, True, True),
+)
+
+
+def state_specializations() -> list[Specialization]:
+    """The kernels of the partial states: the STATE forward, the finish kernel, and the backward
+    reading a float32 state gradient for 16-bit hidden."""
+    specs: list[Specialization] = []
+    for dtype in HIDDEN_DTYPES:
+        for variant in STATE_VARIANTS:
+            specs.append(_forward(dtype, "i8", variant, "contiguous", packed=False, state=True))
+        for variant in FINISH_VARIANTS:
+            specs.append(_finish(dtype, variant))
+    specs.append(_forward("bf16", "none", STATE_VARIANTS[-1], "strided", packed=False, state=True))
+    for dtype in ("fp16", "bf16"):
+        for has_weights in (False, True):
+            specs.append(_backward(dtype, "i8", has_weights, "contiguous", grad_dtype="fp32"))
+    return specs
+
+
 def specializations() -> list[Specialization]:
     """Every (kernel, dtype, mask kind, modes, layout) the launchers can launch. The parallelism of a
     launch (programs per row), the normalisation and the mode columns are runtime arguments."""
@@ -221,7 +283,7 @@ def specializations() -> list[Specialization]:
             for mask_name in ("none", "i8"):
                 specs.append(_weights_backward(dtype, mask_name, False, layout))
             specs.append(_weights_backward(dtype, "none", True, layout))
-    return specs
+    return specs + state_specializations()
 
 
 def _cuobjdump() -> str:
@@ -376,6 +438,211 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sm_{r['arch']} {r['label']}: {status}")
     print(f"{len(results) - len(bad)} compiled without spills, {len(bad)} failed")
     return 1 if bad else 0
+
+
+# --- Attention pooling and global pooling ---------------------------------------------------------
+# Their specializations come from their own launchers (fastpool/attention_launchers.py,
+# fastpool/global_pool_launchers.py) and are appended to the pooling kernels' ones by rebinding
+# ``specializations`` and ``_kernel`` below, so the pooling part above stays untouched.
+# MASK_BITS is a constexpr of the attention kernels: (mask pointer type, MASK_BITS value).
+ATTENTION_MASKS = {
+    "none": (None, -1), "i8": ("*i8", -1), "i64": ("*i64", -1), "f32": ("*i32", 2**31 - 1),
+}  # fmt: skip
+GLOBAL_MODE_SETS = ((True, False), (False, True), (True, True))
+
+
+def _extension_kernel(name: str):
+    from .kernels import attention_pool, global_pool
+
+    return {
+        "attention_pool_forward_kernel": attention_pool.attention_pool_forward_kernel,
+        "attention_pool_backward_kernel": attention_pool.attention_pool_backward_kernel,
+        "global_pool_forward_kernel": global_pool.global_pool_forward_kernel,
+        "global_pool_combine_kernel": global_pool.global_pool_combine_kernel,
+        "global_pool_backward_kernel": global_pool.global_pool_backward_kernel,
+    }[name]
+
+
+def attention_specializations() -> list[Specialization]:
+    """Attention pooling forward and backward: every dtype with and without a byte mask (contiguous,
+    the launcher's head block for d/H >= 512 bytes); sampled: strided layouts, wider and float masks,
+    float32 scores with bf16 hidden, a narrow head (d/H = 8), one head with (B, T) scores."""
+    from . import attention_launchers
+
+    cases = [
+        (dtype, mask, "contiguous", dtype, 1024, 4) for dtype in HIDDEN_DTYPES for mask in ("none", "i8")
+    ]
+    cases += [("bf16", "i8", "strided", "bf16", 1024, 4), ("fp64", "i8", "strided", "fp64", 1024, 4)]
+    cases += [("fp32", "i64", "contiguous", "fp32", 1024, 4), ("fp32", "f32", "contiguous", "fp32", 1024, 4)]
+    cases += [("bf16", "i8", "contiguous", "fp32", 1024, 4), ("bf16", "i8", "contiguous", "bf16", 8, 4)]
+    cases += [("bf16", "none", "contiguous", "bf16", 1024, 1)]
+    # Packed batches (no mask; offsets int32 or int64).
+    cases += [
+        ("bf16", "packed-i32", "contiguous", "bf16", 1024, 4),
+        ("fp32", "packed-i64", "contiguous", "fp32", 1024, 1),
+    ]
+    specs = []
+    for dtype, mask, layout, score_dtype, dh, heads in cases:
+        packed = mask.startswith("packed")
+        offsets_ty = "*" + mask.removeprefix("packed-") if packed else None
+        mask = "none" if packed else mask
+        acc = _acc(dtype)
+        block_t, block_d = attention_launchers.block_sizes(dh, HIDDEN_DTYPES[dtype])
+        mask_ty, bits = ATTENTION_MASKS[mask]
+        contiguous = layout == "contiguous"
+        fixed = {"stride_hd": 1, "stride_sh": 1} if contiguous else {}
+        if contiguous and heads == 1:
+            fixed["stride_st"] = 1
+        if contiguous and mask != "none":
+            fixed["stride_mt"] = 1
+        div = ("DH", "stride_hb", "stride_ht") if contiguous else ()
+        common = {
+            "hidden_ptr": f"*{dtype}", "scores_ptr": f"*{score_dtype}",
+            "mask_ptr": mask_ty or f"*{score_dtype}", "out_ptr": f"*{dtype}", "max_ptr": f"*{acc}",
+            "sum_ptr": f"*{acc}", "cu_seqlens_ptr": offsets_ty or f"*{acc}",
+        }  # fmt: skip
+        constexprs = {
+            "ACC_DTYPE": acc, "MASK_BITS": bits, "HAS_MASK": mask != "none", "PACKED": packed,
+            "BLOCK_T": block_t, "BLOCK_D": block_d, **fixed,
+        }  # fmt: skip
+        if packed:
+            div = ("DH", "stride_hb", "stride_ht", "stride_sb")  # the row strides are 0
+            constexprs.pop("stride_st", None)
+        what = f"{dtype} scores={score_dtype} mask={mask} dh={dh} heads={heads} {layout}"
+        what += f" packed offsets={offsets_ty[1:]}" if packed else ""
+        specs.append(
+            Specialization(
+                "attention_pool_forward_kernel", f"attention-fwd {what}", common, constexprs, div,
+                attention_launchers.NUM_WARPS,
+            )
+        )  # fmt: skip
+        bwd_types = {
+            **common, "grad_out_ptr": f"*{dtype}", "grad_hidden_ptr": f"*{dtype}",
+            "grad_scores_ptr": f"*{score_dtype}",
+        }  # fmt: skip
+        bwd_constexprs = {**constexprs, "stride_gd": 1, "stride_od": 1}
+        specs.append(
+            Specialization(
+                "attention_pool_backward_kernel", f"attention-bwd {what}", bwd_types, bwd_constexprs,
+                div + ("stride_gb", "stride_ob", "n_tblocks") if contiguous else (),
+                attention_launchers.NUM_WARPS,
+            )
+        )  # fmt: skip
+    return specs
+
+
+def global_pool_specializations() -> list[Specialization]:
+    """Global pooling. Forward: every dtype x mode set x orientation (contiguous NCHW: S has unit
+    stride; channels_last: C has) with the launcher's full tile and a single chunk (n_chunks == 1,
+    a constexpr at run time); sampled: the chunked launch (partials), a short extent (7 x 7, no
+    alignment), non-mergeable spatial dims (NDIM 2 and 3), 1 x 1 maps (S == 1). The combine for
+    every dtype; the backward for every dtype and orientation (mean+max) and sampled mode sets."""
+    from . import global_pool_launchers as gl
+
+    specs = []
+    # (dtype, orientation, (mean, max), S, NDIM, split): orientation "nchw", "nhwc" or "strided".
+    cases = [
+        (dtype, orient, modes, 56 * 56, 1, False)
+        for dtype in HIDDEN_DTYPES
+        for orient in ("nchw", "nhwc")
+        for modes in GLOBAL_MODE_SETS
+    ]
+    cases += [(dtype, "nhwc", (True, True), 56 * 56, 1, True) for dtype in HIDDEN_DTYPES]
+    cases += [("bf16", "nchw", (True, True), 49, 1, False), ("fp32", "nchw", (True, True), 49, 1, False)]
+    cases += [
+        ("bf16", "strided", (True, True), 56 * 56, 2, False),
+        ("fp32", "strided", (True, True), 56 * 56, 3, True),
+    ]
+    cases += [("fp32", "nhwc", (True, True), 1, 1, False)]  # 1 x 1 maps: C is the unit-stride axis
+
+    def layout_args(orient: str, S: int, ndim: int) -> tuple[dict, tuple]:
+        fixed: dict = {"NDIM": ndim}
+        if ndim == 1:
+            fixed.update(S2=1, S3=1)
+        if orient == "nchw" and S > 1:
+            fixed["stride_s1"] = 1
+        if orient == "nhwc":
+            fixed["stride_xc"] = 1
+        if S == 1:
+            fixed["S"] = 1
+        aligned = orient != "strided" and S % 16 == 0
+        div = ("stride_xb", "stride_s1" if orient == "nhwc" else "stride_xc") if aligned else ()
+        # C = 2048 and chunk lengths are multiples of 16 (Triton marks such integers at launch).
+        return fixed, div + ("C", "chunk_len") + (("stride_s2", "stride_s3") if ndim == 1 else ())
+
+    for dtype, orient, (do_mean, do_max), S, ndim, split in cases:
+        size, acc = HIDDEN_DTYPES[dtype], _acc(dtype)
+        cfg = gl.config(2048, S, size, orient == "nchw", do_max)
+        fixed, div = layout_args(orient, S, ndim)
+        if not split:
+            fixed["n_chunks"] = 1
+        types = {
+            "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "part_sum_ptr": f"*{acc}",
+            "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+        }  # fmt: skip
+        constexprs = {
+            "DO_MEAN": do_mean, "DO_MAX": do_max, "ACC_DTYPE": acc, "BLOCK_C": cfg.block_c,
+            "BLOCK_S": cfg.block_s, **fixed,
+        }  # fmt: skip
+        label = (
+            f"global-fwd {dtype} mean={int(do_mean)} max={int(do_max)} {orient} S={S} ndim={ndim} "
+            f"split={int(split)} block={cfg.block_c}x{cfg.block_s}"
+        )
+        specs.append(
+            Specialization("global_pool_forward_kernel", label, types, constexprs, div, gl.NUM_WARPS)
+        )
+    for dtype in HIDDEN_DTYPES:
+        acc = _acc(dtype)
+        for do_mean, do_max in GLOBAL_MODE_SETS if dtype == "fp32" else ((True, True),):
+            types = {
+                "out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "part_sum_ptr": f"*{acc}",
+                "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+            }  # fmt: skip
+            constexprs = {
+                "DO_MEAN": do_mean,
+                "DO_MAX": do_max,
+                "ACC_DTYPE": acc,
+                "BLOCK_C": gl.COMBINE_BLOCK_C,
+            }
+            label = f"global-combine {dtype} mean={int(do_mean)} max={int(do_max)}"
+            specs.append(
+                Specialization("global_pool_combine_kernel", label, types, constexprs, (), gl.NUM_WARPS)
+            )
+    bwd_cases = [(dtype, orient, (True, True), 1) for dtype in HIDDEN_DTYPES for orient in ("nchw", "nhwc")]
+    bwd_cases += [("bf16", "nchw", (True, False), 1), ("bf16", "nchw", (False, True), 1)]
+    bwd_cases += [("fp32", "strided", (True, True), 3)]
+    for dtype, orient, (do_mean, do_max), ndim in bwd_cases:
+        size, acc = HIDDEN_DTYPES[dtype], _acc(dtype)
+        cfg = gl.config(2048, 56 * 56, size, orient == "nchw", False)
+        fixed, div = layout_args(orient, 56 * 56, ndim)
+        fixed = {("stride_gc" if k == "stride_xc" else k): v for k, v in fixed.items()}
+        div = tuple({"stride_xb": "stride_gb", "stride_xc": "stride_gc"}.get(n, n) for n in div)
+        types = {"grad_out_ptr": f"*{dtype}", "argmax_ptr": "*i32", "grad_ptr": f"*{dtype}"}
+        constexprs = {
+            "DO_MEAN": do_mean, "DO_MAX": do_max, "ACC_DTYPE": acc, "BLOCK_C": cfg.block_c,
+            "BLOCK_S": cfg.block_s, "stride_goc": 1, **fixed,
+        }  # fmt: skip
+        label = (
+            f"global-bwd {dtype} mean={int(do_mean)} max={int(do_max)} {orient} ndim={ndim} "
+            f"block={cfg.block_c}x{cfg.block_s}"
+        )
+        specs.append(
+            Specialization("global_pool_backward_kernel", label, types, constexprs, div, gl.NUM_WARPS)
+        )
+    return specs
+
+
+_pooling_kernel = _kernel
+_pooling_specializations = specializations
+
+
+def _kernel(name: str):  # noqa: F811 - extends the table above
+    return _extension_kernel(name) if name.startswith(("attention_", "global_")) else _pooling_kernel(name)
+
+
+def specializations() -> list[Specialization]:  # noqa: F811 - extends the list above
+    """Every specialization: the pooling kernels' (above), attention pooling's and global pooling's."""
+    return _pooling_specializations() + attention_specializations() + global_pool_specializations()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -10,9 +11,37 @@ from collections.abc import Iterator
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-# A plain module-level stack rather than a ContextVar: torch.compile traces through backend
-# selection (it becomes a guard on this list), and it cannot trace ContextVar.get.
-_override_stack: list[str] = []
+
+
+class _Entry:
+    """One active ``use_backend`` block; compared by identity, so each block removes its own."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+# The selection is per thread and per asyncio task (contextvars): the enclosing use_backend
+# blocks of the current context, innermost last, and the innermost one's name ("" when none).
+_entries: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar("fastpool_backend_entries")
+_selected: contextvars.ContextVar[str] = contextvars.ContextVar("fastpool_backend")
+
+
+class _Selection:
+    # torch.compile cannot trace ContextVar.get, but it reads a property implemented in C on a
+    # plain object and guards on the value, evaluating the guard in the calling thread and task.
+    # So compiled code traces through the selection and re-traces when it changes. The property
+    # calls ``_selected.get(self)``: ``self`` is what an unset variable returns.
+    __slots__ = ()
+    name = property(_selected.get)
+
+
+_SELECTION = _Selection()
+# Blocks entered inside code that torch.compile traces, where contextvars can be neither read nor set:
+# the tracer follows this stack instead (its pushes and pops cancel out), so a compiled graph keeps
+# the selection its own code makes. Outside tracing it is always empty.
+_traced_entries: list[str] = []
 
 
 # Looked up once without importing triton, so ``import fastpool`` stays cheap and triton-free.
@@ -36,20 +65,47 @@ def _check(name: str, source: str) -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed fastpool calls on backend ``name`` ("auto", "triton" or "torch").
 
-    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable and nests. The setting is
-    process-wide (not per thread).
+    Takes precedence over the ``FASTPOOL_BACKEND`` environment variable and nests. The selection
+    belongs to the current thread and asyncio task (a ``contextvars`` context): other threads and
+    tasks keep their own, a new thread starts without one, and a task inherits the selection in
+    force where it was created. Each block removes its own entry when it exits, so blocks may
+    exit in any order (interleaved generators, tasks); a block must exit in the thread and task
+    it was entered in (``RuntimeError`` otherwise). Compiled code traces through the selection in
+    force when it is called (and is re-traced when it changes); a block inside compiled code selects
+    the backend of the calls it encloses.
     """
-    _override_stack.append(_check(name, "use_backend(name)"))
+    if torch.compiler.is_compiling():
+        _traced_entries.append(_check(name, "use_backend(name)"))
+        try:
+            yield
+        finally:
+            _traced_entries.pop()
+        return
+    entry = _Entry(_check(name, "use_backend(name)"))
+    _entries.set((*_entries.get(()), entry))
+    _selected.set(entry.name)
     try:
         yield
     finally:
-        _override_stack.pop()
+        entries = _entries.get(())
+        if not any(e is entry for e in entries):
+            raise RuntimeError(
+                f"use_backend: expected to exit in the thread and asyncio task that entered "
+                f"use_backend({entry.name!r}), got an exit from another context"
+            )
+        remaining = tuple(e for e in entries if e is not entry)
+        _entries.set(remaining)
+        _selected.set(remaining[-1].name if remaining else "")
 
 
 def requested_backend() -> str:
-    """The backend asked for now: the innermost ``use_backend``, else ``FASTPOOL_BACKEND``, else auto."""
-    if _override_stack:
-        return _override_stack[-1]
+    """The backend asked for now: the innermost ``use_backend`` of this thread and task, else
+    ``FASTPOOL_BACKEND``, else auto."""
+    if _traced_entries:
+        return _traced_entries[-1]
+    name = _SELECTION.name
+    if isinstance(name, str) and name:
+        return name
     return _check(os.environ.get("FASTPOOL_BACKEND", "auto").strip().lower() or "auto", "FASTPOOL_BACKEND")
 
 
@@ -81,7 +137,9 @@ def resolve_backend(device: torch.device) -> str:
     if name == "triton":
         if not triton_available():
             raise RuntimeError("fastpool backend 'triton' was requested but triton is not installed")
-        if not _is_cuda(device) and not triton_interpreter_enabled():
+        # Meta tensors never reach a kernel (only the ops' fake kernels): no interpreter needed. The
+        # device's type string is built only on this rare path.
+        if not _is_cuda(device) and not triton_interpreter_enabled() and device.type != "meta":
             raise RuntimeError(
                 f"fastpool backend 'triton' got {device.type} tensors: Triton kernels run on CUDA "
                 "tensors, or on CPU tensors under the Triton interpreter, which needs TRITON_INTERPRET=1 "

@@ -3,6 +3,14 @@
 Used for CPU tensors (and anywhere with ``FASTPOOL_BACKEND=torch``). Same outputs as the kernels:
 ``out`` (B, n_modes * d), ``argmax`` (B, d or 0) int32 and ``stats`` (3, B) int32 holding the real
 token count, the first and the last real position of each row (-1 for an empty row).
+
+Batch invariance: a row's output and gradient bits depend only on its own real tokens (values, and
+positions relative to its first real token) and on the arguments that concern it; not on the other
+rows, the batch size, the padding (amount, side, contents), padded vs packed, the thread count or
+the other modes of the call. A row's sum adds its tokens in an order fixed by the row alone
+(``fastpool.eager_sums``: ``index_add_`` in token order on CPU, fixed lanes and trees elsewhere),
+maxima are exact and canonical (``fastpool.eager_max``), every other step is elementwise per row.
+No matmul: the sums stay float32 under autocast and whatever the matmul precision settings.
 """
 
 from __future__ import annotations
@@ -11,12 +19,16 @@ from collections.abc import Sequence
 
 import torch
 
+from .eager_max import padded_max
+from .eager_sums import feature_dots, padded_sum, row_tree_sum, tree_sum
 from .masks import real_tokens
 from .modes import mode_columns
 
-# Rows per chunk when half-precision rows are widened to float32 for the mean: bounds the
-# temporary to about this many bytes instead of a (B, T, d) copy.
-_WIDEN_CHUNK_BYTES = 32 * 2**20
+_INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# Bounds the temporaries of a chunked pass over hidden (bytes): weights_grad's products, the
+# backward's dense gradient in float32 before it is cast.
+_WIDEN_CHUNK_BYTES = 4 * 2**20
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,31 +37,35 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_stats(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
-    """(3, B) int32: count, first and last real position per row (-1 for empty rows)."""
+    """(3, B) int32: count, first and last real position per row (-1 for empty rows). No host sync
+    (the Triton launchers call it on CUDA tensors)."""
+    return _row_stats(real, B, T, device, sync=False)[0]
+
+
+def _row_stats(
+    real: torch.Tensor | None, B: int, T: int, device: torch.device, sync: bool = True
+) -> tuple[torch.Tensor, bool]:
+    """(row_stats, whether some row may be empty (True when not ``sync``ed)); few ops: this is most
+    of a cls / last call."""
     if real is None:
         count = torch.full((B,), T, dtype=torch.int32, device=device)
         first = torch.full((B,), 0 if T > 0 else -1, dtype=torch.int32, device=device)
         last = torch.full((B,), T - 1, dtype=torch.int32, device=device)
-        return torch.stack([count, first, last])
-    positions = torch.arange(T, device=device, dtype=torch.int32)
-    count = real.sum(1, dtype=torch.int32)
-    first = torch.where(real, positions, T).amin(1) if T > 0 else count.new_full((B,), T)
-    last = torch.where(real, positions, -1).amax(1) if T > 0 else count.new_full((B,), -1)
-    first = torch.where(count > 0, first, -1).to(torch.int32)
-    return torch.stack([count, first, last.to(torch.int32)])
-
-
-def _full_precision_matmul(device: torch.device) -> bool:
-    """Whether float32 matmuls on ``device`` keep full float32 precision (no TF32 / bf16 passes)."""
-    try:
-        precision = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        # The new fp32_precision API makes the legacy query raise (issue 12 item 5): take the
-        # select-and-sum path, which never depends on matmul precision.
-        return False
-    if precision != "highest":
-        return False
-    return not (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+        return torch.stack([count, first, last]), T == 0 and B > 0
+    if T == 0 or B == 0:
+        stats = torch.full((3, B), -1, dtype=torch.int32, device=device)
+        stats[0] = 0
+        return stats, T == 0 and B > 0
+    flags = real.view(torch.uint8)
+    count = flags.sum(1)
+    # argmax returns the first of equal maxima: the first real position (0 in an empty row).
+    first = flags.argmax(1)
+    last = (T - 1) - flags.flip(1).argmax(1)
+    stats = torch.stack([count, first, last])
+    any_empty = bool(count.min() == 0) if sync else True
+    if any_empty:
+        stats[1:].masked_fill_((count == 0).unsqueeze(0), -1)
+    return stats.to(torch.int32), any_empty
 
 
 def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
@@ -59,77 +75,51 @@ def token_ranks(real: torch.Tensor | None, B: int, T: int, device: torch.device)
     return torch.cumsum(real, dim=1) * real
 
 
+def _first_real(real: torch.Tensor | None, B: int, device: torch.device) -> torch.Tensor:
+    if real is None or real.shape[1] == 0:
+        return torch.zeros(B, dtype=torch.int64, device=device)
+    return real.view(torch.uint8).argmax(1)
+
+
 def user_weights(
     weights: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """weighted_mean's user weights: ((B, T) weights in ``acc``, 0 at padding; (B,) their sum per row).
 
-    Both backends take the row sums from here, so they divide by the same bits.
+    Both backends take the row sums from here, so they divide by the same bits. The sums are
+    batch-invariant (a fixed tree from each row's first real token, ``eager_sums.row_tree_sum``).
     """
     w = weights.to(acc)
     if real is not None:
         w = torch.where(real, w, torch.zeros((), dtype=acc, device=w.device))
-    return w, w.sum(1)
+    B = w.shape[0]
+    return w, row_tree_sum(w, real, _first_real(real, B, w.device))
 
 
-def _rows_in_chunks(hidden: torch.Tensor, acc: torch.dtype):
-    """(row slice, rows of hidden widened to ``acc``): bounds the widened temporary to a chunk."""
-    B, T, d = hidden.shape
-    rows = max(1, B) if hidden.dtype == acc else max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * 4))
-    for start in range(0, B, rows):
-        yield slice(start, start + rows), hidden[start : start + rows].to(acc)
-
-
-def _masked_sum(
-    hidden: torch.Tensor, real: torch.Tensor | None, acc: torch.dtype, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(B, d) sum over real tokens in ``acc`` precision, of ``weights * hidden`` when weights
-    ((B, T) in ``acc``, 0 at padding) are given. Padding never reaches the result.
-    """
-    exact_matmul = _full_precision_matmul(hidden.device)
-    if weights is None:
-        if real is None:
-            return hidden.sum(1, dtype=acc)
-        if not exact_matmul:
-            # TF32 / reduced-precision matmuls would round the inputs: select and sum instead.
-            zero = torch.zeros((), dtype=hidden.dtype)
-            return torch.where(real.unsqueeze(-1), hidden, zero).sum(1, dtype=acc)
-        weights = real.to(acc)
-    elif not exact_matmul:
-        scaled = hidden.to(acc) * weights.unsqueeze(-1)
-        return (scaled if real is None else torch.where(real.unsqueeze(-1), scaled, 0)).sum(1)
-    if hidden.shape[0] == 0:
-        return torch.zeros((0, hidden.shape[2]), dtype=acc, device=hidden.device)
-    w = weights.unsqueeze(1)  # (B, 1, T): selection (or token) weights
-    total = torch.cat([torch.bmm(w[rows], h) for rows, h in _rows_in_chunks(hidden, acc)]).squeeze(1)
-    # A weight of 0 times NaN/inf padding is NaN: the product form is exact only for finite rows.
-    # Redo the (rare) non-finite rows by selection, so padding can never leak into the result.
-    bad = ~torch.isfinite(total).all(1)
-    if bool(bad.any()):
-        rows_idx = bad.nonzero().squeeze(1)
-        picked = hidden.index_select(0, rows_idx).to(acc) * weights.index_select(0, rows_idx).unsqueeze(-1)
-        if real is not None:
-            picked = torch.where(real.index_select(0, rows_idx).unsqueeze(-1), picked, 0)
-        total[rows_idx] = picked.sum(1)
-    return total
+def _token_spans(B: int, T: int, d: int, element_size: int):
+    step = max(1, _WIDEN_CHUNK_BYTES // max(1, B * d * element_size))
+    for start in range(0, T, step):
+        yield slice(start, min(T, start + step))
 
 
 def token_dots(
     hidden: torch.Tensor, vectors: torch.Tensor, acc: torch.dtype, real: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(B, T) in ``acc``: the dot product of every token hidden[b, t] with vectors[b] (B, d); 0 where
-    ``real`` is False (padding is zeroed first, so NaN there reaches no value and no gradient)."""
-    v = vectors.to(acc).unsqueeze(-1)  # (B, d, 1)
-    exact_matmul = _full_precision_matmul(hidden.device)
+    ``real`` is False (NaN there reaches no value and no gradient). Each dot is a fixed tree over d
+    (``eager_sums.feature_dots``): it depends on that token and vector alone."""
+    B, T, d = hidden.shape
+    if T == 0 or B == 0:
+        return torch.zeros((B, T), dtype=acc, device=hidden.device)
+    zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
 
-    def dots(rows: slice, h: torch.Tensor) -> torch.Tensor:
-        if real is not None:
-            h = torch.where(real[rows].unsqueeze(-1), h, torch.zeros((), dtype=acc, device=h.device))
-        return torch.bmm(h, v[rows]) if exact_matmul else (h * v[rows].transpose(1, 2)).sum(-1, keepdim=True)
+    def tokens(span: slice) -> torch.Tensor:
+        # Padding is zeroed before the product: NaN there must not reach a (double) backward either.
+        x = hidden[:, span]
+        return x if real is None else torch.where(real[:, span].unsqueeze(-1), x, zero)
 
-    pieces = [dots(rows, h) for rows, h in _rows_in_chunks(hidden, acc)]
-    B, T, _ = hidden.shape
-    return torch.cat(pieces).squeeze(-1) if pieces else torch.zeros((B, T), dtype=acc, device=hidden.device)
+    pieces = [feature_dots(tokens(span), vectors, acc) for span in _token_spans(B, T, d, 8)]
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 def weights_grad(
@@ -143,57 +133,36 @@ def weights_grad(
     grad_block (B, d) is the gradient of the weighted_mean output. d/dw_t of sum_s w_s x_s / W is
     (x_t - out) / W, so the gradient is (g . x_t - g . out) / W at real tokens, with
     g . out = sum_s w_s (g . x_s) / W; 0 at padding and in rows whose weights sum to 0.
-    Reads hidden once (a batched matrix-vector product).
+    Reads hidden once; every sum is batch-invariant (fixed trees over d and over the row's tokens).
     """
     acc = accumulation_dtype(hidden.dtype)
     real = real_tokens(mask)
+    B = hidden.shape[0]
     w, total = user_weights(weights, real, acc)
     dots = token_dots(hidden, grad_block, acc, real)
     nonzero = total != 0
     keep = nonzero.unsqueeze(1) if real is None else real & nonzero.unsqueeze(1)
     zero = torch.zeros((), dtype=acc, device=dots.device)
-    dots = torch.where(keep, dots, zero)  # padding may hold NaN: its dot products never count
     W = torch.where(nonzero, total, 1).unsqueeze(1)
-    mean_dot = (w * dots).sum(1, keepdim=True) / W
+    mean_dot = row_tree_sum(w * dots, real, _first_real(real, B, dots.device)).unsqueeze(1) / W
     return torch.where(keep, (dots - mean_dot) / W, zero).to(weights.dtype)
 
 
-def _masked_max(
-    hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, d) max over real tokens and its int32 position (first of equal maxima; 0 / -1 if empty)."""
-    B, T, d = hidden.shape
-    if T == 0:
-        return hidden.new_zeros((B, d)), torch.full((B, d), -1, dtype=torch.int32, device=hidden.device)
-    if real is None:
-        values, index = hidden.max(1)
-    else:
-        fill = torch.tensor(float("-inf"), dtype=hidden.dtype, device=hidden.device)
-        values, index = torch.where(real.unsqueeze(-1), hidden, fill).max(1)
-        # Where the maximum is -inf itself, a padded -inf fill may have won the tie: redo those
-        # (rare) rows by position, the first real -inf wins.
-        tied = (values == float("-inf")).any(1) & (count > 0)
-        if bool(tied.any()):
-            rows = tied.nonzero().squeeze(1)
-            hit = (hidden.index_select(0, rows) == float("-inf")) & real.index_select(0, rows).unsqueeze(-1)
-            positions = torch.arange(T, device=hidden.device).view(1, T, 1)
-            first_hit = torch.where(hit, positions, T).amin(1)
-            fixed = torch.where(values[rows] == float("-inf"), first_hit, index[rows])
-            index = index.index_put((rows,), fixed)
-    empty = (count == 0).unsqueeze(1)
-    values = torch.where(empty, torch.zeros((), dtype=values.dtype, device=values.device), values)
-    index = torch.where(empty, -1, index).to(torch.int32)
-    return values, index
-
-
-def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """(B, d): hidden[b, position[b]], zeros where position is -1."""
+def _gather(hidden: torch.Tensor, position: torch.Tensor, any_empty: bool = True) -> torch.Tensor:
+    """(B, d): hidden[b, position[b]], zeros where position is -1 (only checked when ``any_empty``)."""
     B, T, d = hidden.shape
     if T == 0:
         return hidden.new_zeros((B, d))
-    rows = torch.arange(B, device=hidden.device)
-    picked = hidden[rows, position.clamp(min=0).long()]
-    return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
+    at = position.clamp(min=0) if any_empty else position
+    if hidden.stride(0) == T * hidden.stride(1):
+        # (B * T, d) is a view: one index_select of B rows.
+        rows = torch.arange(0, B * T, T, device=hidden.device)
+        picked = hidden.flatten(0, 1).index_select(0, rows + at)
+    else:
+        picked = hidden[torch.arange(B, device=hidden.device), at.long()]
+    if any_empty:
+        picked.masked_fill_((position < 0).unsqueeze(1), 0)
+    return picked
 
 
 def finish_rows(
@@ -201,14 +170,16 @@ def finish_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, norms): the per-mode (B, d) pieces (accumulation or hidden dtype) concatenated into
     (B, n * d) in ``dtype``, L2-normalised from the unrounded values when ``normalize_eps >= 0``
-    (``x / max(||x||, eps)`` as ``F.normalize``; norms (B,) the norms before), else norms (0,)."""
+    (``x / max(||x||, eps)`` as ``F.normalize``; norms (B,) the norms before), else norms (0,).
+    The norm is a fixed tree over the row's squares in float64: it depends on the row alone."""
     acc = accumulation_dtype(dtype)
     if normalize_eps < 0:
         out = torch.cat([p.to(dtype) for p in pieces], dim=1) if len(pieces) > 1 else pieces[0]
         out = out.to(dtype)
         return out.contiguous(), torch.empty(0, dtype=acc, device=out.device)
     rows = torch.cat([p.to(acc) for p in pieces], dim=1)
-    norms = torch.linalg.vector_norm(rows, dim=1)
+    wide = rows.to(torch.float64)
+    norms = tree_sum(wide * wide).sqrt().to(acc)
     denominator = norms.clamp_min(normalize_eps)
     # eps = 0 and an all-zero row (an empty row): 0 / 1 = 0, never 0 / 0.
     denominator = torch.where(denominator > 0, denominator, 1.0)
@@ -222,21 +193,23 @@ def pool_forward(
     modes: Sequence[str],
     weights: torch.Tensor | None = None,
     normalize_eps: float = -1.0,
+    need_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None; weights (B, T) float or
     None (weighted_mean's token weights; None: the rank of each real token); normalize_eps >= 0:
-    L2-normalise each output row.
+    L2-normalise each output row; need_indices=False: the caller needs neither max positions nor a
+    gradient through max, so only the max values are computed and argmax is (B, 0).
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 (or (B, 0) without
-    "max"), stats (3, B) int32 and norms (B,) (or (0,)). Memory traffic: the mean reads hidden once
-    through a batched matrix-vector product with 0/1 weights (no (B, T, d) temporary); max builds
-    one masked copy.
+    "max" or without need_indices), stats (3, B) int32 and norms (B,) (or (0,)). Memory traffic: each
+    sum and the max read hidden once, in cache-sized chunks (no (B, T, d) temporary); the max
+    positions take a second read.
     """
     B, T, d = hidden.shape
     acc = accumulation_dtype(hidden.dtype)
     real = real_tokens(mask)
-    stats = row_stats(real, B, T, hidden.device)
-    count = stats[0]
+    stats, any_empty = _row_stats(real, B, T, hidden.device)
+    count, first = stats[0], stats[1]
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
         if weights is None:
@@ -245,14 +218,14 @@ def pool_forward(
             w_total = c * (c + 1) / 2
         else:
             w, w_total = user_weights(weights, real, acc)
-        return _masked_sum(hidden, real, acc, w), w_total
+        return padded_sum(hidden, real, first, acc, w), w_total
 
     return assemble_modes(
         modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: _masked_sum(hidden, real, acc),
+        plain_sum=lambda: padded_sum(hidden, real, first, acc),
         weighted_sum=weighted,
-        maximum=lambda: _masked_max(hidden, real, count),
-        gather=lambda position: _gather(hidden, position),
+        maximum=lambda: padded_max(hidden, real, count, need_indices),
+        gather=lambda position: _gather(hidden, position, any_empty),
     )  # fmt: skip
 
 
@@ -275,7 +248,6 @@ def assemble_modes(
     """
     count = stats[0]
     acc = accumulation_dtype(dtype)
-    zero = torch.zeros((), dtype=acc, device=count.device)
     pieces: list[torch.Tensor] = []
     argmax = torch.empty((count.shape[0], 0), dtype=torch.int32, device=count.device)
     total = None
@@ -283,12 +255,13 @@ def assemble_modes(
         if name in ("mean", "mean_sqrt_len"):
             if total is None:
                 total = plain_sum()
+            # An empty row's sum is exactly +0.0: divided by 1 it stays the zero row it must be.
             denom = count.clamp(min=1).to(acc).unsqueeze(1)
-            denom = denom if name == "mean" else denom.sqrt()
-            pieces.append(torch.where((count > 0).unsqueeze(1), total / denom, zero))
+            pieces.append(total / (denom if name == "mean" else denom.sqrt()))
         elif name == "weighted_mean":
             weighted, w_total = weighted_sum()
             nonzero = (w_total != 0).unsqueeze(1)
+            zero = torch.zeros((), dtype=acc, device=count.device)
             pieces.append(
                 torch.where(nonzero, weighted / torch.where(nonzero, w_total.unsqueeze(1), 1), zero)
             )
@@ -318,56 +291,119 @@ def pool_backward(
     """Eager backward: (B, T, d) gradient of hidden in ``dtype`` from grad_out (B, n_modes * d).
 
     Real tokens get grad/count (mean), the max gradient at the saved argmax, the cls/last gradient
-    at the saved first/last position; padding and empty rows get exactly 0.
+    at the saved first/last position; padding and empty rows get exactly 0. Every element is
+    computed on its own in float32 (float64), in the fixed order dense share (mean, mean_sqrt_len,
+    weighted_mean) + max + cls + last, and rounded once to ``dtype``: the gradient is written in
+    ``dtype`` directly, without a float32 (B, T, d) copy.
     """
     B = stats.shape[1]
     d = grad_out.shape[1] // len(modes)
     acc = accumulation_dtype(dtype)
     cols = mode_columns(modes, d)
     device = grad_out.device
-    real = real_tokens(mask)
     count = stats[0]
     if B == 0 or T == 0 or d == 0:
         return torch.zeros((B, T, d), dtype=dtype, device=device)
-    rows = torch.arange(B, device=device)
+    dense = any(name in modes for name in ("mean", "mean_sqrt_len", "weighted_mean"))
+    real = real_tokens(mask) if dense else None  # only the dense part reads the mask
+    zero = torch.zeros((), dtype=acc, device=device)
 
     def block(name: str) -> torch.Tensor:
         return grad_out[:, cols[name] : cols[name] + d].to(acc)
 
+    share = None  # (B, d): the gradient every real token of the row gets from the means
     if "mean" in modes or "mean_sqrt_len" in modes:
-        # One pass that writes every element: the share at real tokens, 0 elsewhere.
         n = count.clamp(min=1).to(acc).unsqueeze(1)
-        share = torch.zeros((B, d), dtype=acc, device=device)
         if "mean" in modes:
-            share = share + block("mean") / n
+            share = block("mean") / n
         if "mean_sqrt_len" in modes:
-            share = share + block("mean_sqrt_len") / n.sqrt()
-        has_tokens = (count > 0).view(B, 1, 1)
-        keep = has_tokens.expand(B, T, 1) if real is None else real.unsqueeze(-1) & has_tokens
-        grad = torch.where(keep, share.unsqueeze(1), torch.zeros((), dtype=acc, device=device))
-    else:
-        grad = torch.zeros((B, T, d), dtype=acc, device=device)
+            part = block("mean_sqrt_len") / n.sqrt()
+            share = part if share is None else share + part
+    w = g_weighted = None  # (B, T) token weights (0 at padding) and (B, d) gradient per unit weight
     if "weighted_mean" in modes:
         if weights is None:
             c = count.to(acc).unsqueeze(1)
-            g = block("weighted_mean") / (c * (c + 1) / 2).clamp(min=1)
-            w = token_ranks(real, B, T, device).to(acc) * (count > 0).unsqueeze(1)
+            g_weighted = block("weighted_mean") / (c * (c + 1) / 2).clamp(min=1)
+            w = token_ranks(real, B, T, device).to(acc)
         else:
             w, w_total = user_weights(weights, real, acc)
             nonzero = (w_total != 0).unsqueeze(1)
-            g = torch.where(
-                nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), 0
+            g_weighted = torch.where(
+                nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), zero
             )
-        grad = grad + w.unsqueeze(-1) * g.unsqueeze(1)
-    if "max" in modes:
-        g = block("max")
-        hit = argmax >= 0
-        src = torch.where(hit, g, torch.zeros((), dtype=acc, device=device))
-        grad.scatter_add_(1, argmax.clamp(min=0).long().unsqueeze(1), src.unsqueeze(1))
-    for name, position in (("cls", stats[1]), ("last", stats[2])):
-        if name in modes:
-            g = block(name)
-            hit = position >= 0
-            at = position.clamp(min=0).long()
-            grad[rows[hit], at[hit]] += g[hit]
-    return grad.to(dtype)
+    grad = _dense_grad(share, w, g_weighted, real, (B, T, d), dtype, device)
+
+    sparse = [(n, pos) for n, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if n in modes]
+    if not sparse:
+        return grad
+    # (B, d) positions of each sparse mode's gradient (cls / last: one position per row).
+    targets = {name: (pos if name == "max" else pos.unsqueeze(1).expand(B, d)).long() for name, pos in sparse}
+    if share is None and w is None and len(sparse) == 1:
+        # One mode and nothing else: its gradient, 0 for an empty row (position -1).
+        (name, _), position = sparse[0], targets[sparse[0][0]]
+        value = grad_out[:, cols[name] : cols[name] + d].to(dtype)
+        value = torch.where(position >= 0, value, torch.zeros((), dtype=dtype, device=device))
+        return _write(grad, name, position.clamp(min=0), value)
+    blocks = {name: block(name) for name, _ in sparse}
+
+    def value_at(position: torch.Tensor) -> torch.Tensor:
+        """(B, d) in ``dtype``: the whole gradient at hidden[b, position[b, j], j]."""
+        v = share
+        if w is not None:
+            part = w.gather(1, position.clamp(min=0)) * g_weighted
+            v = part if v is None else v + part
+        for name, _ in sparse:
+            part = torch.where(targets[name] == position, blocks[name], zero)
+            v = part if v is None else v + part
+        return torch.where(position >= 0, v, zero).to(dtype)
+
+    # Each touched position gets the same value from every mode that touches it (written, not added).
+    for name, _ in sparse:
+        position = targets[name]
+        _write(grad, name, position.clamp(min=0), value_at(position))
+    return grad
+
+
+def _write(grad: torch.Tensor, name: str, position: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """grad[b, position[b, j], j] = value[b, j] for grad (B, T, d) contiguous, position (B, d) >= 0."""
+    B, T, d = grad.shape
+    rows = torch.arange(B, device=grad.device)
+    if name != "max":  # one position per row
+        grad[rows, position[:, 0]] = value
+    elif grad.dtype in (torch.float32, torch.float64):
+        grad.scatter_(1, position.unsqueeze(1), value.unsqueeze(1))
+    else:  # scatter_ has no vectorised path for 16-bit floats on CPU (30x slower): flat indices
+        flat = (rows.unsqueeze(1) * T + position) * d + torch.arange(d, device=grad.device)
+        grad.view(-1).index_put_((flat.view(-1),), value.view(-1))
+    return grad
+
+
+def _dense_grad(share, w, g_weighted, real, shape, dtype, device) -> torch.Tensor:
+    """(B, T, d) in ``dtype``: share (B, d) + w (B, T) * g_weighted (B, d) at real tokens, 0 elsewhere."""
+    B, T, d = shape
+    if share is None and w is None:
+        return torch.zeros((B, T, d), dtype=dtype, device=device)
+    if w is None:
+        # The same value at every real token of a row: cast once per row, then spread.
+        s = share.to(dtype).unsqueeze(1)
+        if real is None:
+            return s.expand(B, T, d).clone(memory_format=torch.contiguous_format)  # never share's storage
+        # Selection by bits: AND with all ones at real tokens, all zeros (+0.0) at padding. Exact for
+        # any value (inf and NaN included, where a product by 0 would give NaN), one pass, and a
+        # third faster than a 16-bit multiply.
+        if s.requires_grad:  # create_graph=True: a differentiable selection instead
+            return torch.where(real.unsqueeze(-1), s, torch.zeros((), dtype=dtype, device=device))
+        bits = _INT_OF_WIDTH[s.element_size()]
+        keep = -real.to(bits).unsqueeze(-1)
+        return (s.view(bits) & keep).view(dtype)
+    acc = g_weighted.dtype
+    zero = torch.zeros((), dtype=acc, device=device)
+    grad = torch.empty((B, T, d), dtype=dtype, device=device)
+    for span in _token_spans(B, T, d, torch.finfo(acc).bits // 8):
+        v = w[:, span].unsqueeze(-1) * g_weighted.unsqueeze(1)
+        if share is not None:
+            v = share.unsqueeze(1) + v
+        if real is not None:
+            v = torch.where(real[:, span].unsqueeze(-1), v, zero)
+        grad[:, span] = v
+    return grad

@@ -2,7 +2,9 @@
 
 scores are (B, T, H); hidden (B, T, H * dh). Per row and head, p = softmax of the scores over the
 real tokens (padding and -inf scores weigh 0, NaN/inf in padding never reaches a result); a row or
-head with no real finite-weight token pools to zeros with zero gradients.
+head with no real finite-weight token pools to zeros with zero gradients. Packed batches (hidden
+(N, d), scores (N, H), cu_seqlens) use segment reductions with the same semantics per sequence.
+Everything is computed in hidden's accumulation dtype (float64 for float64 hidden, else float32).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from .eager import accumulation_dtype
 from .masks import real_tokens
 
 
-def _weights(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(p (B, T, H), max (B, H), sum (B, H)) in the accumulation dtype."""
-    s = scores.to(accumulation_dtype(scores.dtype))
+def _weights(
+    scores: torch.Tensor, mask: torch.Tensor | None, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p (B, T, H), max (B, H), sum (B, H)) in ``acc``, hidden's accumulation dtype (as the kernels)."""
+    s = scores.to(acc)
     real = real_tokens(mask)
     if real is not None:
         s = torch.where(real[..., None], s, float("-inf"))
@@ -40,7 +44,7 @@ def attention_pool_forward(
     """out (B, d) in hidden's dtype, max (B, H) and sum (B, H) of the softmax in the accumulation dtype."""
     B, T, d = hidden.shape
     H = scores.shape[2]
-    p, m, total = _weights(scores, mask)
+    p, m, total = _weights(scores, mask, accumulation_dtype(hidden.dtype))
     out = torch.einsum("bth,bthk->bhk", p, _heads(hidden, H, p)).reshape(B, d)
     return out.to(hidden.dtype), m, total
 
@@ -55,11 +59,67 @@ def attention_pool_backward(
     """(grad_hidden (B, T, d) in hidden's dtype, grad_scores (B, T, H) in scores' dtype)."""
     B, T, d = hidden.shape
     H = scores.shape[2]
-    p, _, _ = _weights(scores, mask)
+    p, _, _ = _weights(scores, mask, accumulation_dtype(hidden.dtype))
     g = grad_out.to(p.dtype).reshape(B, H, d // H)
     o = out.to(p.dtype).reshape(B, H, d // H)
     grad_hidden = (p[..., None] * g[:, None]).reshape(B, T, d)
     g_dot_x = torch.einsum("bthk,bhk->bth", _heads(hidden, H, p), g)
     grad_scores = p * (g_dot_x - (g * o).sum(-1)[:, None, :])
     grad_scores = torch.where(p > 0, grad_scores, 0.0)
+    return grad_hidden.to(hidden.dtype), grad_scores.to(scores.dtype)
+
+
+# --- Packed batches: hidden (N, d), scores (N, H), S sequences delimited by cu_seqlens (S + 1,) ---
+def _segments(cu_seqlens: torch.Tensor, N: int) -> tuple[int, torch.Tensor]:
+    """(S, the sequence of every token (N,) int64). No host sync: output_size is N."""
+    S = cu_seqlens.shape[0] - 1
+    lengths = cu_seqlens.diff().long()
+    return S, torch.repeat_interleave(torch.arange(S, device=cu_seqlens.device), lengths, output_size=N)
+
+
+def _packed_weights(
+    scores: torch.Tensor, cu_seqlens: torch.Tensor, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p (N, H), max (S, H), sum (S, H), segment ids (N,)) in ``acc``."""
+    N, H = scores.shape
+    S, seg = _segments(cu_seqlens, N)
+    s = scores.to(acc)
+    index = seg.unsqueeze(1).expand(N, H)
+    m = s.new_full((S, H), float("-inf")).scatter_reduce(0, index, s, "amax", include_self=True)
+    m_safe = torch.where(m == float("-inf"), 0.0, m)
+    e = torch.where(s == float("-inf"), 0.0, torch.exp(s - m_safe[seg]))
+    total = s.new_zeros((S, H)).index_add(0, seg, e)
+    per_token = total[seg]
+    p = torch.where(per_token > 0, e / torch.where(per_token > 0, per_token, 1.0), 0.0)
+    return p, m, total, seg
+
+
+def packed_attention_pool_forward(
+    hidden: torch.Tensor, scores: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (S, d) in hidden's dtype, softmax max and sum (S, H) in the accumulation dtype."""
+    N, d = hidden.shape
+    H = scores.shape[1]
+    p, m, total, seg = _packed_weights(scores, cu_seqlens, accumulation_dtype(hidden.dtype))
+    x = _heads(hidden.unsqueeze(0), H, p.unsqueeze(0))[0]  # (N, H, dh), 0 where p == 0
+    out = x.new_zeros((m.shape[0], H, d // H)).index_add(0, seg, p.unsqueeze(-1) * x)
+    return out.reshape(-1, d).to(hidden.dtype), m, total
+
+
+def packed_attention_pool_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    scores: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_hidden (N, d) in hidden's dtype, grad_scores (N, H) in scores' dtype)."""
+    N, d = hidden.shape
+    H = scores.shape[1]
+    p, _, _, seg = _packed_weights(scores, cu_seqlens, accumulation_dtype(hidden.dtype))
+    g = grad_out.to(p.dtype).reshape(-1, H, d // H)[seg]  # (N, H, dh)
+    o = out.to(p.dtype).reshape(-1, H, d // H)[seg]
+    grad_hidden = (p.unsqueeze(-1) * g).reshape(N, d)
+    g_dot_x = (_heads(hidden.unsqueeze(0), H, p.unsqueeze(0))[0] * g).sum(-1)
+    grad_scores = torch.where(p > 0, p * (g_dot_x - (g * o).sum(-1)), 0.0)
     return grad_hidden.to(hidden.dtype), grad_scores.to(scores.dtype)

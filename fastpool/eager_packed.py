@@ -3,17 +3,20 @@
 Same outputs and semantics as the packed Triton kernels, and as the padded path on the same
 sequences right-padded: ``out`` (S, n_modes * d), ``argmax`` (S, d) int32 global token indices
 (-1 for an empty segment) and ``stats`` (3, S) int32 holding the length, the first and the last
-token index of each segment (-1 when empty). Sums are accumulated per segment with ``index_add_``
-over bounded chunks of tokens (no (N, d) float32 copy of half-precision input).
+token index of each segment (-1 when empty). Batch-invariant with the very bits of the padded
+path: the sums are ``eager_sums.segment_sum``, the weight sums ``eager_sums.segment_tree_sum``,
+the maxima exact (``eager_max.segment_max``); no (N, d) float32 copy of the input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .eager import _WIDEN_CHUNK_BYTES, _full_precision_matmul, accumulation_dtype, assemble_modes
+from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes
+from .eager_max import segment_max
+from .eager_sums import feature_dots, segment_sum, segment_tree_sum
 from .modes import mode_columns
 
 
@@ -26,17 +29,10 @@ def segment_ids(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
 
 def packed_stats(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(3, S) int32: length, first and last token index of each segment (-1 when empty)."""
-    begin, end = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
-    count = end - begin
-    first = torch.where(count > 0, begin, -1)
-    last = torch.where(count > 0, end - 1, -1)
-    return torch.stack([count, first, last]).to(torch.int32)
-
-
-def _token_chunks(N: int, d: int) -> Iterator[slice]:
-    step = max(1, _WIDEN_CHUNK_BYTES // max(1, d * 4))
-    for start in range(0, N, step):
-        yield slice(start, start + step)
+    begin, end = cu_seqlens[:-1], cu_seqlens[1:]
+    stats = torch.stack([end - begin, begin, end - 1]).to(torch.int32)
+    positions = torch.arange(3, device=stats.device).unsqueeze(1) > 0  # first and last, not the count
+    return stats.masked_fill_((stats[0] == 0).unsqueeze(0) & positions, -1)
 
 
 def token_weights(
@@ -56,70 +52,46 @@ def token_weights(
 
 
 def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(S,) sum of (N,) ``values`` over each segment, 0 for an empty one; deterministic on every device.
+    """(S,) sum of (N,) ``values`` over each segment, 0 for an empty one; batch-invariant, with the
+    bits the padded path gives the same values (``eager_sums.segment_tree_sum``), on every device
+    and without a host sync.
 
     Both backends take user-weight sums from here, so they divide by the same bits.
     """
-    if values.shape[0] == 0:
-        return values.new_zeros(cu_seqlens.shape[0] - 1)
-    return torch.segment_reduce(values, "sum", offsets=cu_seqlens, axis=0)
+    return segment_tree_sum(values, cu_seqlens)
 
 
-def _segment_sum(
+def pool_forward(
     hidden: torch.Tensor,
-    seg: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    acc: torch.dtype,
+    modes: Sequence[str],
     weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(S, d) per-segment sum of ``weights * hidden`` (or of hidden) in ``acc``.
+    normalize_eps: float = -1.0,
+    need_indices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager packed forward. hidden (N, d) float; cu_seqlens (S + 1,) int32/int64, well formed;
+    weights (N,) float or None; normalize_eps >= 0: L2-normalise each output row;
+    need_indices=False: no max positions are needed (argmax is (S, 0)).
 
-    On CPU ``index_add_`` over bounded chunks (sequential, deterministic); on other devices, where
-    ``index_add_`` uses atomics, ``segment_reduce`` over the whole widened tensor (deterministic).
+    Returns out (S, len(modes) * d) in hidden's dtype, argmax (S, d) int32 global token indices
+    (or (S, 0) without "max" or need_indices), stats (3, S) int32 and norms (S,) (or (0,)).
     """
-    N, d = hidden.shape
-    S = cu_seqlens.shape[0] - 1
-    if hidden.device.type != "cpu":
-        x = hidden.to(acc)
-        if weights is not None:
-            x = x * weights.unsqueeze(1)
-        if N == 0:
-            return torch.zeros((S, d), dtype=acc, device=hidden.device)
-        return torch.segment_reduce(x, "sum", offsets=cu_seqlens, axis=0)
-    total = torch.zeros((S, d), dtype=acc, device=hidden.device)
-    for rows in _token_chunks(N, d):
-        x = hidden[rows].to(acc)
-        if weights is not None:
-            x = x * weights[rows].unsqueeze(1)
-        total.index_add_(0, seg[rows], x)
-    return total
+    N = hidden.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    stats = packed_stats(cu_seqlens)
 
+    def weighted() -> tuple[torch.Tensor, torch.Tensor]:
+        seg = segment_ids(cu_seqlens, N)
+        w, w_total = token_weights(cu_seqlens, seg, weights, acc)
+        return segment_sum(hidden, cu_seqlens, acc, w), w_total
 
-def _segment_max(
-    hidden: torch.Tensor, seg: torch.Tensor, count: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, d) max per segment and its int32 global token index (first of equal maxima, NaN wins)."""
-    N, d = hidden.shape
-    S = count.shape[0]
-    device = hidden.device
-    values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
-    if N > 0:
-        values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
-    # The first position holding the maximum: the max of minus the positions that hit it, in
-    # float64 (exact integers; scatter "amax" on floats is several times faster than "amin" on int64).
-    best = values.repeat_interleave(count.long(), dim=0, output_size=N)
-    has_nan = bool(torch.isnan(values).any())
-    neg_first = torch.full((S, d), -float(N), dtype=torch.float64, device=device)
-    for rows in _token_chunks(N, d):
-        x, b = hidden[rows], best[rows]
-        hit = (x == b) | (torch.isnan(x) & torch.isnan(b)) if has_nan else x == b
-        positions = torch.arange(rows.start, rows.start + x.shape[0], device=device, dtype=torch.float64)
-        candidates = torch.where(hit, -positions.unsqueeze(1), -float(N))
-        neg_first = neg_first.scatter_reduce(0, seg[rows].unsqueeze(1).expand_as(x), candidates, "amax")
-    index = (-neg_first).to(torch.int64)
-    empty = (count == 0).unsqueeze(1)
-    index = torch.where(empty, -1, index).to(torch.int32)
-    return values, index
+    return assemble_modes(
+        modes, stats, hidden.dtype, normalize_eps,
+        plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc),
+        weighted_sum=weighted,
+        maximum=lambda: segment_max(hidden, cu_seqlens, need_indices),
+        gather=lambda position: _gather(hidden, position),
+    )  # fmt: skip
 
 
 def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -132,36 +104,10 @@ def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
 
 
-def pool_forward(
-    hidden: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    modes: Sequence[str],
-    weights: torch.Tensor | None = None,
-    normalize_eps: float = -1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager packed forward. hidden (N, d) float; cu_seqlens (S + 1,) int32/int64, well formed;
-    weights (N,) float or None; normalize_eps >= 0: L2-normalise each output row.
-
-    Returns out (S, len(modes) * d) in hidden's dtype, argmax (S, d) int32 global token indices
-    (or (S, 0) without "max"), stats (3, S) int32 and norms (S,) (or (0,)).
-    """
-    N = hidden.shape[0]
-    acc = accumulation_dtype(hidden.dtype)
-    stats = packed_stats(cu_seqlens)
-    count = stats[0]
-    seg = segment_ids(cu_seqlens, N)
-    return assemble_modes(
-        modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: _segment_sum(hidden, seg, cu_seqlens, acc),
-        weighted_sum=lambda: _weighted_sum(hidden, seg, cu_seqlens, weights, acc),
-        maximum=lambda: _segment_max(hidden, seg, count),
-        gather=lambda position: _gather(hidden, position),
-    )  # fmt: skip
-
-
-def _weighted_sum(hidden, seg, cu_seqlens, weights, acc) -> tuple[torch.Tensor, torch.Tensor]:
-    w, w_total = token_weights(cu_seqlens, seg, weights, acc)
-    return _segment_sum(hidden, seg, cu_seqlens, acc, w), w_total
+def _token_spans(N: int, d: int, element_size: int):
+    step = max(1, _WIDEN_CHUNK_BYTES // max(1, d * element_size))
+    for start in range(0, N, step):
+        yield slice(start, min(N, start + step))
 
 
 def pool_backward(
@@ -174,8 +120,11 @@ def pool_backward(
     modes: Sequence[str],
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager packed backward: (N, d) gradient of hidden in ``dtype`` from grad_out (S, n_modes * d)."""
-    S = stats.shape[1]
+    """Eager packed backward: (N, d) gradient of hidden in ``dtype`` from grad_out (S, n_modes * d).
+
+    The padded backward's arithmetic element by element (``fastpool.eager.pool_backward``), so a
+    token gets the same gradient bits packed and padded; written in ``dtype`` directly.
+    """
     d = grad_out.shape[1] // len(modes)
     acc = accumulation_dtype(dtype)
     cols = mode_columns(modes, d)
@@ -184,31 +133,67 @@ def pool_backward(
     if N == 0 or d == 0:
         return torch.zeros((N, d), dtype=dtype, device=device)
     seg = segment_ids(cu_seqlens, N)
+    zero = torch.zeros((), dtype=acc, device=device)
 
     def block(name: str) -> torch.Tensor:
         return grad_out[:, cols[name] : cols[name] + d].to(acc)
 
-    share = torch.zeros((S, d), dtype=acc, device=device)
-    n = count.clamp(min=1).to(acc).unsqueeze(1)
-    if "mean" in modes:
-        share = share + block("mean") / n
-    if "mean_sqrt_len" in modes:
-        share = share + block("mean_sqrt_len") / n.sqrt()
-    grad = share[seg]
+    share = None
+    if "mean" in modes or "mean_sqrt_len" in modes:
+        n = count.clamp(min=1).to(acc).unsqueeze(1)
+        if "mean" in modes:
+            share = block("mean") / n
+        if "mean_sqrt_len" in modes:
+            part = block("mean_sqrt_len") / n.sqrt()
+            share = part if share is None else share + part
+    w = g_weighted = None
     if "weighted_mean" in modes:
         w, w_total = token_weights(cu_seqlens, seg, weights, acc)
         nonzero = (w_total != 0).unsqueeze(1)
-        g = torch.where(nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), 0)
-        grad = grad + w.unsqueeze(1) * g[seg]
-    if "max" in modes:
-        hit = argmax >= 0
-        src = torch.where(hit, block("max"), torch.zeros((), dtype=acc, device=device))
-        grad.scatter_add_(0, argmax.clamp(min=0).long(), src)
-    for name, position in (("cls", stats[1]), ("last", stats[2])):
-        if name in modes:
-            hit = position >= 0
-            grad.index_put_((position[hit].long(),), block(name)[hit], accumulate=True)
-    return grad.to(dtype)
+        g_weighted = torch.where(
+            nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), zero
+        )
+    if w is not None:
+        grad = torch.empty((N, d), dtype=dtype, device=device)
+        for span in _token_spans(N, d, torch.finfo(acc).bits // 8):
+            v = w[span].unsqueeze(1) * g_weighted.index_select(0, seg[span])
+            grad[span] = v if share is None else share.index_select(0, seg[span]) + v
+    elif share is not None:
+        grad = share.to(dtype).index_select(0, seg)  # one value per segment, cast once
+    else:
+        grad = torch.zeros((N, d), dtype=dtype, device=device)
+
+    sparse = [
+        (name, pos) for name, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if name in modes
+    ]
+    if not sparse:
+        return grad
+    # Empty segments touch nothing (their -1 would land in another segment).
+    rows = (count > 0).nonzero().squeeze(1)
+    targets = {
+        name: (pos if name == "max" else pos.unsqueeze(1)).index_select(0, rows).long()
+        for name, pos in sparse
+    }
+    blocks = {name: block(name).index_select(0, rows) for name, _ in sparse}
+    base = None if share is None else share.index_select(0, rows)
+    g_rows = None if w is None else g_weighted.index_select(0, rows)
+
+    def value_at(position: torch.Tensor) -> torch.Tensor:
+        """(R, d) in ``dtype``: the whole gradient at hidden[position[r, j], j]."""
+        v = base if base is not None else torch.zeros((rows.shape[0], d), dtype=acc, device=device)
+        if w is not None:
+            v = v + w[position] * g_rows
+        for name, _ in sparse:
+            v = v + torch.where(targets[name] == position, blocks[name], zero)
+        return v.to(dtype)
+
+    for name, _ in sparse:
+        position = targets[name]
+        if name == "max":
+            grad.scatter_(0, position, value_at(position))
+        else:
+            grad[position.squeeze(1)] = value_at(position)
+    return grad
 
 
 def weights_grad(
@@ -216,26 +201,21 @@ def weights_grad(
 ) -> torch.Tensor:
     """(N,) gradient of packed weighted_mean with user weights with respect to the weights.
 
-    As ``fastpool.eager.weights_grad``: (g . x_t - g . out) / W for every token of a segment whose
-    weights sum to W != 0, else 0.
+    As ``fastpool.eager.weights_grad``, with the same bits for the same tokens: (g . x_t - g . out)
+    / W for every token of a segment whose weights sum to W != 0, else 0.
     """
     N, d = hidden.shape
     acc = accumulation_dtype(hidden.dtype)
     seg = segment_ids(cu_seqlens, N)
     w, total = token_weights(cu_seqlens, seg, weights, acc)
     g = grad_block.to(acc)
-    exact = _full_precision_matmul(hidden.device)
-    dots = torch.cat(
-        [
-            (hidden[rows].to(acc) * g[seg[rows]]).sum(1)
-            if not exact
-            else torch.bmm(hidden[rows].to(acc).unsqueeze(1), g[seg[rows]].unsqueeze(2)).view(-1)
-            for rows in _token_chunks(N, d)
-        ]
-        or [torch.zeros(0, dtype=acc, device=hidden.device)]
-    )
-    mean_dot = segment_sums(w * dots, cu_seqlens)
+    pieces = [
+        feature_dots(hidden[span].unsqueeze(1), g.index_select(0, seg[span]), acc).view(-1)
+        for span in _token_spans(N, d, 8)
+    ]
+    dots = torch.cat(pieces) if pieces else torch.zeros(0, dtype=acc, device=hidden.device)
     nonzero = total != 0
     W = torch.where(nonzero, total, 1)
-    grad = torch.where(nonzero[seg], (dots - (mean_dot / W)[seg]) / W[seg], 0)
+    mean_dot = segment_sums(w * dots, cu_seqlens) / W
+    grad = torch.where(nonzero[seg], (dots - mean_dot[seg]) / W[seg], torch.zeros((), dtype=acc))
     return grad.to(weights.dtype)

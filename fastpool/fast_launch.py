@@ -92,6 +92,21 @@ class KernelLauncher:
         self._plans.clear()
 
 
+class TracedLauncher:
+    """Launches through ``torch.library.wrap_triton``: inside a ``triton_op`` traced by torch.compile the
+    launch is recorded in the graph (Inductor launches the kernel itself); called eagerly it launches
+    plainly. Same call signature as ``KernelLauncher`` (the key is ignored). Launch options other than
+    num_warps (maxnreg) are not passed: torch.compile does not forward them."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, key, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+        from torch.library import wrap_triton
+
+        wrap_triton(self.kernel)[grid](*args, **constexprs, num_warps=options["num_warps"])
+
+
 def _launch_entry(compiled) -> tuple:
     """(launch, head): call ``launch(gx, gy, gz, stream, *head, *args)`` to launch ``compiled``.
 

@@ -35,26 +35,37 @@ from . import ops
 from .backend import resolve_backend
 from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 from .modes import normalize_modes
-from .packed import validate_packed
+from .packed import check_dense, check_size_limits, validate_packed
+
+_STRIDED = torch.strided
+_is_compiling = torch.compiler.is_compiling
 
 
 def _validate(hidden: object, mask: object) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor of shape (B, T, d), got {type(hidden).__name__}")
+    # Inline tests on the common path (host cost); the helpers raise, or handle symbolic sizes.
+    if hidden.layout is not _STRIDED:
+        check_dense("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(
             f"hidden: expected 3 dimensions (B, T, d), got {hidden.dim()} with shape {tuple(hidden.shape)}"
         )
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if hidden.shape[0] >= MAX_BATCH:
-        raise ValueError(f"hidden: B must be below {MAX_BATCH}, got {hidden.shape[0]}")
-    if hidden.shape[1] > MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {hidden.shape[1]}")
+    B, T, _ = hidden.shape
+    # Under torch.compile / torch.export the sizes may be symbolic: any comparison here would become a
+    # shape guard, so only the op checks them, on concrete sizes.
+    if not _is_compiling() and (
+        type(B) is not int or type(T) is not int or B >= MAX_BATCH or T > MAX_SEQUENCE_LENGTH
+    ):
+        check_size_limits(B, T, packed=False)
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor of shape (B, T) or None, got {type(mask).__name__}")
+    if mask.layout is not _STRIDED:
+        check_dense("mask", mask)
     if mask.dtype not in MASK_DTYPES:
         raise TypeError(
             f"mask: expected a bool, integer, float16, bfloat16, float32 or float64 dtype, got {mask.dtype}"
@@ -80,6 +91,8 @@ def _validate_weights(hidden: torch.Tensor, weights: object, modes: tuple[str, .
         raise TypeError(
             f"weights: expected a torch.Tensor of shape (B, T) or None, got {type(weights).__name__}"
         )
+    if weights.layout is not _STRIDED:
+        check_dense("weights", weights)
     if weights.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
     expected = tuple(hidden.shape[:2])

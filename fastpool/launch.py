@@ -34,14 +34,19 @@ NUM_STAGES = 4
 # Register cap of the forward kernel. Without one, ptxas keeps some variants near 48 registers and
 # spills a few bytes outside the token loops; with 128 every variant fits without spilling and keeps
 # 4 programs of 128 threads per multiprocessor, except the mix that keeps four accumulators (max
-# with positions and a weighted sum, besides the sum), which needs up to 192 (strided hidden).
+# with positions and a weighted sum, besides the sum), which needs up to 192 (strided hidden), and
+# packed max with positions, whose int64 offsets need 139 on sm_80 (at 128 ptxas keeps an 8-byte
+# stack frame): 3 programs per multiprocessor there.
 FORWARD_MAX_REGISTERS = 128
+FORWARD_MAX_REGISTERS_PACKED_POSITIONS = 160
 FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS = 255
 
 
-def forward_max_registers(track_positions: bool, do_weighted: bool) -> int:
+def forward_max_registers(track_positions: bool, do_weighted: bool, packed: bool) -> int:
     """The forward kernel's register cap for a mode mix (see FORWARD_MAX_REGISTERS)."""
-    return FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS if track_positions and do_weighted else FORWARD_MAX_REGISTERS
+    if track_positions and do_weighted:
+        return FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS
+    return FORWARD_MAX_REGISTERS_PACKED_POSITIONS if track_positions and packed else FORWARD_MAX_REGISTERS
 # Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
 PROGRAMS_PER_SM = 4
 # Backward: bytes of one output tile (BLOCK_T * BLOCK_D * element size).
@@ -178,15 +183,18 @@ def stream_key(device: torch.device) -> tuple:
     return (device, torch._C._cuda_getCurrentRawStream(index))
 
 
-def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int, fresh: bool = False) -> torch.Tensor:
     """A cached buffer of at least ``numel`` elements for one role in a launch (partial results, the
     rows to normalise, outputs nobody reads), per device and stream.
 
     Kernels on one stream run in order, so a launch may reuse what the previous one left: no
     allocation per call. Kernels read the buffer through its pointer only, so it is passed whole
     (never sliced). It grows by doubling; an old buffer still in use by queued kernels is released to
-    the caching allocator, which reuses memory in stream order.
+    the caching allocator, which reuses memory in stream order. ``fresh``: a new buffer (traced
+    launches, see ``fastpool.ops_triton``: a compiled graph allocates its own).
     """
+    if fresh:
+        return torch.empty((numel,), dtype=dtype, device=device)
     key = (*stream_key(device), role, dtype)
     buffer = _workspaces.get(key)
     if buffer is None or buffer.numel() < numel:
@@ -199,14 +207,17 @@ def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int) -
     return buffer
 
 
-def ticket_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
+def ticket_counters(device: torch.device, n: int, fresh: bool = False) -> tuple[torch.Tensor, int]:
     """(counters, epoch): n int64 ticket counters of a split launch, from a buffer cached per device
     and stream, and this launch's epoch tag (see ``kernels.mask_scan.draw_ticket``).
 
     The kernels leave every counter of a completed row at 0, and ignore counts tagged with another
     epoch, so the buffer is zeroed once when it is allocated and never again: no memset per call.
-    Keyed by the current stream, so launches on different streams never share counters.
+    Keyed by the current stream, so launches on different streams never share counters. ``fresh``:
+    new zeroed counters and epoch 1 (a traced launch: the graph allocates them per call).
     """
+    if fresh:
+        return torch.zeros((n,), dtype=torch.int64, device=device), 1
     return workspace(device, "tickets", torch.int64, n), next_epoch()
 
 
@@ -301,6 +312,7 @@ def _forward_plan(modes, dtype, has_mask, has_weights, normalize, track_position
         HAS_WEIGHTS=has_weights, PACKED=packed, ACC_DTYPE=triton_acc_dtype(dtype),
         LANES=overridden("lanes", LANES), BLOCK_D=block_d, CHUNK=overridden("chunk", CHUNK),
         SCAN_BLOCK=overridden("scan_block", SCAN_BLOCK), NUM_STAGES=overridden("num_stages", NUM_STAGES),
+        STATE=False,  # the pooled outputs (fastpool.partial launches the state-output variant)
     )  # fmt: skip
     return ForwardPlan(
         n_modes=len(names),
@@ -317,7 +329,7 @@ def _forward_plan(modes, dtype, has_mask, has_weights, normalize, track_position
         block_d=block_d,
         constexprs=constexprs,
         options=dict(
-            num_warps=overridden("num_warps", NUM_WARPS), maxnreg=forward_max_registers(track, do_weighted)
+            num_warps=overridden("num_warps", NUM_WARPS), maxnreg=forward_max_registers(track, do_weighted, packed)
         ),
     )
 
@@ -336,7 +348,7 @@ class ForwardOutputs:
 
     def __init__(
         self, plan: ForwardPlan, rows: int, d: int, dtype: torch.dtype, device: torch.device, lean: bool = False,
-        share_empty: bool = False,
+        share_empty: bool = False, traced: bool = False,
     ):  # fmt: skip
         acc = plan.acc
         n_cols = plan.n_modes * d
@@ -349,7 +361,7 @@ class ForwardOutputs:
             return torch.empty(shape if needed else absent, dtype=out_dtype, device=device)
 
         self.out = torch.empty((rows, n_cols), dtype=dtype, device=device)
-        self.rowbuf = workspace(device, "rowbuf", acc, rows * n_cols) if plan.normalize else None
+        self.rowbuf = workspace(device, "rowbuf", acc, rows * n_cols, traced) if plan.normalize else None
         self.argmax = output(plan.track_positions, (rows, d), (rows, 0), torch.int32)
         if lean:
             self.stats = workspace(device, "stats", torch.int32, 3 * rows)
@@ -381,7 +393,9 @@ def empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-def partial_buffers(plan: ForwardPlan, slots: int, d: int, n_dblocks: int, device: torch.device) -> tuple:
+def partial_buffers(
+    plan: ForwardPlan, slots: int, d: int, n_dblocks: int, device: torch.device, traced: bool = False
+) -> tuple:
     """(part_sum, part_wsum, part_max, part_pos, part_stats, part_wt): the workspace of a launch whose
     rows are split over programs, with ``slots`` chunk slots; placeholders where a mode does not need
     one, all placeholders for ``slots == 0`` (no row is split). From the stream's workspace: a split
@@ -389,7 +403,7 @@ def partial_buffers(plan: ForwardPlan, slots: int, d: int, n_dblocks: int, devic
     acc = plan.acc
 
     def buffer(needed: bool, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return workspace(device, role, dtype, numel) if needed and slots else placeholder(device, dtype)
+        return workspace(device, role, dtype, numel, traced) if needed and slots else placeholder(device, dtype)
 
     return (
         buffer(plan.do_mean, "part_sum", slots * d, acc),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fast_launch import KernelLauncher, aligned, specialization
+from .fast_launch import KernelLauncher, TracedLauncher, aligned, specialization
 from .launch import (
     CHUNK,
     LANES,
@@ -131,6 +131,11 @@ backward_launcher = functools.cache(_backward_launcher)
 weights_launcher = functools.cache(_weights_launcher)
 
 
+def traced(launcher: KernelLauncher) -> TracedLauncher:
+    """The ``wrap_triton`` launcher of the same kernel (for the triton ops torch.compile traces)."""
+    return TracedLauncher(launcher.kernel)
+
+
 def pool_forward(
     hidden: torch.Tensor,
     mask: torch.Tensor | None,
@@ -141,6 +146,7 @@ def pool_forward(
     for_backward: bool = False,
     lean: bool = False,
     share_empty: bool = False,
+    trace: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused masked pooling forward on the Triton kernels: one launch.
 
@@ -149,7 +155,9 @@ def pool_forward(
     (weighted_mean's user weights); normalize_eps >= 0: L2-normalise each output row (in the same
     launch: the last feature block of a row to finish); track_positions: keep max positions (indices
     or a gradient are needed; else values only); for_backward: also return what the backward needs;
-    lean, share_empty: which outputs may come from shared buffers (see ``launch.ForwardOutputs``).
+    lean, share_empty: which outputs may come from shared buffers (see ``launch.ForwardOutputs``);
+    trace: launched through ``wrap_triton`` with buffers of its own and no cached state, so that
+    torch.compile can trace it (``fastpool.ops_triton``); every row may then span several programs.
 
     Returns (out, argmax, stats, norms, wsum, wmean, prefix): out (B, n_modes * d) hidden dtype;
     argmax (B, d) int32 when "max" is requested with track_positions (else (B, 0)); stats (3, B) int32
@@ -169,7 +177,7 @@ def pool_forward(
     """
     B, T, d = hidden.shape
     device = hidden.device
-    if lean and not has_overrides():
+    if lean and not trace and not has_overrides():
         repeat = _repeat_signature(
             hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device
         )
@@ -180,18 +188,25 @@ def pool_forward(
         modes, hidden.dtype, mask is not None, weights is not None, normalize_eps >= 0, track_positions,
         for_backward, False,
     )  # fmt: skip
-    outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty)
+    outs = ForwardOutputs(plan, B, d, hidden.dtype, device, lean, share_empty, trace)
     if plan.store_prefix:
         prefix = torch.empty(
             (B, triton_cdiv(T, overridden("chunk", CHUNK))), dtype=torch.int32, device=device
         )
-    else:
+    elif lean or share_empty:
         prefix = empty(device, torch.int32)
+    else:  # (B, 0) as documented and as the op's fake kernel says: an op returns no shared tensor
+        prefix = torch.empty((B, 0), dtype=torch.int32, device=device)
     if B == 0 or d == 0:
         return _without_features(outs, mask, B, T, d, prefix)
     n_dblocks = check_feature_blocks(d, plan.block_d)
-    grid = forward_grid(B, T, n_dblocks, sm_count(device))
-    split = grid.programs_per_row > 1
+    if trace:
+        # One program per chunk: no decision on the (possibly symbolic) sizes, the same bits.
+        n_slots = max(1, triton_cdiv(T, overridden("chunk", CHUNK)))
+        grid, split = ForwardGrid(n_slots, 1, n_slots), True
+    else:
+        grid = forward_grid(B, T, n_dblocks, sm_count(device))
+        split = grid.programs_per_row > 1
     stats = outs.stats
     mask_view, mask_bits, stride_mb, stride_mt = mask_arguments(mask, stats)
     acc_dummy = placeholder(device, plan.acc)
@@ -199,9 +214,9 @@ def pool_forward(
         weights_arg, (stride_wb, stride_wt) = weights, weights.stride()
     else:
         weights_arg, stride_wb, stride_wt = acc_dummy, 0, 0
-    partials = partial_buffers(plan, B * grid.n_slots if split else 0, d, n_dblocks, device)
+    partials = partial_buffers(plan, B * grid.n_slots if split else 0, d, n_dblocks, device, trace)
     n_tickets = plan.ticket_count(B, n_dblocks, split)
-    counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
+    counters, epoch = ticket_counters(device, n_tickets, trace) if n_tickets else (stats, 1)
     stride_hb, stride_ht, stride_hd = hidden.stride()
     stride_ob = outs.out.stride(0)
     args = (
@@ -213,7 +228,7 @@ def pool_forward(
         stride_hb, stride_ht, stride_hd, stride_mb, stride_mt, stride_wb, stride_wt, stride_ob,
         *plan.col_args, normalize_eps, int(plan.store_wmean), int(plan.store_prefix), mask_bits,
     )  # fmt: skip
-    key = None if has_overrides() else (
+    key = None if has_overrides() or trace else (
         plan, device, hidden.dtype, mask_view.dtype if mask is not None else None,
         weights.dtype if weights is not None else None, specialization(d), specialization(stride_hb),
         specialization(stride_ht), specialization(stride_hd), specialization(stride_mb),
@@ -222,7 +237,8 @@ def pool_forward(
         weights is None or aligned(weights), mask_bits >= 2**31,
     )  # fmt: skip
     grid_dims = (B, n_dblocks, grid.programs_per_row)
-    launch_on(device, forward_launcher(), key, grid_dims, args, plan.constexprs, plan.options)
+    launcher = traced(forward_launcher()) if trace else forward_launcher()
+    launch_on(device, launcher, key, grid_dims, args, plan.constexprs, plan.options)
     if lean and key is not None:
         _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0))
     return outs.result(prefix)
@@ -329,8 +345,10 @@ def pool_backward(
     weights: torch.Tensor | None = None,
     wsum: torch.Tensor | None = None,
     prefix: torch.Tensor | None = None,
+    trace: bool = False,
 ) -> torch.Tensor:
-    """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, n_modes * d), any strides: one launch.
+    """Gradient of hidden (B, T, d) in ``dtype`` from grad_out (B, n_modes * d), any strides: one launch
+    (through ``wrap_triton`` with ``trace``, as ``pool_forward``).
 
     Uses what forward saved: argmax (B, d) int32, stats (3, B) int32, and for weighted_mean the user
     weights' sums wsum (B,) or, with rank weights and a mask, prefix (B, n_chunks) int32; plus the
@@ -341,7 +359,7 @@ def pool_backward(
     B = stats.shape[1]
     device = grad_out.device
     signature = None
-    if not has_overrides():
+    if not has_overrides() and not trace:
         signature = (
             modes, B, T, dtype, grad_out.dtype, grad_out.shape[1], grad_out.stride(), aligned(grad_out),
             None if mask is None else (mask.dtype, mask.stride(), aligned(mask)),
@@ -351,7 +369,7 @@ def pool_backward(
         call = _backward_calls.get(signature)
         if call is not None:
             return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
-    call = BackwardCall(grad_out, mask, stats, T, dtype, modes, weights, prefix, signature is not None)
+    call = BackwardCall(grad_out, mask, stats, T, dtype, modes, weights, prefix, signature is not None, trace)
     if signature is not None and call.grid is not None:
         if len(_backward_calls) >= _REPEAT_LIMIT:
             _backward_calls.clear()
@@ -367,14 +385,17 @@ class BackwardCall:
     shapes, strides, alignment, stream): built once, then each call allocates the gradient and
     launches."""
 
-    __slots__ = ("shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks")
+    __slots__ = (
+        "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks", "launcher",
+    )  # fmt: skip
 
-    def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool):
+    def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool, trace=False):
         names = modes.split(",")
         B = stats.shape[1]
         d = grad_out.shape[1] // len(names)
         self.shape, self.dtype, self.device = (B, T, d), dtype, grad_out.device
         self.grid = None
+        self.launcher = traced(backward_launcher()) if trace else backward_launcher()
         if B * T * d == 0:
             return
         self.slots = slots = mode_columns(names, 1)
@@ -417,7 +438,7 @@ class BackwardCall:
             grad_out, stats if mask is None else integer_view(mask)[0], argmax if self.slots["max"] >= 0 else stats,
             stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad, *self.tail,
         )  # fmt: skip
-        launch_on(self.device, backward_launcher(), self.key, self.grid, args, self.constexprs, self.options)
+        launch_on(self.device, self.launcher, self.key, self.grid, args, self.constexprs, self.options)
         return grad
 
 
@@ -428,6 +449,7 @@ def weights_backward(
     weights: torch.Tensor,
     wsum: torch.Tensor,
     wmean: torch.Tensor,
+    trace: bool = False,
 ) -> torch.Tensor:
     """(B, T) gradient of weighted_mean with user weights with respect to the weights, in their dtype:
     ``(g . x_t - g . out) / W`` at real tokens of rows with W != 0, else 0; one launch.
@@ -457,7 +479,8 @@ def weights_backward(
         BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
     grid = (B, triton_cdiv(T, block_t), 1)
-    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
+    launcher = traced(weights_launcher()) if trace else weights_launcher()
+    launch_on(device, launcher, None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad
 
 

@@ -67,3 +67,25 @@ class AttentionPooling(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"d={self.d}, heads={self.heads}"
+
+
+class GlobalPooling(torch.nn.Module):
+    """Global average and/or max pooling of feature maps: ``fastpool.global_pool(x, mode)``.
+
+    ``forward(x)``: x (B, C, *spatial) with 1 to 3 spatial dims, any memory format -> (B, C), or
+    (B, len(mode) * C) for a sequence of modes ("mean", "max"). The module has no parameters.
+    """
+
+    def __init__(self, mode: str | Sequence[str] = "mean"):
+        super().__init__()
+        from .global_pool import _validate_modes
+
+        self.modes = _validate_modes(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .global_pool import global_pool
+
+        return global_pool(x, self.modes)
+
+    def extra_repr(self) -> str:
+        return f"mode={list(self.modes)}"

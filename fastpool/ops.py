@@ -25,10 +25,14 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from . import eager, eager_packed
+from . import eager, eager_packed, transforms
 from .launch import CHUNK
+from .packed import check_size_limits
 
 _BACKENDS = ("triton", "torch")
+# Whether a torch.func transform (grad, vmap, jvp, ...) is running: one C call, cheap enough for
+# the inference path.
+_functorch_active = torch._C._are_functorch_transforms_active
 
 Outputs = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
@@ -139,6 +143,9 @@ def pool_fwd(
     position (-1 if none), norms (B,) (or (0,) without normalisation), and the Triton backward's
     wsum, wmean, prefix (see ``launchers.pool_forward``; empty on the torch backend).
     """
+    # The public checks let symbolic sizes through (torch.export with dynamic dims): the op
+    # runs with concrete ones.
+    check_size_limits(hidden.shape[0], hidden.shape[1], packed=False)
     return forward_impl(hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward)
 
 
@@ -264,6 +271,7 @@ def packed_pool_fwd(
     (3, S) int32: length, first and last token index of each segment (-1 if empty), norms, and the
     Triton backward's wsum and wmean (prefix is (S, 0)).
     """
+    check_size_limits(cu_seqlens.shape[0] - 1, hidden.shape[0], packed=True)
     return packed_forward_impl(
         hidden, cu_seqlens, weights, modes, backend, normalize_eps, track_positions, for_backward, max_seqlen,
         check_offsets,
@@ -347,25 +355,45 @@ def _setup_context(ctx, inputs, output):
 
 
 def normalize_backward(
-    grad: torch.Tensor, out: torch.Tensor, norms: torch.Tensor, eps: float
+    grad: torch.Tensor | None,
+    out: torch.Tensor,
+    norms: torch.Tensor,
+    eps: float,
+    grad_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the un-normalised rows v from the gradient of y = v / max(||v||, eps) (as
-    ``F.normalize``): (g - y (y . g)) / ||v|| where ||v|| > eps, g / eps elsewhere. (B, n), float."""
+    ``F.normalize``): (g - y (y . g)) / ||v|| where ||v|| > eps, g / eps elsewhere. (B, n), float.
+
+    ``grad_norms`` (B,) is the gradient reaching the saved norms ||v|| themselves, which happens
+    when a second-order pass differentiates this very formula: it adds grad_norms * v / ||v||
+    (= grad_norms * y * max(||v||, eps) / ||v||; 0 for a zero row)."""
     acc = norms.dtype
-    g, y = grad.to(acc), out.to(acc)
+    y = out.to(acc)
     n = norms.unsqueeze(1)
     above = n > eps
-    projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
-    return torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
+    result = None
+    if grad is not None:
+        g = grad.to(acc)
+        projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
+        result = torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
+    if grad_norms is not None:
+        nonzero = n > 0
+        scale = torch.where(nonzero, n.clamp(min=eps) / torch.where(nonzero, n, 1), 0)
+        through_norms = grad_norms.to(acc).unsqueeze(1) * y * scale
+        result = through_norms if result is None else result + through_norms
+    return result
 
 
 def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
     backend = ctx.backend
     if ctx.direct:
-        # create_graph=True needs a differentiable backward: the eager one is built from torch ops
-        # (same semantics, any device); the kernel's output has no graph.
-        if torch.is_grad_enabled():
-            backend = "torch"
+        if torch.is_grad_enabled() or _functorch_active():
+            # create_graph=True and torch.func need a differentiable, vmappable backward: the kernel's
+            # (or the eager) backward wrapped as a Function whose own backward is the linear pooling.
+            return transforms.PoolBackward.apply(
+                grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend,
+                ctx.packed, ctx.max_seqlen,
+            )  # fmt: skip
         if ctx.packed:
             return _packed_backward_impl(
                 grad_out, layout, weights, argmax, stats, wsum, ctx.T, ctx.dtype, ctx.modes, backend,
@@ -394,15 +422,18 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
     )
 
 
-def _backward(ctx, grad_out, *_grads_of_other_outputs):
+def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_backward_extras):
     layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
     # Saved forward results are constants of the backward (no gradient flows through them).
     wsum, wmean = wsum.detach(), wmean.detach()
     grads = [None] * ctx.n_inputs
-    if grad_out is None:
+    normalized = ctx.normalize_eps >= 0
+    # The norms are a differentiable output: a second-order pass through normalize_backward
+    # sends gradient to them (they depend on hidden like the output does).
+    if grad_out is None and (grad_norms is None or not normalized):
         return tuple(grads)
-    if ctx.normalize_eps >= 0:
-        grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps)
+    if normalized:
+        grad_out = normalize_backward(grad_out, out, norms, ctx.normalize_eps, grad_norms)
     if ctx.needs_input_grad[0]:
         grads[0] = _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix)
     if weights is not None and ctx.needs_input_grad[2]:
@@ -411,7 +442,8 @@ def _backward(ctx, grad_out, *_grads_of_other_outputs):
         col = modes.index("weighted_mean") * d
         block = grad_out[:, col : col + d]
         if ctx.direct:
-            backend = "torch" if torch.is_grad_enabled() else ctx.backend
+            # A graph or a torch.func transform needs torch ops (differentiable, vmappable).
+            backend = "torch" if torch.is_grad_enabled() or _functorch_active() else ctx.backend
             grads[2] = _weights_backward(block, hidden, layout, weights, wsum, wmean, ctx.packed, backend)
         else:
             grads[2] = weights_bwd(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
@@ -422,54 +454,90 @@ pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 packed_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fast_path(implementation, name: str, doc: str) -> type[torch.autograd.Function]:
-    """An autograd.Function running ``implementation`` with the ops' own setup_context and backward."""
+def _fast_path(implementation, name: str, doc: str, packed: bool) -> tuple[type, type]:
+    """Two autograd.Functions running ``implementation`` with the ops' own setup_context and backward,
+    and the jvp rule of ``fastpool.transforms``: the plain one (``forward(ctx, ...)``: its ``apply``
+    binds no signature, a sizeable share of a small call's host cost) for eager calls, and one in
+    setup_context style with the vmap rule too, which torch.func transforms require."""
 
-    def forward(ctx, *inputs):
-        output = implementation(*inputs, share_empty=True)
-        ctx.mark_non_differentiable(*output[1:])
+    def setup(ctx, inputs, output, for_forward_ad: bool):
+        out, argmax, stats, norms, wsum, wmean, prefix = output
+        # The norms are differentiable (second order through normalize=True, jvp); without
+        # normalisation they are empty and may be the same shared tensor as wsum or wmean.
+        if inputs[5] >= 0:
+            ctx.mark_non_differentiable(argmax, stats, wsum, wmean, prefix)
+        else:
+            ctx.mark_non_differentiable(argmax, stats, norms, wsum, wmean, prefix)
         _setup_context(ctx, inputs, output)
         ctx.direct = True  # eager only: the backward may call the implementation directly
+        if for_forward_ad:  # what the jvp rule reads
+            ctx.save_for_forward(inputs[1], inputs[2], argmax, stats, wsum, prefix, out, norms)
+
+    def plain_forward(ctx, *inputs):
+        output = implementation(*inputs, share_empty=True)
+        setup(ctx, inputs, output, forward_ad._current_level >= 0)
         return output
+
+    def forward(*inputs):
+        return implementation(*inputs, share_empty=True)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output, True)
 
     def backward(ctx, *grads):
         return _backward(ctx, *grads)
 
-    namespace = {"forward": staticmethod(forward), "backward": staticmethod(backward), "__doc__": doc}
-    return type(name, (torch.autograd.Function,), namespace)
+    def jvp(ctx, *tangents):
+        return transforms.forward_jvp(ctx, tangents)
+
+    def vmap(info, in_dims, *inputs):
+        return transforms.forward_vmap(transformable, packed, info, in_dims, inputs)
+
+    rules = {"backward": staticmethod(backward), "jvp": staticmethod(jvp), "__doc__": doc}
+    plain = type(name, (torch.autograd.Function,), {**rules, "forward": staticmethod(plain_forward)})
+    transformable = type(
+        name + "ForTransforms",
+        (torch.autograd.Function,),
+        {
+            **rules, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+            "vmap": staticmethod(vmap),
+        },
+    )  # fmt: skip
+    return plain, transformable
 
 
-PoolFunction = _fast_path(
+PoolFunction, PoolFunctionForTransforms = _fast_path(
     forward_impl,
     "PoolFunction",
     "Eager fast path of ``pool_fwd``: same implementation and backward, no dispatch.",
+    packed=False,
 )
-PackedPoolFunction = _fast_path(
+PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
     packed_forward_impl,
     "PackedPoolFunction",
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
+    packed=True,
 )
 
 
-def _wants_autograd(hidden: torch.Tensor, weights: torch.Tensor | None, backend: str) -> bool:
-    # Forward-mode AD (dual tensors) on the kernels goes through autograd too, so it fails loudly
-    # (no jvp) instead of silently dropping the tangent.
-    dual = backend == "triton" and forward_ad._current_level >= 0  # the eager ops handle jvp themselves
-    wants_grad = hidden.requires_grad or (weights is not None and weights.requires_grad)
-    return (wants_grad and torch.is_grad_enabled()) or dual
-
-
-def _run(op, function, implementation, inputs: tuple, return_indices: bool) -> Outputs:
-    """The custom op while compiling; else the autograd function when a gradient (or a loud
-    forward-AD failure) is needed; else the implementation itself. Max keeps its positions only
-    when indices are asked for or a gradient may follow."""
+def _run(op, function, transformable, implementation, inputs: tuple, return_indices: bool) -> Outputs:
+    """The custom op while compiling or for meta tensors (its fake kernel gives the shapes, and its
+    autograd the gradient's); else the autograd function when a gradient or forward-mode AD needs it
+    (``transformable`` under a torch.func transform); else the implementation itself. Max keeps its
+    positions only when indices are asked for or a gradient may follow."""
     hidden, _, weights, _, backend, *_ = inputs
-    wants = _wants_autograd(hidden, weights, backend)
+    # Forward-mode AD (dual tensors) on the kernels goes through the Function's jvp rule; the eager
+    # ops handle it themselves. torch.func transforms always need the Function's rules.
+    wants = (
+        (hidden.requires_grad or (weights is not None and weights.requires_grad)) and torch.is_grad_enabled()
+    ) or (backend == "triton" and forward_ad._current_level >= 0)
+    functorch = _functorch_active()
+    wants = wants or functorch
     inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
-    if torch.compiler.is_compiling():
+    if hidden.is_meta or torch.compiler.is_compiling():
         return op(*inputs)
     if wants:
-        return function.apply(*inputs)
+        return (transformable if functorch else function).apply(*inputs)
     return implementation(*inputs, lean=True)
 
 
@@ -484,7 +552,7 @@ def pool_forward(
 ) -> Outputs:
     """Run the forward with autograd: the custom op while compiling, the fast path otherwise."""
     inputs = (hidden, mask, weights, modes, backend, float(normalize_eps))
-    return _run(pool_fwd, PoolFunction, forward_impl, inputs, return_indices)
+    return _run(pool_fwd, PoolFunction, PoolFunctionForTransforms, forward_impl, inputs, return_indices)
 
 
 def packed_pool_forward(
@@ -500,4 +568,7 @@ def packed_pool_forward(
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
     inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
-    return _run(packed_pool_fwd, PackedPoolFunction, packed_forward_impl, inputs, return_indices)
+    return _run(
+        packed_pool_fwd, PackedPoolFunction, PackedPoolFunctionForTransforms, packed_forward_impl, inputs,
+        return_indices,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import transforms
 from .limits import FLOAT_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 
 OFFSET_DTYPES = (torch.int32, torch.int64)
@@ -28,6 +29,44 @@ class PackedInput:
     weights: torch.Tensor | None
     max_seqlen: int
     check_offsets: bool
+
+
+def check_dense(argument: str, tensor: torch.Tensor) -> None:
+    """TypeError naming ``argument`` unless ``tensor`` is dense (sparse layouts have no strides to
+    hand the kernels and no eager path)."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{argument}: expected a dense (strided) tensor, got layout {tensor.layout}")
+
+
+def _beyond(size: int | torch.SymInt, limit: int) -> bool:
+    if isinstance(size, int):
+        return size > limit
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(size > limit)
+
+
+def check_size_limits(rows: int | torch.SymInt, length: int | torch.SymInt, packed: bool) -> None:
+    """ValueError unless rows (B, or S sequences when packed) and length (T, or N tokens) fit the
+    kernels' 32-bit indexing.
+
+    A symbolic size (torch.export / torch.compile with dynamic dimensions) is rejected only when
+    provably beyond its limit, so the check never becomes a shape guard that narrows the traced
+    range; the custom ops repeat it on the concrete sizes when they run (``fastpool.ops``).
+    Under torch.compile (whose tracer would guard on any comparison) only the ops check.
+    """
+    if torch.compiler.is_compiling():
+        return
+    if packed:
+        if _beyond(length, MAX_SEQUENCE_LENGTH):
+            raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {length}")
+        if _beyond(rows, MAX_BATCH - 1):
+            raise ValueError(f"cu_seqlens: expected fewer than {MAX_BATCH} sequences, got {rows}")
+        return
+    if _beyond(rows, MAX_BATCH - 1):
+        raise ValueError(f"hidden: B must be below {MAX_BATCH}, got {rows}")
+    if _beyond(length, MAX_SEQUENCE_LENGTH):
+        raise ValueError(f"hidden: T must be at most {MAX_SEQUENCE_LENGTH}, got {length}")
 
 
 def _unwrap_nested(hidden: torch.Tensor, cu_seqlens: object) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -63,6 +102,8 @@ def _unwrap_weights(
         raise TypeError(
             f"weights: expected a torch.Tensor of shape (N,) or None, got {type(weights).__name__}"
         )
+    if weights.layout is not torch.strided:
+        check_dense("weights", weights)
     if weights.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weights: expected dtype float16, bfloat16, float32 or float64, got {weights.dtype}")
     if weights.dim() == 2 and weights.shape[0] == 1:
@@ -110,13 +151,17 @@ def validate_packed(
     CUDA tensor on the Triton backend, which then runs without any host-device sync; there the
     kernels clamp every offset into [0, N] so malformed offsets can never read or write out of
     bounds, but the result is unspecified (gradient rows of tokens no sequence covers are not
-    written). Under torch.compile the check runs inside the op, on the real offsets.
+    written). Under torch.compile and torch.func transforms the check runs inside the op, on the
+    real offsets.
     """
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor of shape (N, d), got {type(hidden).__name__}")
     nested_max = None
     if hidden.is_nested:
         hidden, cu_seqlens, nested_max = _unwrap_nested(hidden, cu_seqlens)
+    # Inline tests on the common path (host cost); the helpers raise, or handle symbolic sizes.
+    if hidden.layout is not torch.strided:
+        check_dense("hidden", hidden)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden: expected dtype float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if hidden.dim() == 3 and hidden.shape[0] == 1:
@@ -126,8 +171,6 @@ def validate_packed(
             f"hidden: expected (N, d) or (1, N, d) with cu_seqlens, got shape {tuple(hidden.shape)}"
         )
     N = hidden.shape[0]
-    if N > MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"hidden: N must be at most {MAX_SEQUENCE_LENGTH} tokens, got {N}")
     if mask is not None:
         raise ValueError(
             "mask: expected None for packed input (cu_seqlens or a nested tensor: no padding), got a mask"
@@ -136,6 +179,8 @@ def validate_packed(
         raise TypeError(
             f"cu_seqlens: expected a torch.Tensor of shape (S + 1,), got {type(cu_seqlens).__name__}"
         )
+    if cu_seqlens.layout is not torch.strided:
+        check_dense("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in OFFSET_DTYPES:
         raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
@@ -144,10 +189,12 @@ def validate_packed(
         raise ValueError(
             f"cu_seqlens: expected device {hidden.device} (hidden's device), got {cu_seqlens.device}"
         )
-    if cu_seqlens.shape[0] - 1 >= MAX_BATCH:
-        raise ValueError(
-            f"cu_seqlens: expected fewer than {MAX_BATCH} sequences, got {cu_seqlens.shape[0] - 1}"
-        )
+    S = cu_seqlens.shape[0] - 1
+    # Under torch.compile / torch.export only the op checks the (maybe symbolic) sizes.
+    if not torch.compiler.is_compiling() and (
+        type(S) is not int or type(N) is not int or S >= MAX_BATCH or N > MAX_SEQUENCE_LENGTH
+    ):
+        check_size_limits(S, N, packed=True)
     # The kernels read the offsets with unit stride; a copy costs S + 1 integers at most.
     cu_seqlens = cu_seqlens.contiguous()
     if max_seqlen is None:
@@ -160,7 +207,11 @@ def validate_packed(
     trusted = max_seqlen is not None and hidden.device.type == "cuda" and backend == "triton"
     weights = _unwrap_weights(weights, N, hidden.device, cu_seqlens, trusted)
     check = not trusted
-    if check and not torch.compiler.is_compiling():
+    # Meta tensors hold no values: only shapes come out (the custom op's fake kernel).
+    if hidden.is_meta:
+        check = False
+    # Under torch.compile and torch.func (vmapped offsets hold no readable values) the op checks.
+    if check and not torch.compiler.is_compiling() and not transforms.active():
         max_seqlen = check_offsets(cu_seqlens, N)  # the real longest: a better launch hint
         check = False
     return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen, check)

@@ -36,7 +36,7 @@ from .launch import (
     triton_acc_dtype,
     triton_cdiv,
 )
-from .launchers import forward_launcher, weights_launcher
+from .launchers import forward_launcher, traced, weights_launcher
 from .modes import mode_columns
 
 
@@ -82,12 +82,14 @@ def pool_forward(
     for_backward: bool = False,
     lean: bool = False,
     share_empty: bool = False,
+    trace: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Fused pooling of a packed batch on the Triton kernels: one launch.
 
     hidden (N, d) fp16/bf16/fp32/fp64, any strides; cu_seqlens (S + 1,) int32/int64 offsets;
     modes comma-separated; weights (N,) float or None; max_seqlen: an upper bound on the segment
-    lengths, or None; normalize_eps, track_positions, for_backward, lean as ``launchers.pool_forward``.
+    lengths, or None; normalize_eps, track_positions, for_backward, lean, share_empty, trace as
+    ``launchers.pool_forward`` (traced launches always have window programs).
     Returns (out, argmax, stats, norms, wsum, wmean, prefix) as ``launchers.pool_forward`` with S
     rows: argmax holds global token indices, stats (length, first, last) global token indices, and
     prefix is always (S, 0) (ranks inside a segment need no prefix).
@@ -103,8 +105,11 @@ def pool_forward(
     plan = forward_plan(
         modes, hidden.dtype, False, weights is not None, normalize_eps >= 0, track_positions, for_backward, True
     )
-    outs = ForwardOutputs(plan, S, d, hidden.dtype, device, lean, share_empty)
-    prefix = empty(device, torch.int32)
+    outs = ForwardOutputs(plan, S, d, hidden.dtype, device, lean, share_empty, trace)
+    if lean or share_empty:
+        prefix = empty(device, torch.int32)
+    else:  # (S, 0) as documented and as the op's fake kernel says: an op returns no shared tensor
+        prefix = torch.empty((S, 0), dtype=torch.int32, device=device)
     if S == 0 or d == 0:
         if S and d == 0:
             from .eager_packed import packed_stats
@@ -115,13 +120,13 @@ def pool_forward(
         return outs.result(prefix)
     stats = outs.stats
     n_dblocks = check_feature_blocks(d, plan.block_d)
-    programs, _ = packed_programs(S, N, max_seqlen)
-    split = programs > S  # some segment may need several chunks
+    programs, _ = packed_programs(S, N, None if trace else max_seqlen)
+    split = trace or programs > S  # some segment may need several chunks
     acc_dummy = placeholder(device, plan.acc)
     weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_dummy, 0)
-    partials = partial_buffers(plan, programs if split else 0, d, n_dblocks, device)
+    partials = partial_buffers(plan, programs if split else 0, d, n_dblocks, device, trace)
     n_tickets = plan.ticket_count(S, n_dblocks, split)
-    counters, epoch = ticket_counters(device, n_tickets) if n_tickets else (stats, 1)
+    counters, epoch = ticket_counters(device, n_tickets, trace) if n_tickets else (stats, 1)
     stride_ht, stride_hd = hidden.stride()
     stride_ob = outs.out.stride(0)
     args = (
@@ -133,12 +138,13 @@ def pool_forward(
         0, stride_ht, stride_hd, 0, 0, 0, stride_wt, stride_ob,
         *plan.col_args, normalize_eps, int(plan.store_wmean), 0, -1,
     )  # fmt: skip
-    key = None if has_overrides() else (
+    key = None if has_overrides() or trace else (
         plan, device, hidden.dtype, cu_seqlens.dtype, weights.dtype if weights is not None else None,
         specialization(d), specialization(stride_ht), specialization(stride_hd), specialization(stride_wt),
         specialization(stride_ob), aligned(hidden), aligned(cu_seqlens), weights is None or aligned(weights),
     )  # fmt: skip
-    launch_on(device, forward_launcher(), key, (programs, n_dblocks, 1), args, plan.constexprs, plan.options)
+    launcher = traced(forward_launcher()) if trace else forward_launcher()
+    launch_on(device, launcher, key, (programs, n_dblocks, 1), args, plan.constexprs, plan.options)
     return outs.result(prefix)
 
 
@@ -153,6 +159,7 @@ def pool_backward(
     weights: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     wsum: torch.Tensor | None = None,
+    trace: bool = False,
 ) -> torch.Tensor:
     """Gradient of a packed hidden (N, d) in ``dtype`` from grad_out (S, len(modes) * d), any strides:
     one launch over the forward's programs.
@@ -173,7 +180,7 @@ def pool_backward(
     size = grad.element_size()
     block_t = overridden("block_t", token_block(size))
     block_d = overridden("block_d", feature_block(size))
-    programs, chunk = packed_programs(S, N, max_seqlen)
+    programs, chunk = packed_programs(S, N, None if trace else max_seqlen)
     acc_placeholder = placeholder(device, torch.float64 if dtype == torch.float64 else torch.float32)
     weights_arg, stride_wt = (weights, weights.stride(0)) if weights is not None else (acc_placeholder, 0)
     stride_gob, stride_god = grad_out.stride()
@@ -187,14 +194,15 @@ def pool_backward(
         HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk, BLOCK_T=block_t,
         BLOCK_D=block_d,
     )  # fmt: skip
-    key = None if has_overrides() else (
+    key = None if has_overrides() or trace else (
         device, dtype, grad_out.dtype, cu_seqlens.dtype, weights.dtype if weights is not None else None,
         *map(specialization, (d, stride_gob, stride_god, stride_wt, stride_gt, stride_gd)),
         aligned(grad_out), aligned(cu_seqlens), weights is None or aligned(weights),
     )  # fmt: skip
     grid = (programs, check_feature_blocks(d, block_d), 1)
     options = dict(num_warps=overridden("num_warps", NUM_WARPS))
-    launch_on(device, packed_backward_launcher(), key, grid, args, constexprs, options)
+    launcher = traced(packed_backward_launcher()) if trace else packed_backward_launcher()
+    launch_on(device, launcher, key, grid, args, constexprs, options)
     return grad
 
 
@@ -205,6 +213,7 @@ def weights_backward(
     weights: torch.Tensor,
     wsum: torch.Tensor,
     wmean: torch.Tensor,
+    trace: bool = False,
 ) -> torch.Tensor:
     """(N,) gradient of packed weighted_mean with user weights with respect to the weights (as
     ``launchers.weights_backward``); one launch."""
@@ -228,5 +237,6 @@ def weights_backward(
         HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_T=block_t, BLOCK_D=block_d
     )
     grid = (triton_cdiv(N, block_t), 1, 1)
-    launch_on(device, weights_launcher(), None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
+    launcher = traced(weights_launcher()) if trace else weights_launcher()
+    launch_on(device, launcher, None, grid, args, constexprs, dict(num_warps=NUM_WARPS))
     return grad

@@ -445,8 +445,13 @@ def pool_forward_kernel(
     CHUNK: tl.constexpr,
     SCAN_BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    STATE: tl.constexpr = False,  # write the folded row (``_write_state``), not the pooled outputs
 ):
-    """Masked mean / max+argmax / first / last / weighted sums of one (row, feature block, chunk range)."""
+    """Masked mean / max+argmax / first / last / weighted sums of one (row, feature block, chunk range).
+
+    With STATE the folded row itself is written, in the accumulation dtype (``fastpool.partial``'s
+    mergeable state): out_ptr is then the (rows, n_slots * d) state, the col_* arguments its slots.
+    """
     pid_d = tl.program_id(1)
     n_dblocks = tl.num_programs(1)
     n_cols = (col_mean >= 0).to(tl.int32) + (col_max >= 0).to(tl.int32) + (col_first >= 0).to(tl.int32)
@@ -587,7 +592,15 @@ def pool_forward_kernel(
                         else:
                             take = (value > max_value) | ((value != value) & (max_value == max_value))
                             max_value = tl.where(take, value, max_value)
-        if finish:
+        if STATE:
+            if finish:
+                _write_state(
+                    hidden_ptr, out_ptr, argmax_ptr, stats_ptr, wsum_ptr, row, pid_d, d_offs, d_in, rows, d,
+                    stride_hb, stride_ht, stride_hd, stride_ob, total, weighted, wsum, count, max_value,
+                    max_pos, first, last, col_mean, col_max, col_first, col_last, col_weighted,
+                    DO_MEAN, DO_MAX, TRACK_POS, DO_WEIGHTED, HAS_WEIGHTS,
+                )  # fmt: skip
+        elif finish:
             _write_results(
                 hidden_ptr, out_ptr, argmax_ptr, stats_ptr, wsum_ptr, wmean_ptr, rowbuf_ptr,
                 row, pid_d, d_offs, d_in, rows, d, n_cols, stride_hb, stride_ht, stride_hd, stride_ob,
@@ -612,6 +625,162 @@ def pool_forward_kernel(
                         ACC_DTYPE,
                         BLOCK_D,
                     )
+
+
+@triton.jit
+def _write_state(
+    hidden_ptr,  # (B, T, d) / (N, d): read only for the first/last-token gather
+    state_ptr,  # (rows, n_slots * d) acc dtype: out, the folded row at its slots
+    argmax_ptr,  # (rows, d) int32: out, max positions (-1 for an empty row); TRACK_POS only
+    stats_ptr,  # (3, rows) int32: out, count, first, last (-1 for an empty row)
+    wsum_ptr,  # (rows,) acc dtype: out, the user weights' sum; HAS_WEIGHTS only
+    row,  # int64 scalar
+    pid_d,  # int32 scalar: feature block
+    d_offs,  # (BLOCK_D,) int32 feature indices
+    d_in,  # (BLOCK_D,) bool: d_offs < d
+    rows,
+    d,
+    stride_hb,
+    stride_ht,
+    stride_hd,
+    stride_sb,  # state row stride
+    total,  # (BLOCK_D,) acc dtype: sum over real tokens
+    weighted,  # (BLOCK_D,) acc dtype: rank- (from 1 at the row's first real token) or user-weighted sum
+    wsum,  # acc dtype scalar: user weights' sum
+    count,  # int32 scalar
+    max_value,  # (BLOCK_D,) acc dtype, -inf for an empty row (raw: a zero keeps its sign here)
+    max_pos,  # (BLOCK_D,) int32, NO_TOKEN for an empty row
+    first,  # int32 scalar, NO_TOKEN for an empty row
+    last,  # int32 scalar, -1 for an empty row
+    slot_sum,  # slot of each part in the state (its columns start at slot * d), -1 when absent
+    slot_max,
+    slot_first,  # the first real token's values
+    slot_last,  # the last real token's values
+    slot_weighted,
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+    TRACK_POS: tl.constexpr,
+    DO_WEIGHTED: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+):
+    """Store what ``_write_results`` would turn into outputs, unrounded: the mergeable partial state
+    of ``fastpool.partial``. Folding two such states in torch with ``_fold_chunk``'s operations and
+    finishing with ``pool_finish_kernel`` reproduces this kernel's own fold and epilogue."""
+    has_tokens = count > 0
+    owner = pid_d == 0
+    dst = state_ptr + row * stride_sb
+    if DO_MEAN:
+        tl.store(dst + slot_sum * d + d_offs, total, mask=d_in)
+    if DO_WEIGHTED:
+        tl.store(dst + slot_weighted * d + d_offs, weighted, mask=d_in)
+        if HAS_WEIGHTS:
+            tl.store(wsum_ptr + row, wsum, mask=owner)
+    if DO_MAX:
+        tl.store(dst + slot_max * d + d_offs, max_value, mask=d_in)
+        if TRACK_POS:
+            tl.store(argmax_ptr + row * d + d_offs, tl.where(has_tokens, max_pos, -1), mask=d_in)
+    if slot_first >= 0:
+        src = hidden_ptr + row * stride_hb + first.to(tl.int64) * stride_ht
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        tl.store(dst + slot_first * d + d_offs, token.to(total.dtype), mask=d_in)
+    if slot_last >= 0:
+        src = hidden_ptr + row * stride_hb + last.to(tl.int64) * stride_ht
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        tl.store(dst + slot_last * d + d_offs, token.to(total.dtype), mask=d_in)
+    tl.store(stats_ptr + row, count, mask=owner)
+    tl.store(stats_ptr + rows + row, tl.where(has_tokens, first, -1), mask=owner)
+    tl.store(stats_ptr + 2 * rows + row, tl.where(has_tokens, last, -1), mask=owner)
+
+
+@triton.jit(
+    do_not_specialize=[
+        *COLUMN_ARGS, "rows", "stride_sb", "epoch", "normalize_eps", "slot_sum", "slot_max", "slot_first",
+        "slot_last", "slot_weighted",
+    ]
+)  # fmt: skip
+def pool_finish_kernel(
+    state_ptr,  # (rows, n_slots * d) acc dtype: folded rows (``_write_state``'s layout, then merged)
+    count_ptr,  # (rows,) int32: real tokens of each row
+    wsum_in_ptr,  # (rows,) acc dtype: user weights' sums; HAS_WEIGHTS only
+    out_ptr,  # (rows, n_modes * d) output dtype, unit stride along features
+    scratch_ptr,  # (3, rows) int32: ``_write_results``' per-row sizes, never read
+    wsum_out_ptr,  # (rows,) acc dtype: ``_write_results``' copy of the weights' sums, never read
+    norm_ptr,  # (rows,) acc dtype: out, L2 norm of each output row; normalize_eps >= 0 only
+    rowbuf_ptr,  # (rows, n_modes * d) acc dtype: un-rounded output rows; normalize_eps >= 0 only
+    counter_ptr,  # (rows,) int64 tickets; normalize_eps >= 0 only
+    rows,
+    d,
+    stride_sb,  # state row stride (n_slots * d)
+    stride_ob,
+    epoch,  # int64 > 0: this launch's ticket tag
+    slot_sum,  # slot of each part in the state, -1 when absent
+    slot_max,
+    slot_first,
+    slot_last,
+    slot_weighted,
+    col_mean,  # slot of each mode's block in out, -1 if absent
+    col_max,
+    col_first,
+    col_last,
+    col_sqrt,
+    col_weighted,
+    normalize_eps,  # L2-normalise each output row with this floor; < 0: do not
+    DO_MEAN: tl.constexpr,
+    DO_MAX: tl.constexpr,
+    DO_WEIGHTED: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The epilogue of ``pool_forward_kernel`` applied to a (merged) state: ``_write_results`` and the
+    row normalisation, the very code of a one-shot launch, so a state holding the bits of a one-shot
+    fold finishes to the one-shot output bits. Grid (rows, cdiv(d, BLOCK_D)).
+
+    The first/last tokens are gathered from the state itself: it is passed as ``hidden`` with one
+    "position" per slot (stride d), and the slots as the positions."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    n_dblocks = tl.num_programs(1)
+    n_cols = (col_mean >= 0).to(tl.int32) + (col_max >= 0).to(tl.int32) + (col_first >= 0).to(tl.int32)
+    n_cols = (
+        n_cols
+        + (col_last >= 0).to(tl.int32)
+        + (col_sqrt >= 0).to(tl.int32)
+        + (col_weighted >= 0).to(tl.int32)
+    ) * d
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < d
+    src = state_ptr + row * stride_sb
+    count = tl.load(count_ptr + row)
+    total = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    weighted = tl.zeros((BLOCK_D,), ACC_DTYPE)
+    wsum = tl.zeros((), ACC_DTYPE)
+    max_value = tl.full((BLOCK_D,), float("-inf"), ACC_DTYPE)
+    max_pos = tl.full((BLOCK_D,), NO_TOKEN, tl.int32)
+    if DO_MEAN:
+        total = tl.load(src + slot_sum * d + d_offs, mask=d_in, other=0.0)
+    if DO_WEIGHTED:
+        weighted = tl.load(src + slot_weighted * d + d_offs, mask=d_in, other=0.0)
+        if HAS_WEIGHTS:
+            wsum = tl.load(wsum_in_ptr + row)
+    if DO_MAX:
+        max_value = tl.load(src + slot_max * d + d_offs, mask=d_in, other=0.0)
+    _write_results(
+        state_ptr, out_ptr, scratch_ptr, scratch_ptr, wsum_out_ptr, wsum_out_ptr, rowbuf_ptr,
+        row, pid_d, d_offs, d_in, rows, d, n_cols, stride_sb, d, 1, stride_ob,
+        total, weighted, wsum, count, max_value, max_pos, slot_first, slot_last,
+        col_mean, col_max, col_first, col_last, col_sqrt, col_weighted, normalize_eps, 0,
+        DO_MEAN, DO_MAX, False, DO_WEIGHTED, HAS_WEIGHTS,
+    )  # fmt: skip
+    if normalize_eps >= 0:
+        # As in pool_forward_kernel: the last feature block of the row to finish normalises it.
+        tl.debug_barrier()
+        row_counter = counter_ptr + row
+        if draw_ticket(row_counter, epoch) == n_dblocks - 1:
+            release_ticket(row_counter)
+            _normalize_row(
+                rowbuf_ptr, out_ptr, norm_ptr, row, n_cols, stride_ob, normalize_eps, ACC_DTYPE, BLOCK_D
+            )
 
 
 @triton.jit

@@ -275,3 +275,34 @@ def global_pool(x: np.ndarray, mode: str) -> np.ndarray:
             else:
                 out[b, c] = max(values)
     return out
+
+
+def global_pool_index(x: np.ndarray) -> np.ndarray:
+    """(B, C) int64: row-major spatial index of the first maximum of each channel (the first NaN if any)."""
+    B, C = x.shape[:2]
+    flat = x.reshape(B, C, -1).astype(np.float64)
+    index = np.zeros((B, C), dtype=np.int64)
+    for b in range(B):
+        for c in range(C):
+            values = [float(v) for v in flat[b, c]]
+            nans = [i for i, v in enumerate(values) if math.isnan(v)]
+            index[b, c] = nans[0] if nans else values.index(max(values))
+    return index
+
+
+def global_pool_grad(x: np.ndarray, modes: list[str], grad_out: np.ndarray) -> np.ndarray:
+    """Gradient of x (B, C, *spatial) from grad_out (B, len(modes) * C): the mean's g / S at every
+    position, the max's g at the first maximum only."""
+    B, C = x.shape[:2]
+    S = int(np.prod(x.shape[2:]))
+    grad = np.zeros((B, C, S), dtype=np.float64)
+    for i, mode in enumerate(modes):
+        g = grad_out[:, i * C : (i + 1) * C].astype(np.float64)
+        if mode == "mean":
+            grad += g[:, :, None] / S
+        else:
+            index = global_pool_index(x)
+            for b in range(B):
+                for c in range(C):
+                    grad[b, c, index[b, c]] += g[b, c]
+    return grad.reshape(x.shape)

@@ -46,7 +46,9 @@ def test_matches_oracle(device, backend, dtype, mask_kind, heads):
     hidden = torch.randn(B, T, d, generator=gen).to(dtype)
     scores = (3 * torch.randn(B, T, *((heads,) if heads else ()), generator=gen)).to(dtype)
     mask = make_mask(mask_kind, B, T, gen)
-    out = fastpool.attention_pool(hidden.to(device), scores.to(device), None if mask is None else mask.to(device))
+    out = fastpool.attention_pool(
+        hidden.to(device), scores.to(device), None if mask is None else mask.to(device)
+    )
     assert out.shape == (B, d) and out.dtype == dtype
     torch.testing.assert_close(out.cpu(), expected(hidden, scores, mask), **REDUCTION[dtype])
 
@@ -66,10 +68,13 @@ def test_strided_inputs_and_float_mask(device, backend):
 @pytest.mark.parametrize("heads", [1, 2])
 def test_gradcheck_float64(device, backend, heads):
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(3, 7, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    scores = torch.randn(3, 7, heads, generator=gen, dtype=torch.float64).to(device).requires_grad_()
-    mask = make_mask("empty-row", 3, 7, gen).to(device)
-    assert torch.autograd.gradcheck(lambda h, s: fastpool.attention_pool(h, s, mask), (hidden, scores))
+    hidden = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    scores = torch.randn(3, 5, heads, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    mask = make_mask("empty-row", 3, 5, gen).to(device)
+    # fast_mode: random projections of the Jacobian, a few kernel calls (the interpreter is slow)
+    assert torch.autograd.gradcheck(
+        lambda h, s: fastpool.attention_pool(h, s, mask), (hidden, scores), fast_mode=backend == "triton"
+    )
 
 
 def test_gradient_of_two_dimensional_scores(device, backend):
@@ -173,7 +178,9 @@ def test_opcheck(device, backend_name, with_mask):
     mask = make_mask("holes", 3, 7, gen).to(device) if with_mask else None
     args = (hidden, scores, mask, backend_name)
     torch.library.opcheck(torch.ops.fastpool.attention_pool_fwd.default, args)
-    out, m, total = torch.ops.fastpool.attention_pool_fwd(hidden.detach(), scores.detach(), mask, backend_name)
+    out, m, total = torch.ops.fastpool.attention_pool_fwd(
+        hidden.detach(), scores.detach(), mask, backend_name
+    )
     bwd_args = (torch.randn_like(out), hidden.detach(), scores.detach(), mask, out, m, total, backend_name)
     torch.library.opcheck(torch.ops.fastpool.attention_pool_bwd.default, bwd_args)
 
@@ -212,3 +219,148 @@ def test_attention_pooling_module_trains(device, backend):
     assert module.scorer.weight.grad is not None and module.scorer.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="heads"):
         fastpool.nn.AttentionPooling(5, heads=2)
+
+
+def packed_batch(lengths, d, heads, dtype, gen):
+    """(hidden (N, d), scores (N, H), cu_seqlens int32, and the same batch right-padded: hidden,
+    scores, mask)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    N, T = int(cu[-1]), max(lengths)
+    hidden = torch.randn(N, d, generator=gen).to(dtype)
+    scores = (2 * torch.randn(N, heads, generator=gen)).to(dtype)
+    padded = torch.zeros(len(lengths), T, d, dtype=dtype)
+    padded_scores = torch.zeros(len(lengths), T, heads, dtype=dtype)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        padded[i, : b - a], padded_scores[i, : b - a], mask[i, : b - a] = hidden[a:b], scores[a:b], True
+    return hidden, scores, cu, padded, padded_scores, mask
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_packed_matches_padded_with_gradients(device, backend, heads):
+    gen = torch.Generator().manual_seed(11)
+    hidden, scores, cu, padded, padded_scores, mask = packed_batch(
+        [5, 0, 9, 1, 6], 6, heads, torch.float32, gen
+    )
+    h = hidden.to(device).requires_grad_()
+    s = (scores[:, 0] if heads == 1 else scores).to(device).requires_grad_()  # (N,) for one head
+    out = fastpool.attention_pool(h, s, cu_seqlens=cu.to(device))
+    assert out.shape == (5, 6)
+    torch.testing.assert_close(
+        out.detach().cpu(), expected(padded, padded_scores, mask), **REDUCTION[torch.float32]
+    )
+    assert (out[1] == 0).all()  # the empty sequence
+    g = torch.randn(out.shape, generator=gen).to(device)
+    gh, gs = torch.autograd.grad(out, (h, s), g)
+    ph, ps = padded.to(device).requires_grad_(), padded_scores.to(device).requires_grad_()
+    rh, rs = torch.autograd.grad(fastpool.attention_pool(ph, ps, mask.to(device)), (ph, ps), g)
+    torch.testing.assert_close(gh.cpu(), rh.cpu()[mask])
+    torch.testing.assert_close(gs.cpu(), rs.cpu()[mask].reshape(gs.shape))
+
+
+def test_packed_layouts_and_bounds(device, backend):
+    gen = torch.Generator().manual_seed(12)
+    hidden, scores, cu, padded, padded_scores, mask = packed_batch([4, 7, 3], 4, 2, torch.float32, gen)
+    hidden, scores = hidden.to(device), scores.to(device)
+    ref = fastpool.attention_pool(hidden, scores, cu_seqlens=cu.to(device))
+    same = [
+        fastpool.attention_pool(hidden[None], scores[None], cu_seqlens=cu.long().to(device), max_seqlen=7),
+        fastpool.attention_pool(hidden, scores, cu_seqlens=cu.to(device), max_seqlen=9),
+    ]
+    nested = torch.nested.nested_tensor_from_jagged(hidden, cu.long().to(device))
+    nested_scores = torch.nested.nested_tensor_from_jagged(scores, nested.offsets())
+    same.append(fastpool.attention_pool(nested, nested_scores))
+    same.append(fastpool.attention_pool(nested, scores))
+    for out in same:
+        assert torch.equal(out, ref)
+
+
+def test_packed_gradcheck_float64(device, backend):
+    gen = torch.Generator().manual_seed(13)
+    hidden, scores, cu, *_ = packed_batch([3, 0, 4], 4, 2, torch.float64, gen)
+    h, s, cu = hidden.to(device).requires_grad_(), scores.to(device).requires_grad_(), cu.to(device)
+    assert torch.autograd.gradcheck(
+        lambda a, b: fastpool.attention_pool(a, b, cu_seqlens=cu), (h, s), fast_mode=backend == "triton"
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg,message",
+    [
+        (dict(cu_seqlens=torch.tensor([0, 3, 7])), "scores", "(N,) or (N, H) with N = 7"),
+        (dict(cu_seqlens=torch.tensor([0, 3, 7]), mask=torch.ones(7)), "mask", "expected None for packed"),
+        (dict(cu_seqlens=torch.tensor([0, 5, 4, 7])), "cu_seqlens", "non-decreasing"),
+        (dict(cu_seqlens=torch.tensor([0.0, 7.0])), "cu_seqlens", "int32 or int64"),
+        (dict(max_seqlen=4), "max_seqlen", "without cu_seqlens"),
+    ],
+)
+def test_packed_bad_input_names_the_argument(kwargs, arg, message):
+    hidden, scores = torch.zeros(7, 6), torch.zeros(7, 2)
+    if "max_seqlen" in kwargs:
+        hidden, scores = hidden[None], scores[None]
+    if message.startswith("(N,)"):
+        scores = torch.zeros(6, 2)
+    with pytest.raises((TypeError, ValueError), match=arg) as info:
+        fastpool.attention_pool(hidden, scores, **kwargs)
+    assert message in str(info.value)
+
+
+def test_packed_nested_scores_need_the_same_offsets():
+    hidden = torch.nested.nested_tensor_from_jagged(torch.zeros(7, 4), torch.tensor([0, 3, 7]))
+    scores = torch.nested.nested_tensor_from_jagged(torch.zeros(7), torch.tensor([0, 4, 7]))
+    with pytest.raises(ValueError, match="scores: expected a jagged nested tensor with hidden's offsets"):
+        fastpool.attention_pool(hidden, scores)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_packed_opcheck_and_compile(device, backend_name):
+    gen = torch.Generator().manual_seed(14)
+    hidden, scores, cu, *_ = packed_batch([3, 0, 5], 4, 2, torch.float32, gen)
+    hidden, scores, cu = hidden.to(device), scores.to(device), cu.to(device)
+    args = (hidden.requires_grad_(), scores.requires_grad_(), cu, 5, False, backend_name)
+    torch.library.opcheck(torch.ops.fastpool.packed_attention_pool_fwd.default, args)
+    out, m, total = torch.ops.fastpool.packed_attention_pool_fwd(
+        hidden.detach(), scores.detach(), cu, 5, True, backend_name
+    )
+    bwd = (torch.randn_like(out), hidden.detach(), scores.detach(), cu, out, m, total, 5, backend_name)
+    torch.library.opcheck(torch.ops.fastpool.packed_attention_pool_bwd.default, bwd)
+    counter = CompileCounter()
+    compiled = torch.compile(
+        lambda h, s, c: fastpool.attention_pool(h, s, cu_seqlens=c).square().sum(),
+        fullgraph=True,
+        backend=counter,
+    )
+    with fastpool.use_backend(backend_name):
+        loss = compiled(hidden, scores, cu)
+        ref = fastpool.attention_pool(hidden, scores, cu_seqlens=cu).square().sum()
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(
+            torch.autograd.grad(loss, (hidden, scores)), torch.autograd.grad(ref, (hidden, scores))
+        )
+    assert counter.frame_count == 1
+
+
+def test_double_backward(device, backend):
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(2, 3, 2, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    scores = torch.randn(2, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    pool = lambda h, s: fastpool.attention_pool(h, s)  # noqa: E731
+    assert torch.autograd.gradgradcheck(pool, (hidden, scores), fast_mode=backend == "triton")
+
+
+def test_blocks_the_launcher_picks_are_compiled_ahead_of_time():
+    from fastpool import aot
+
+    attention_launchers.OVERRIDE.clear()  # the launcher's own blocks (the autouse fixture restores)
+    specs = {
+        (s.kernel, s.label.split()[1], s.constexprs["BLOCK_T"], s.constexprs["BLOCK_D"])
+        for s in aot.attention_specializations()
+    }
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    for dtype, name in names.items():
+        size = torch.empty((), dtype=dtype).element_size()
+        block_t, block_d = attention_launchers.block_sizes(1024, size)  # a head of 512 bytes or more
+        assert block_d * size == attention_launchers.ROW_BYTES
+        for kernel in ("attention_pool_forward_kernel", "attention_pool_backward_kernel"):
+            assert (kernel, name, block_t, block_d) in specs

@@ -266,3 +266,37 @@ def test_a_wrong_packed_provider_is_caught(bench_modules):
 
         with pytest.raises(checks.MismatchError, match="index_add vs fastpool"):
             checks.check_forward(case, [good[0], OffByOne(cpu)], hidden, pk)
+
+
+def test_attention_and_global_pooling_cases(bench_modules):
+    shapes, traffic, checks, providers, _ = bench_modules
+    import attention_global
+
+    cpu = torch.device("cpu")
+    for preset in ("default", "gpu-quick", "gpu"):
+        ops = {c.op for c in shapes.PRESETS[preset].cases()}
+        assert {"attention", "global_mean", "global_max"} <= ops, preset
+    cases = shapes.FeatureBlock("t", ((2, 5, 3, 4),), ("float32",), ("global_max",), ("fwd+bwd",)).cases()
+    assert [c.layout for c in cases] == ["nchw", "channels_last"] and cases[0].spatial == (3, 4)
+    x, none = shapes.make_inputs(cases[1], cpu)
+    assert none is None and x.shape == (2, 5, 3, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    assert traffic.global_minimal_bytes("fwd+bwd", 2, 5, 12, torch.float32) == 2 * (2 * 5 * 12 + 2 * 5) * 4
+    att = shapes.Case("t", "attention", "fwd+bwd", 3, 8, 4, "float32", 0.5, "right")
+    hidden, inputs = shapes.make_inputs(att, cpu)
+    assert inputs.scores.shape == (3, 8) and inputs.mask.shape == (3, 8)
+    real = int(inputs.mask.sum())
+    fwd = real * 5 * 4 + 3 * 8 * 8 + 3 * 4 * 4  # real tokens and scores, int64 mask, output
+    assert traffic.attention_minimal_bytes("fwd", 3, 8, 4, torch.float32, inputs.mask) == fwd
+    good = [providers.FastpoolProvider(cpu), providers.EagerProvider(cpu)]
+    with fastpool.use_backend("torch"):
+        for case, h, extra in [(att, hidden, inputs), (cases[0], *shapes.make_inputs(cases[0], cpu))]:
+            assert checks.check_forward(case, good, h, extra) == {"fastpool": True, "eager": True}
+            checks.check_backward(case, good, h, extra)
+
+        class Broken(providers.FastpoolProvider):
+            def fn(self, op):  # ignores the mask
+                return lambda h, a: fastpool.attention_pool(h, a.scores)
+
+        with pytest.raises(checks.MismatchError):
+            checks.check_forward(att, [Broken(cpu)], hidden, inputs)
+    assert attention_global.padding_fraction(att, inputs) == float((inputs.mask == 0).float().mean())

@@ -69,3 +69,154 @@ def test_rank_weighted_mean_keeps_a_real_inf_in_a_long_packed_sequence(backend):
     out = fastpool.pool(hidden, mode=["weighted_mean", "mean"], cu_seqlens=cu)
     assert out[0, 1] == float("inf") and out[0, 4] == float("inf")
     assert torch.isfinite(out[0, [0, 2, 3, 5]]).all()
+
+
+# Issue 12 item 8: meta tensors give correctly shaped meta results; sparse input is a TypeError.
+
+
+def _meta(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("mode", [*ALL_MODES, ALL_MODES])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_meta_input_gives_meta_results_and_gradients(backend, mode, normalize):
+    hidden = _meta(3, 7, 5, dtype=torch.bfloat16, requires_grad=True)
+    mask = _meta(3, 7, dtype=torch.int64)
+    out = fastpool.pool(hidden, mask, mode=mode, normalize=normalize)
+    n = len(mode) if isinstance(mode, list) else 1
+    assert out.device.type == "meta" and out.shape == (3, n * 5) and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert hidden.grad.device.type == "meta" and hidden.grad.shape == (3, 7, 5)
+    assert hidden.grad.dtype == torch.bfloat16
+
+
+def test_meta_max_indices_and_user_weights(backend):
+    hidden = _meta(2, 6, 4)
+    values, index = fastpool.max_pool(hidden, _meta(2, 6, dtype=torch.bool), return_indices=True)
+    assert (values.shape, index.shape, index.dtype, index.device.type) == (
+        (2, 4),
+        (2, 4),
+        torch.int64,
+        "meta",
+    )
+    weights = _meta(2, 6, requires_grad=True)
+    out = fastpool.weighted_mean_pool(hidden.requires_grad_(), None, weights)
+    assert out.shape == (2, 4) and out.device.type == "meta"
+    out.sum().backward()
+    assert weights.grad.shape == (2, 6) and weights.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("max_seqlen", [None, 5])
+def test_meta_packed_input_with_meta_offsets(backend, max_seqlen):
+    tokens = _meta(9, 4, requires_grad=True)
+    cu = _meta(4, dtype=torch.int32)
+    out = fastpool.pool(tokens, mode=["mean", "max"], cu_seqlens=cu, max_seqlen=max_seqlen, normalize=True)
+    assert out.shape == (3, 8) and out.device.type == "meta"
+    out.sum().backward()
+    assert tokens.grad.shape == (9, 4) and tokens.grad.device.type == "meta"
+    _, index = fastpool.max_pool(tokens[None], cu_seqlens=cu, return_indices=True)
+    assert index.shape == (3, 4) and index.device.type == "meta"
+
+
+def test_meta_results_match_the_shapes_of_real_results(backend):
+    hidden = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 1, 1]])
+    real = fastpool.pool(hidden, mask, mode=["max", "cls"], normalize=True)
+    meta = fastpool.pool(hidden.to("meta"), mask.to("meta"), mode=["max", "cls"], normalize=True)
+    assert (meta.shape, meta.dtype, meta.stride()) == (real.shape, real.dtype, real.stride())
+
+
+def test_sparse_input_is_a_type_error_naming_the_argument():
+    dense = torch.randn(2, 5, 3)
+    mask = torch.ones(2, 5)
+    for call, argument in [
+        (lambda: fastpool.mean_pool(dense.to_sparse()), "hidden"),
+        (lambda: fastpool.mean_pool(dense.to_sparse(2), mask), "hidden"),
+        (lambda: fastpool.max_pool(dense, mask.to_sparse()), "mask"),
+        (lambda: fastpool.max_pool(dense, mask.to_sparse_csr()), "mask"),
+        (lambda: fastpool.weighted_mean_pool(dense, mask, mask.to_sparse()), "weights"),
+        (lambda: fastpool.mean_pool(dense[0].to_sparse(), cu_seqlens=torch.tensor([0, 5])), "hidden"),
+        (lambda: fastpool.mean_pool(dense[0], cu_seqlens=torch.tensor([0, 5]).to_sparse()), "cu_seqlens"),
+        (
+            lambda: fastpool.weighted_mean_pool(
+                dense[0], weights=mask[0].to_sparse(), cu_seqlens=torch.tensor([0, 5])
+            ),
+            "weights",
+        ),
+    ]:
+        with pytest.raises(TypeError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"{argument}: expected a dense"), message
+        assert "got layout torch.sparse" in message, message
+
+
+# Issue 12 item 2: second-order gradients through normalize=True (the row norms depend on hidden).
+
+SECOND_ORDER_MODES = ["mean", "max", "last", "weighted_mean"]
+
+
+def _gradgradcheck(backend, f, inputs):
+    # Under the Triton interpreter every forward is a slow kernel launch: check a random
+    # projection of the second derivative there (fast_mode), the full one on eager.
+    return torch.autograd.gradgradcheck(f, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("eps", [1e-12, 2.5], ids=["tiny-eps", "eps-between-the-norms"])
+def test_gradgradcheck_through_normalize_padded(backend, eps):
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 5, 2, generator=g, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 0, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+
+    def f(h):
+        return fastpool.pool(h, mask, mode=SECOND_ORDER_MODES, normalize=True, eps=eps)
+
+    if eps > 1:  # the first row's norm is below eps, the second's above it
+        norms = torch.linalg.vector_norm(fastpool.pool(hidden, mask, mode=SECOND_ORDER_MODES), dim=1)
+        assert norms[0] < eps < norms[1] or norms[1] < eps < norms[0], norms
+    assert _gradgradcheck(backend, f, (hidden,))
+
+
+def test_gradgradcheck_through_normalize_packed(backend):
+    g = torch.Generator().manual_seed(12)
+    tokens = torch.randn(7, 3, generator=g, dtype=torch.float64).requires_grad_()
+    cu = torch.tensor([0, 3, 3, 7])
+
+    def f(x):
+        return fastpool.pool(x, mode=["mean", "max", "cls"], cu_seqlens=cu, normalize=True)
+
+    assert _gradgradcheck(backend, f, (tokens,))
+
+
+def test_gradgradcheck_through_normalize_with_user_weights(backend):
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    weights = torch.rand(2, 4, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]])
+
+    def f(h, w):
+        return fastpool.pool(h, mask, mode=["weighted_mean", "mean"], weights=w, normalize=True)
+
+    assert _gradgradcheck(backend, f, (hidden, weights))
+
+
+def test_hessian_vector_product_through_normalize_matches_f_normalize(backend):
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) < 0.7
+    target = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    direction = torch.randn_like(hidden)
+
+    def loss(h, fused):
+        if fused:
+            out = fastpool.pool(h, mask, mode=["mean", "max"], normalize=True)
+        else:
+            out = torch.nn.functional.normalize(fastpool.pool(h, mask, mode=["mean", "max"]), dim=-1)
+        return ((out - target) ** 2).sum()
+
+    hvps = []
+    for fused in (True, False):
+        _, hvp = torch.autograd.functional.hvp(lambda h, fused=fused: loss(h, fused), hidden, direction)
+        hvps.append(hvp)
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)

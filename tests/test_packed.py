@@ -282,7 +282,7 @@ def test_unchecked_user_weight_sums_never_read_past_the_weights(device):
     for tail in (0.0, 1e6):
         buffer = torch.full((16,), tail, device=device)
         buffer[:7] = 1.0
-        out, *_ = packed_launchers.pool_forward(hidden, cu, ["weighted_mean"], buffer[:7], 4)
+        out, *_ = packed_launchers.pool_forward(hidden, cu, "weighted_mean", buffer[:7], 4)
         results.append(out)
     torch.testing.assert_close(results[0], results[1])
 
@@ -363,11 +363,9 @@ def test_malformed_offsets_on_the_unchecked_path_stay_in_bounds_and_poison_nothi
     cu = torch.tensor([0, 50, 3, -7, 10], dtype=torch.int32, device=device)
     good = offsets([10, 0, 0, 0]).to(device)
     with launch.config_override(**PACKED_CONFIGS["chunked"]):
-        out, argmax, stats, *_ = packed_launchers.pool_forward(
-            hidden, cu, ["mean", "max", "last"], None, None
-        )
+        out, argmax, stats, *_ = packed_launchers.pool_forward(hidden, cu, "mean,max,last", None, None)
         assert out.shape == (4, 12) and argmax.shape == (4, 4) and stats.shape == (3, 4)
-        after = packed_launchers.pool_forward(hidden, good, ["mean", "max", "last"], None, None)[0]
+        after = packed_launchers.pool_forward(hidden, good, "mean,max,last", None, None)[0]
     with fastpool.use_backend("torch"):
         want = fastpool.pool(hidden, mode=["mean", "max", "last"], cu_seqlens=good)
     torch.testing.assert_close(after.cpu(), want.cpu())
@@ -385,7 +383,7 @@ def test_a_max_seqlen_that_lies_still_pools_every_token(device):
     hidden = torch.randn(23, 5, generator=gen).to(device)
     cu = offsets([3, 17, 3]).to(device)
     with launch.config_override(chunk=4, lanes=2):
-        got = packed_launchers.pool_forward(hidden, cu, ["mean", "max"], None, 4)[0]
+        got = packed_launchers.pool_forward(hidden, cu, "mean,max", None, 4)[0]
     with fastpool.use_backend("torch"):
         want = fastpool.pool(hidden, mode=["mean", "max"], cu_seqlens=cu)
     torch.testing.assert_close(got.cpu(), want.cpu())

@@ -1,0 +1,211 @@
+"""Masked max of the eager backend: values (and, when asked, first positions) over real tokens.
+
+A maximum is exact in any order, so these reductions are batch-invariant once the two results
+that are not unique are made so: a zero maximum is returned as +0.0 (``-0.0`` and ``+0.0`` tie)
+and a NaN maximum as the default NaN. The position of the maximum is the first real position
+holding it (the first NaN when the maximum is NaN), found in a second pass that compares the
+tokens with the maximum: ``amax`` without positions is several times faster than ``max(dim)``.
+Nothing allocates a (B, T, d) temporary: padded chunks are bounded to ``_CHUNK_BYTES``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A padded chunk of hidden (rows x tokens x d) handled by one op: cache-sized.
+_CHUNK_BYTES = 2 * 2**20
+
+
+def canonical(values: torch.Tensor) -> torch.Tensor:
+    """values with -0.0 as +0.0 and every NaN as the default NaN (so order never shows in the bits)."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    nan = torch.full((), float("nan"), dtype=values.dtype, device=values.device)
+    return torch.where(values == 0, zero, torch.where(torch.isnan(values), nan, values))
+
+
+def _spans(real: torch.Tensor | None, B: int, T: int, size: int) -> list[tuple[slice, int]]:
+    """(positions, kind) covering the chunks of ``size`` positions that hold a real token: kind 2
+    a chunk with padding (masked in a chunk-sized temporary), kind 1 a run of chunks where every
+    token is real (read in place, in one op)."""
+    chunks = -(-T // size)
+    if real is None:
+        return [(slice(0, T), 1)] if T else []
+    every = torch.ones((B, chunks * size), dtype=torch.bool, device=real.device)
+    some = torch.zeros((B, chunks * size), dtype=torch.bool, device=real.device)
+    every[:, :T] = real
+    some[:, :T] = real
+    full = every.view(B, chunks, size).all(2).all(0).tolist()
+    partial = some.view(B, chunks, size).any(2).any(0).tolist()
+    spans: list[tuple[slice, int]] = []
+    for c in range(chunks):
+        span = slice(c * size, min(T, (c + 1) * size))
+        if full[c] and spans and spans[-1][1] == 1 and spans[-1][0].stop == span.start:
+            spans[-1] = (slice(spans[-1][0].start, span.stop), 1)  # extend the run in place
+        elif full[c] or partial[c]:
+            spans.append((span, 1 if full[c] else 2))
+    return spans
+
+
+def padded_max(
+    hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor, need_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (B, d) in hidden's dtype, positions (B, d) int32) of the max over each row's real
+    tokens of hidden (B, T, d); an empty row gives 0 and -1. positions is (B, 0) unless
+    ``need_indices``. Padding never reaches the result, NaN and inf included.
+
+    Values only: one ``amax`` pass. With positions, the pass keeps the max of every block of
+    ``_BLOCK`` positions (B, T / _BLOCK, d); ``max`` over the blocks gives the first block holding
+    the row's max, and the first position is searched inside that block only (a gather of _BLOCK
+    tokens per feature) instead of running ``max(dim)`` (several times slower) over the row.
+    """
+    B, T, d = hidden.shape
+    device = hidden.device
+    if B == 0 or T == 0 or d == 0:
+        positions = torch.full((B, d if need_indices else 0), -1, dtype=torch.int32, device=device)
+        return hidden.new_zeros((B, d)), positions
+    spans = _spans(real, B, T, _span_tokens(B, d, hidden.element_size()))
+    maxima = _maxima(hidden, real, spans, need_indices, select=False)
+    if real is not None:
+        # A padded +inf or NaN turns the -inf bias into NaN: redo those rows by selection.
+        redo = torch.isnan(maxima.flatten(1)).any(1)
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(1)
+            again = _maxima(
+                hidden.index_select(0, rows), real.index_select(0, rows), spans, need_indices, select=True
+            )
+            maxima = maxima.index_put((rows,), again)
+    empty = (count == 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=hidden.dtype, device=device)
+    if not need_indices:
+        no_positions = torch.empty((B, 0), dtype=torch.int32, device=device)
+        return torch.where(empty, zero, canonical(maxima)), no_positions
+    values, block = maxima.max(1)  # the first block holding the max (the first NaN's block)
+    positions = _first_position(hidden, real, block, values)
+    return torch.where(empty, zero, canonical(values)), torch.where(empty, -1, positions).to(torch.int32)
+
+
+# Positions per block of the max pass: the position search reads one block per feature.
+_BLOCK = 16
+
+
+def _span_tokens(B: int, d: int, element_size: int) -> int:
+    """Tokens per chunk of the max pass: a multiple of _BLOCK, about _CHUNK_BYTES of hidden."""
+    return max(1, _CHUNK_BYTES // max(1, B * d * element_size * _BLOCK)) * _BLOCK
+
+
+def _maxima(hidden, real, spans, blocks: bool, select: bool) -> torch.Tensor:
+    """The max over real tokens (-inf where there is none; NaN where padding holds +inf or NaN
+    unless ``select``): (B, d), or with ``blocks`` (B, ceil(T / _BLOCK), d) per block of positions."""
+    B, T, d = hidden.shape
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    shape = (B, -(-T // _BLOCK), d) if blocks else (B, d)
+    out = torch.full(shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    bias = None
+    if real is not None and not select:
+        # 0 at real tokens, -inf at padding: finite padding never wins (+inf / NaN are redone).
+        bias = torch.zeros((B, T, 1), dtype=hidden.dtype, device=hidden.device)
+        bias.masked_fill_(~real.unsqueeze(-1), float("-inf"))
+    for span, kind in spans:
+        x = hidden[:, span]
+        if kind == 2:
+            x = torch.where(real[:, span].unsqueeze(-1), x, low) if select else x + bias[:, span]
+        if not blocks:
+            out = torch.maximum(out, x.amax(1))
+            continue
+        first_block = span.start // _BLOCK
+        whole = (x.shape[1] // _BLOCK) * _BLOCK
+        if whole:
+            view = x[:, :whole].unflatten(1, (whole // _BLOCK, _BLOCK))
+            out[:, first_block : first_block + whole // _BLOCK] = view.amax(2)
+        if whole < x.shape[1]:  # the last, shorter block of the row
+            out[:, -1] = x[:, whole:].amax(1)
+    return out
+
+
+def _first_position(hidden, real, block, values) -> torch.Tensor:
+    """(B, d) int64: the first real position t with hidden[b, t] == values[b] (the first NaN when
+    the max is NaN), given the first block holding it; for an empty row any value."""
+    B, T, d = hidden.shape
+    device = hidden.device
+    width = min(_BLOCK, T)
+    # The last block may be shorter: slide its window back (the positions this adds precede the
+    # first block holding the max, so none of them holds it).
+    start = (block * _BLOCK).clamp(max=T - width)
+    offsets = torch.arange(width, device=device).view(1, width, 1)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
+    first = torch.empty((B, d), dtype=torch.int64, device=device)
+    for rows in _row_groups(B, width * d):
+        pos = start[rows].unsqueeze(1) + offsets  # (rows, width, d)
+        window = hidden[rows].gather(1, pos)
+        if real is not None:
+            inside = real[rows].gather(1, pos.flatten(1)).view_as(pos)
+            window = torch.where(inside, window, low)
+        first[rows] = start[rows] + window.max(1).indices
+    if real is not None:
+        # A max of -inf ties with the padding's -inf: search those (rare) rows whole.
+        tied = (values == float("-inf")).any(1)
+        if bool(tied.any()):
+            rows = tied.nonzero().squeeze(1)
+            hit = (hidden.index_select(0, rows) == float("-inf")) & real.index_select(0, rows).unsqueeze(-1)
+            fixed = hit.view(torch.uint8).argmax(1)
+            first = first.index_put((rows,), torch.where(values[rows] == float("-inf"), fixed, first[rows]))
+    return first
+
+
+# Elements of a position-search window (rows x _BLOCK x d) handled at once: bounds its int64 index.
+_WINDOW_ELEMENTS = 2**20
+
+
+def _row_groups(rows: int, per_row: int):
+    step = max(1, _WINDOW_ELEMENTS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def segment_max(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, need_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
+    segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d); an empty segment gives 0 and -1.
+    indices is (S, 0) unless ``need_indices``.
+
+    Values only: one ``scatter_reduce`` over the tokens (a max is exact in any order). With
+    indices, the same pass reduces into blocks of ``_BLOCK`` tokens counted from each segment's
+    start; the blocks, laid out (S, most blocks, d), give each segment's max and its first block
+    holding it in one ``max``, and the first position is searched in that block only, as on the
+    padded path.
+    """
+    N, d = hidden.shape
+    S = cu_seqlens.shape[0] - 1
+    device = hidden.device
+    values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
+    index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
+    if S == 0 or N == 0 or d == 0:
+        return values, index
+    begin = cu_seqlens[:-1].long()
+    length = cu_seqlens[1:].long() - begin
+    seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
+    if not need_indices:
+        values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+        return canonical(values), index
+    count = (length + _BLOCK - 1) // _BLOCK  # blocks per segment
+    most = int(count.max())
+    # Block b of segment s is row s * most + b of an (S * most, d) layout; rows past a segment's
+    # blocks stay -inf, so they never win a max (a -inf max ties at the segment's first block).
+    row = seg * most + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
+    blocks = torch.full((S * most, d), float("-inf"), dtype=hidden.dtype, device=device)
+    blocks = blocks.scatter_reduce(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+    values, block = blocks.view(S, most, d).max(1)  # first block holding the max (first NaN's block)
+    window_start = begin.unsqueeze(1) + block * _BLOCK  # (S, d)
+    end = (begin + length).view(S, 1, 1)
+    offsets = torch.arange(_BLOCK, device=device).view(1, _BLOCK, 1)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
+    first = torch.empty((S, d), dtype=torch.int64, device=device)
+    for rows in _row_groups(S, _BLOCK * d):
+        pos = window_start[rows].unsqueeze(1) + offsets  # (rows, _BLOCK, d) global token indices
+        window = hidden.gather(0, pos.clamp(max=N - 1).flatten(0, 1)).view_as(pos)
+        window = torch.where(pos < end[rows], window, low)
+        first[rows] = window_start[rows] + window.max(1).indices
+    empty = (length == 0).unsqueeze(1)
+    zero = torch.zeros((), dtype=hidden.dtype, device=device)
+    return torch.where(empty, zero, canonical(values)), torch.where(empty, -1, first).to(torch.int32)

@@ -1,0 +1,323 @@
+"""Batch-invariant sums of the eager backend: a row's sum depends only on the row's own values.
+
+Elementwise ATen ops (add, mul, where) round every element on its own, whatever the shape, the
+strides, the vector width or the number of threads. ATen reductions (``sum``, ``bmm``, ``cumsum``,
+``segment_reduce``) do not promise that: their order follows the shape, where the zeros sit and
+the thread count. So the sums over tokens here are built in an order fixed by each row alone:
+
+* CPU (``padded_sum`` / ``segment_sum``): one float32 (float64) accumulator per row and feature,
+  the row's real tokens added one after the other in token order, starting from +0.0. This is
+  ``index_add_``, whose documented semantics is to add "in the order given in index" (on CPU it is
+  a stable sort of the destinations then a sequential add per destination, or a sequential loop):
+  the token order is the index order. Padding is sent to a spare row, so whatever it holds (NaN,
+  inf) never meets a real token. One read of hidden, no temporary for float32 / float64 input and
+  a cache-sized float32 chunk for 16-bit input.
+* Other devices, where ``index_add_`` uses atomics (``padded_lane_sum`` / ``segment_lane_sum``):
+  ``LANES`` accumulators per row and feature; the row's r-th token (counted from its first real
+  token) is added to lane ``r % LANES`` in token order, then the lanes are added in a fixed
+  pairwise tree. An accumulator starts at +0.0 and a sum of two values is never -0.0 unless both
+  are, so adding +0.0 for a padded token is exact: padding changes no bit. Padded rows need no
+  gather: slices at absolute positions put position t in lane ``t % LANES``, the same sequence of
+  adds as lane ``(t - first) % LANES``; the lanes are rotated once by ``first % LANES``.
+* Short axes (``tree_sum``, ``row_tree_sum``, ``segment_tree_sum``: weight sums, dot products,
+  norms): a fixed pairwise tree, elementwise ops only, no host sync.
+
+On each device a packed segment gets the bits of the same tokens in a padded row.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+#: Accumulators per row: a fixed constant, so the order of a row's adds never depends on B, T or N.
+LANES = 32
+# Accumulators (rows x LANES x d) of one group of rows: bounds the working set of a call.
+_GROUP_BYTES = 8 * 2**20
+
+
+def _rows_per_group(d: int, element_size: int) -> int:
+    return max(1, _GROUP_BYTES // max(1, LANES * d * element_size))
+
+
+def tree_sum(values: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (...): pairwise sum over the last axis in a fixed tree (adjacent pairs, an odd
+    last element carried up). Its bits depend on n and the values only."""
+    n = values.shape[-1]
+    if n == 0:
+        return values.new_zeros(values.shape[:-1])
+    x = values
+    while n > 1:
+        pairs = x[..., 0 : n - 1 : 2] + x[..., 1:n:2]
+        x = torch.cat([pairs, x[..., n - 1 :]], dim=-1) if n % 2 else pairs
+        n = x.shape[-1]
+    return x[..., 0]
+
+
+def _doubling_levels(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+def row_tree_sum(values: torch.Tensor, real: torch.Tensor | None, first: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of each row of values (B, T) over its real tokens (values elsewhere are ignored, NaN
+    included), batch-invariant: the adjacent-pair tree over the row's positions counted from its
+    first real token (first (B,)), padded with +0.0 to a power of two. ``segment_tree_sum`` gives
+    the same bits for the same values packed. Elementwise ops only, no host sync."""
+    B, T = values.shape
+    if B == 0 or T == 0:
+        return values.new_zeros(B)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    x = (values if real is None else torch.where(real, values, zero)) + 0.0  # no -0.0: +0.0 adds nothing
+    for level in range(_doubling_levels(T)):
+        # x[t] becomes the tree over [t, t + 2 ** (level + 1)): itself plus its right neighbour block.
+        h = 1 << level
+        x = x + torch.cat([x[:, h:], zero.expand(B, min(h, T))], dim=1)
+    if real is None:
+        return x[:, 0].contiguous()  # (B,): the launchers index it with stride 1
+    return x.gather(1, first.clamp(0, T - 1).long().unsqueeze(1)).squeeze(1)
+
+
+def segment_tree_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(S,) sum of each segment ``values[cu[s] : cu[s + 1]]`` of values (N,), with the bits of
+    ``row_tree_sum`` on the same values in a padded row; 0 for an empty segment. No host sync."""
+    N = values.shape[0]
+    S = cu_seqlens.shape[0] - 1
+    if S <= 0 or N == 0:
+        return values.new_zeros(max(S, 0))
+    device = values.device
+    begin, end = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    seg = torch.repeat_interleave(torch.arange(S, device=device), end - begin, output_size=N)
+    end_of = end[seg]  # (N,) where each token's segment ends
+    positions = torch.arange(N, device=device)
+    zero = torch.zeros((), dtype=values.dtype, device=device)
+    x = values + 0.0
+    for level in range(_doubling_levels(N)):
+        h = 1 << level
+        partner = torch.cat([x[h:], zero.expand(min(h, N))])
+        x = x + torch.where(positions + h < end_of, partner, zero)
+    return torch.where(end > begin, x[begin.clamp(max=N - 1)], zero)
+
+
+def _fold_lanes(acc: torch.Tensor) -> torch.Tensor:
+    """(rows, LANES, d) -> (rows, d): the fixed pairwise tree over the lanes."""
+    while acc.shape[1] > 1:
+        half = acc.shape[1] // 2
+        acc = acc[:, :half] + acc[:, half:]
+    return acc[:, 0]
+
+
+def padded_sum(
+    hidden: torch.Tensor,
+    real: torch.Tensor | None,
+    first: torch.Tensor,
+    acc: torch.dtype,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, d) sum over each row's real tokens of hidden (B, T, d), or of ``weights * hidden`` with
+    weights (B, T) in ``acc`` (any value at padding); in ``acc``, batch-invariant. first (B,): each
+    row's first real position (used off the CPU). Padding never reaches the result."""
+    if hidden.device.type == "cpu":
+        return _sequential_padded_sum(hidden, real, acc, weights)
+    if weights is not None and real is not None:
+        weights = torch.where(real, weights, torch.zeros((), dtype=acc, device=weights.device))
+    return padded_lane_sum(hidden, real, first, acc, weights)
+
+
+def segment_sum(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, acc: torch.dtype, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(S, d) sum over each segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d), or of
+    ``weights * hidden`` (weights (N,) in ``acc``); in ``acc``, with the bits ``padded_sum`` gives
+    the same tokens in a padded row on the same device."""
+    if hidden.device.type == "cpu":
+        N = hidden.shape[0]
+        S = cu_seqlens.shape[0] - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seg = torch.repeat_interleave(torch.arange(S, device=hidden.device), lengths, output_size=N)
+        return _sequential_sum(hidden, seg, S, acc, weights)
+    begin = cu_seqlens[:-1]
+    return segment_lane_sum(hidden, begin, (cu_seqlens[1:] - begin).tolist(), acc, weights)
+
+
+def _sequential_padded_sum(hidden, real, acc, weights) -> torch.Tensor:
+    B, T, d = hidden.shape
+    if B == 0 or T == 0 or d == 0:
+        return torch.zeros((B, d), dtype=acc, device=hidden.device)
+    rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)
+    # Padding goes to the spare row B: it never meets a real token.
+    dest = rows if real is None else torch.where(real, rows, B)
+    if hidden.stride(0) == T * hidden.stride(1):
+        tokens = hidden.flatten(0, 1)  # (B * T, d), a view
+        flat_weights = None if weights is None else weights.reshape(B * T)
+        return _sequential_sum(tokens, dest.reshape(B * T), B + 1, acc, flat_weights)[:B]
+    total = torch.zeros((B + 1, d), dtype=acc, device=hidden.device)
+    for b in range(B):  # rows that cannot be viewed as one (B * T, d) tensor: one row at a time
+        w = None if weights is None else weights[b]
+        total += _sequential_sum(hidden[b], dest[b], B + 1, acc, w)
+    return total[:B]
+
+
+# Tokens per index_add_ call when they are converted (16-bit input) or weighted first.
+_CONVERT_BYTES = 1 * 2**20
+
+
+def _sequential_sum(tokens, dest, rows: int, acc, weights) -> torch.Tensor:
+    """(rows, d): tokens (n, d) added into row dest[i] (n,) one after the other, in token order."""
+    n, d = tokens.shape
+    total = torch.zeros((rows, d), dtype=acc, device=tokens.device)
+    if n == 0 or d == 0:
+        return total
+    if tokens.dtype == acc and weights is None:
+        return total.index_add_(0, dest, tokens)
+    step = max(1, _CONVERT_BYTES // (d * torch.finfo(acc).bits // 8))
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        x = tokens[part].to(acc)
+        if weights is not None:
+            x = x * weights[part].unsqueeze(1)
+        total.index_add_(0, dest[part], x)
+    return total
+
+
+def chunk_kinds(real: torch.Tensor | None, B: int, T: int) -> list[int]:
+    """Per chunk of LANES positions: 0 no real token in any row, 1 every token real, 2 mixed."""
+    chunks = -(-T // LANES)
+    if real is None:
+        return [1] * chunks
+    # Positions past T count as real for "every token real" and as padding for "some token real".
+    every = torch.ones((B, chunks * LANES), dtype=torch.bool, device=real.device)
+    some = torch.zeros((B, chunks * LANES), dtype=torch.bool, device=real.device)
+    every[:, :T] = real
+    some[:, :T] = real
+    full = every.view(B, chunks, LANES).all(2).all(0)
+    partial = some.view(B, chunks, LANES).any(2).any(0)
+    return torch.where(full, 1, torch.where(partial, 2, 0)).tolist()
+
+
+def padded_lane_sum(
+    hidden: torch.Tensor,
+    real: torch.Tensor | None,
+    first: torch.Tensor,
+    acc: torch.dtype,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, d) sum over each row's real tokens of hidden (B, T, d), or of ``weights * hidden`` with
+    weights (B, T) in ``acc`` and 0 at padding; in ``acc``, batch-invariant (module docstring).
+
+    first (B,) int: each row's first real position (any value for an empty row). Padding never
+    reaches the result, NaN and inf included: padded tokens are multiplied by 0 on the fast path, and
+    a row that comes out non-finite is summed again by selection, which gives the same bits when
+    its padding is finite.
+    """
+    B, T, d = hidden.shape
+    if B == 0 or T == 0 or d == 0:
+        return torch.zeros((B, d), dtype=acc, device=hidden.device)
+    kinds = chunk_kinds(real, B, T)
+    total = _lane_sum_rows(hidden, real, first, acc, weights, kinds, select=False)
+    if real is None:
+        return total
+    bad = ~torch.isfinite(total).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        again = _lane_sum_rows(
+            hidden.index_select(0, rows),
+            None if real is None else real.index_select(0, rows),
+            first.index_select(0, rows),
+            acc,
+            None if weights is None else weights.index_select(0, rows),
+            kinds,
+            select=True,
+        )
+        total = total.index_put((rows,), again)
+    return total
+
+
+def _lane_sum_rows(hidden, real, first, acc, weights, kinds, select: bool) -> torch.Tensor:
+    B, T, d = hidden.shape
+    group = _rows_per_group(d, torch.finfo(acc).bits // 8)
+    mask = None if real is None or select else real.to(acc).unsqueeze(-1)  # (B, T, 1) 0/1
+    zero = torch.zeros((), dtype=acc, device=hidden.device)
+    pieces = []
+    for r0 in range(0, B, group):
+        rows = slice(r0, r0 + group)
+        h = hidden[rows]
+        lanes = torch.zeros((h.shape[0], LANES, d), dtype=acc, device=hidden.device)
+        for c, kind in enumerate(kinds):
+            if kind == 0:
+                continue  # no row has a real token here: adding zeros would change nothing
+            span = slice(c * LANES, min(T, (c + 1) * LANES))
+            x = h[:, span]
+            into = lanes[:, : x.shape[1]]
+            if weights is not None:
+                x = x * weights[rows, span].unsqueeze(-1)
+                if select and kind == 2:
+                    x = torch.where(real[rows, span].unsqueeze(-1), x, zero)
+                into.add_(x)
+            elif kind == 1:
+                into.add_(x)
+            elif select:
+                into.add_(torch.where(real[rows, span].unsqueeze(-1), x.to(acc), zero))
+            else:
+                into.addcmul_(x, mask[rows, span])  # exact: x * 1 or x * 0, then one rounding
+        shift = first[rows].clamp(min=0).remainder(LANES)
+        if bool((shift != 0).any()):
+            # Lane t % LANES holds the tokens of lane (t - first) % LANES: rotate to the row's own.
+            order = (shift.unsqueeze(1) + torch.arange(LANES, device=shift.device)).remainder(LANES)
+            lanes = lanes[torch.arange(lanes.shape[0], device=shift.device).unsqueeze(1), order]
+        pieces.append(_fold_lanes(lanes))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def segment_lane_sum(
+    hidden: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: list[int],
+    acc: torch.dtype,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(S, d) sum over each segment of hidden (N, d) (or of ``weights * hidden``, weights (N,) in
+    ``acc``), segment s being ``hidden[starts[s] : starts[s] + lengths[s]]``; in ``acc``, with the
+    very bits ``padded_lane_sum`` gives the same tokens as a padded row."""
+    N, d = hidden.shape
+    S = len(lengths)
+    device = hidden.device
+    out = torch.zeros((S, d), dtype=acc, device=device)
+    if S == 0 or N == 0 or d == 0:
+        return out
+    # Longest first: at chunk c the segments still running are a prefix, sliced without a gather.
+    order = sorted(range(S), key=lambda s: -lengths[s])
+    group = _rows_per_group(d, max(hidden.element_size(), torch.finfo(acc).bits // 8))
+    lane_pos = torch.arange(LANES, device=device)
+    zero = torch.zeros((), dtype=acc, device=device)
+    for g0 in range(0, S, group):
+        members = order[g0 : g0 + group]
+        lens = [lengths[s] for s in members]
+        if lens[0] == 0:
+            break
+        index = torch.tensor(members, device=device)
+        begin = starts.index_select(0, index).long()
+        end = begin + torch.tensor(lens, device=device)
+        lanes = torch.zeros((len(members), LANES, d), dtype=acc, device=device)
+        negated = [-n for n in lens]  # ascending, for bisect
+        for c in range(-(-lens[0] // LANES)):
+            running = bisect.bisect_left(negated, -c * LANES)  # segments longer than c * LANES
+            full = bisect.bisect_right(negated, -(c + 1) * LANES)  # at least (c + 1) * LANES long
+            pos = begin[:running, None] + c * LANES + lane_pos  # (running, LANES)
+            flat = pos.clamp(max=N - 1).view(-1)
+            x = hidden.index_select(0, flat).view(running, LANES, d)
+            if weights is not None:
+                x = x * weights.index_select(0, flat).view(running, LANES, 1)
+            if full:
+                lanes[:full].add_(x[:full])
+            if running > full:
+                inside = (pos[full:] < end[full:running, None]).unsqueeze(-1)
+                lanes[full:running].add_(torch.where(inside, x[full:].to(acc), zero))
+        out[index] = _fold_lanes(lanes)
+    return out
+
+
+def feature_dots(x: torch.Tensor, vectors: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """(rows, n) dot products x[r, t] . vectors[r] over d, x (rows, n, d), vectors (rows, d): each a
+    ``tree_sum`` over d of the products in ``acc``, so a token's dot depends on that token alone."""
+    return tree_sum(x.to(acc) * vectors.to(acc).unsqueeze(1))
