@@ -1,11 +1,14 @@
 """The Triton releases fastpool's kernels support, and the check the Triton backend makes before it
 launches anything.
 
-The range is what CI tests: the oldest release whose compiler and interpreter run every kernel, up
-to the newest release at the time of writing (every Triton that a supported torch release pins lies
-in it: see the README's compatibility table). ``pyproject.toml`` declares the same range. The torch
-backend never needs triton, so ``import fastpool`` does not check anything: the check runs when the
-Triton backend builds its first launcher.
+Supported: triton 3.3 and newer, the releases pinned by torch 2.7 and later (the README's
+compatibility table says which torch pins which triton). Tested: 3.3 up to ``NEWEST_TESTED``; CI runs
+the pinned release (the Makefile's ``TRITON_SPEC``) and the newest one (``TRITON_NEWEST_SPEC``). A
+release newer than the newest tested one is allowed with a warning: pyproject.toml declares no
+upper bound, since one would make pip downgrade torch when a new torch pins a new triton.
+
+The torch backend never needs triton, so ``import fastpool`` checks nothing: ``fastpool.kernels``
+runs the check when it is first imported, i.e. when the Triton backend is first used.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from __future__ import annotations
 import re
 import warnings
 
-# Oldest supported release (major, minor): older interpreters and compilers lack what the kernels use.
+# Oldest supported release (major, minor): triton 3.2's interpreter and compiler fail on these kernels.
 OLDEST = (3, 3)
-# Newest release tested in CI; newer ones are allowed with a warning (pip keeps to the declared range).
+# Newest release tested (CI's second triton); newer ones run with a warning.
 NEWEST_TESTED = (3, 9)
-SUPPORTED = f">={OLDEST[0]}.{OLDEST[1]},<{NEWEST_TESTED[0]}.{NEWEST_TESTED[1] + 1}"
+# The requirement pyproject.toml declares (tests/test_triton_version.py checks they agree).
+REQUIREMENT = f">={OLDEST[0]}.{OLDEST[1]}"
+TESTED = f"{OLDEST[0]}.{OLDEST[1]} to {NEWEST_TESTED[0]}.{NEWEST_TESTED[1]}"
 
 _checked: str | None = None
 
@@ -30,32 +35,33 @@ def parse_version(version: str) -> tuple[int, int] | None:
 
 
 def unsupported_reason(version: str) -> str | None:
-    """Why fastpool's kernels cannot run on triton ``version``, or None when they can (a release newer
-    than the newest tested is allowed: see ``untested_warning``)."""
+    """Why fastpool's kernels cannot run on triton ``version`` (a version string), or None when they
+    can (a release newer than the newest tested is allowed: see ``untested_warning``)."""
     parsed = parse_version(version)
     if parsed is None or parsed < OLDEST:
         return (
-            f"fastpool's Triton backend needs triton {SUPPORTED} (tested in CI), got triton {version}. "
-            f"Install a supported release (pip install 'triton{SUPPORTED}', with a torch that allows it), "
-            "or use the eager backend: FASTPOOL_BACKEND=torch or fastpool.use_backend('torch')."
+            f"fastpool's Triton backend needs triton{REQUIREMENT} (tested: {TESTED}), got triton {version}. "
+            f"Install a supported release (pip install 'triton{REQUIREMENT}' with a torch that pins one: "
+            "torch>=2.7), or use the eager backend: FASTPOOL_BACKEND=torch or fastpool.use_backend('torch')."
         )
     return None
 
 
 def untested_warning(version: str) -> str | None:
-    """A warning for a release newer than the newest tested one, else None."""
+    """The warning for a triton ``version`` newer than the newest tested release, else None."""
     parsed = parse_version(version)
     if parsed is not None and parsed > NEWEST_TESTED:
         return (
-            f"fastpool's kernels are tested with triton {SUPPORTED}; triton {version} is newer than the "
-            "newest tested release. If a kernel fails, use FASTPOOL_BACKEND=torch and report it."
+            f"fastpool's kernels are tested with triton {TESTED}; triton {version} is newer. If a kernel "
+            "fails or a result looks wrong, use FASTPOOL_BACKEND=torch and report it."
         )
     return None
 
 
 def require_supported_triton() -> str:
-    """Raise ``RuntimeError`` naming the supported range when the installed triton is too old; warn
-    once when it is newer than the newest tested. Returns the installed version (checked once)."""
+    """Raise ``RuntimeError`` naming the supported releases when the installed triton is too old; warn
+    (``RuntimeWarning``, once) when it is newer than the newest tested. Returns the installed
+    version string. Passes are remembered; a failure is raised again on every call."""
     global _checked
     if _checked is not None:
         return _checked

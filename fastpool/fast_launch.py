@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 
-from ._triton_version import parse_version, require_supported_triton
+from ._triton_version import parse_version
 
 _DISABLED = os.environ.get("FASTPOOL_PLAIN_LAUNCH", "0").strip().lower() in ("1", "true", "on", "yes")
 
 # Calling conventions, read from each release's triton/runtime/jit.py (JITFunction.run) and
-# triton/backends/nvidia/driver.py (CudaLauncher.__call__); newer releases take the plain path until
-# they are checked and added here.
+# triton/backends/nvidia/driver.py (CudaLauncher.__call__) in the 3.2.0, 3.3.1, 3.4.0, 3.5.1, 3.6.0,
+# 3.7.1, 3.8.0 and 3.9.0 wheels; other releases take the plain path until they are checked and added
+# here (tests/test_triton_version.py holds the decisions).
 # - Launcher object (``compiled.run``), 3.4 to 3.9: run(gx, gy, gz, stream, function, packed_metadata,
 #   launch_metadata, enter_hook, exit_hook, *every argument, constexprs included), the hooks read from
 #   ``triton.knobs`` (3.2 passes only the non-constexpr arguments, 3.2 and 3.3 keep the hooks on
@@ -58,7 +59,6 @@ class KernelLauncher:
     compiled kernel's launcher."""
 
     def __init__(self, kernel):
-        require_supported_triton()  # a clear error naming the supported releases, before any launch
         self.kernel = kernel
         self._plans: dict = {}
         self._checked: bool | None = None
