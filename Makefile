@@ -18,7 +18,7 @@ TRITON_NEWEST_DIR ?= .venv-triton-newest
 NEWEST_TESTS ?= tests/test_forward.py tests/test_backward.py tests/test_packed.py tests/test_weights.py \
 	tests/test_normalize.py tests/test_attention_pool.py tests/test_global_pool.py tests/test_partial.py \
 	tests/test_edge_cases.py tests/test_fast_launch.py tests/test_triton_version.py tests/test_aot_compile.py
-NEWEST_SELECT ?=
+NEWEST_SELECT ?= --pairwise
 
 .PHONY: test test-pinned test-newest bench bench-gpu aot clean
 
