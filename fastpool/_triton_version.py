@@ -1,8 +1,8 @@
 """The Triton releases fastpool's kernels support, and the check the Triton backend makes before it
 launches anything.
 
-Supported: triton 3.3 and newer, the releases pinned by torch 2.7 and later (the README's
-compatibility table says which torch pins which triton). Tested: 3.3 up to ``NEWEST_TESTED``; CI runs
+Supported: triton 3.6 and newer, the releases pinned by torch 2.10 and later (the README's
+compatibility table says which torch pins which triton). Tested: 3.6 up to ``NEWEST_TESTED``; CI runs
 the pinned release (the Makefile's ``TRITON_SPEC``) and the newest one (``TRITON_NEWEST_SPEC``). A
 release newer than the newest tested one is allowed with a warning: pyproject.toml declares no
 upper bound, since one would make pip downgrade torch when a new torch pins a new triton.
@@ -16,8 +16,11 @@ from __future__ import annotations
 import re
 import warnings
 
-# Oldest supported release (major, minor): triton 3.2's interpreter and compiler fail on these kernels.
-OLDEST = (3, 3)
+# Oldest supported release (major, minor). Triton 3.2 to 3.5 generate PTX that ptxas rejects for the
+# forward kernels ("Internal Triton PTX codegen error"; 3.3 to 3.5: "Arguments mismatch for instruction
+# 'st'" where the int64 atomic_cas of the row tickets is broadcast through shared memory), although
+# their interpreters run the kernels.
+OLDEST = (3, 6)
 # Newest release tested (CI's second triton); newer ones run with a warning.
 NEWEST_TESTED = (3, 9)
 # The requirement pyproject.toml declares (tests/test_triton_version.py checks they agree).
@@ -42,7 +45,7 @@ def unsupported_reason(version: str) -> str | None:
         return (
             f"fastpool's Triton backend needs triton{REQUIREMENT} (tested: {TESTED}), got triton {version}. "
             f"Install a supported release (pip install 'triton{REQUIREMENT}' with a torch that pins one: "
-            "torch>=2.7), or use the eager backend: FASTPOOL_BACKEND=torch or fastpool.use_backend('torch')."
+            "torch>=2.10), or use the eager backend: FASTPOOL_BACKEND=torch or fastpool.use_backend('torch')."
         )
     return None
 

@@ -351,7 +351,9 @@ def compile_one(spec: Specialization, arch: int, sass: bool = False) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            listing = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True)
+            listing = subprocess.run(
+                [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True
+            )
         result["spill_ops"] = len(re.findall(r"\b(?:LDL|STL)(?:\.[A-Z0-9]+)*\s", listing.stdout))
     result["vector_loads"] = compiled.asm["ptx"].count("ld.global.v")
     result["shared"] = compiled.metadata.shared

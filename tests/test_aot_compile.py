@@ -101,7 +101,9 @@ def test_a_register_cap_that_forces_spills_is_reported_as_spills():
         "    print(cap, r['reg'], r['stack'], r['local'], r['spill_ops'])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert set(lines) == {"None", "32"}, result.stdout + result.stderr[-3000:]
     regs, stack, local, spill_ops = map(int, lines["None"].split())

@@ -40,16 +40,18 @@ def test_parse_version(text, want):
     assert tv.parse_version(text) == want
 
 
-@pytest.mark.parametrize("version", ["3.2.0", "3.0.0", "2.3.1", "3.1.0+git123", "unknown", ""])
-def test_a_release_older_than_3_3_or_unreadable_is_refused_with_the_supported_range(version):
+@pytest.mark.parametrize(
+    "version", ["3.5.1", "3.5.0", "3.4.0", "3.3.1", "3.2.0", "3.0.0", "2.9.9", "3.1.0+git123", "unknown", ""]
+)
+def test_a_release_older_than_3_6_or_unreadable_is_refused_with_the_supported_range(version):
     reason = tv.unsupported_reason(version)
     assert reason is not None
-    assert "triton>=3.3" in reason and "tested: 3.3 to 3.9" in reason
+    assert "triton>=3.6" in reason and "tested: 3.6 to 3.9" in reason and "torch>=2.10" in reason
     assert f"got triton {version}." in reason
     assert "FASTPOOL_BACKEND=torch" in reason  # the way out that needs no reinstall
 
 
-@pytest.mark.parametrize("version", ["3.3.0", "3.3.1", "3.4.0", "3.5.1", "3.6.0", "3.7.1", "3.8.0", "3.9.0"])
+@pytest.mark.parametrize("version", ["3.6.0", "3.7.0", "3.7.1", "3.8.0", "3.9.0", "3.9.1+gitabc"])
 def test_every_tested_release_is_accepted_without_a_warning(version):
     assert tv.unsupported_reason(version) is None
     assert tv.untested_warning(version) is None
@@ -59,7 +61,7 @@ def test_every_tested_release_is_accepted_without_a_warning(version):
 def test_a_release_newer_than_the_newest_tested_is_accepted_with_a_warning(version):
     assert tv.unsupported_reason(version) is None
     warning = tv.untested_warning(version)
-    assert warning is not None and version in warning and "3.3 to 3.9" in warning
+    assert warning is not None and version in warning and "3.6 to 3.9" in warning
     assert "FASTPOOL_BACKEND=torch" in warning
 
 
@@ -76,9 +78,9 @@ def installed(monkeypatch):
 
 
 def test_require_supported_triton_raises_on_every_call_for_a_too_old_release(installed):
-    installed("3.2.0")
+    installed("3.5.1")
     for _ in range(2):  # a failure is not remembered as a pass
-        with pytest.raises(RuntimeError, match=r"needs triton>=3\.3 .*got triton 3\.2\.0"):
+        with pytest.raises(RuntimeError, match=r"needs triton>=3\.6 .*got triton 3\.5\.1"):
             tv.require_supported_triton()
 
 
@@ -112,7 +114,7 @@ def test_pyproject_declares_the_supported_range():
     triton = re.findall(r"\"triton([^;\"]*)", deps)
     torch = re.findall(r"\"torch([^;\"]*)", deps)
     assert triton == [tv.REQUIREMENT]
-    assert torch == [">=2.7"]  # torch 2.7 is the first release pinning a supported triton (3.3)
+    assert torch == [">=2.10"]  # torch 2.10 is the first release pinning a supported triton (3.6)
 
 
 def readme_compatibility_rows() -> list[tuple[str, str, str]]:
@@ -177,7 +179,7 @@ class FakeCompiled:
         self.packed_metadata = ("meta",)
 
 
-@pytest.mark.parametrize("version", sorted(LAUNCH_PATHS), ids=lambda v: "%d.%d" % v)
+@pytest.mark.parametrize("version", sorted(LAUNCH_PATHS), ids=lambda v: f"{v[0]}.{v[1]}")
 def test_fast_launch_is_used_only_on_releases_whose_launcher_convention_was_checked(
     version, release, monkeypatch
 ):
@@ -225,11 +227,11 @@ def test_installed_release_reads_triton_version(text, want, monkeypatch):
 
 
 def test_too_old_triton_refuses_the_triton_backend_and_keeps_the_torch_backend():
-    """End to end in a fresh process whose triton reports 3.2.0: every Triton op raises the check's
+    """End to end in a fresh process whose triton reports 3.5.0: every Triton op raises the check's
     error (again on a second call), the torch backend works, and importing fastpool checks nothing."""
     code = (
         "import triton\n"
-        "triton.__version__ = '3.2.0'\n"
+        "triton.__version__ = '3.5.0'\n"
         "import torch, fastpool\n"
         "x = torch.randn(2, 5, 4)\n"
         "with fastpool.use_backend('torch'):\n"
@@ -257,4 +259,4 @@ def test_too_old_triton_refuses_the_triton_backend_and_keeps_the_torch_backend()
     errors = [line for line in lines if line.startswith("ERR ")]
     assert len(errors) == 4, result.stdout
     for line in errors:
-        assert "needs triton>=3.3 (tested: 3.3 to 3.9), got triton 3.2.0" in line, line
+        assert "needs triton>=3.6 (tested: 3.6 to 3.9), got triton 3.5.0" in line, line
