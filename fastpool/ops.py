@@ -26,6 +26,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import eager, eager_packed, transforms
+from .eager_sums import tree_sum
 from .launch import CHUNK
 from .packed import check_size_limits
 
@@ -374,7 +375,9 @@ def normalize_backward(
     result = None
     if grad is not None:
         g = grad.to(acc)
-        projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
+        # A fixed pairwise tree, not .sum(1): ATen's order follows the batch (CUDA's block shape
+        # depends on the number of rows; on CPU one long row is split over the threads).
+        projected = (g - y * tree_sum(y * g).unsqueeze(1)) / torch.where(above, n, 1)
         result = torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
     if grad_norms is not None:
         nonzero = n > 0
