@@ -49,7 +49,7 @@ class Scale:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SCALES = {
     "torch": Scale(examples=30, span=75, pad=40, rows=5, others=5, length=40, T=70),
-    "triton": Scale(examples=8, span=40, pad=12, rows=3, others=3, length=16, T=40)
+    "triton": Scale(examples=6, span=32, pad=8, rows=3, others=3, length=12, T=32)
     if INTERPRETED
     else Scale(examples=30, span=75, pad=40, rows=5, others=5, length=40, T=70),
 }
@@ -118,18 +118,6 @@ def simulated_sm_count(n: int):
 
 
 @contextlib.contextmanager
-def launch_config(backend_name: str, order: dict, grid: dict):
-    """Run the enclosed Triton launches with ``order`` and ``grid`` (see ``orders``, ``GRIDS``); the
-    eager backend has neither (nothing to set)."""
-    if backend_name != "triton":
-        yield
-        return
-    fields = {k: v for k, v in {**order, **grid}.items() if v is not None and k != "sms"}
-    with launch.config_override(**fields), simulated_sm_count(grid["sms"]):
-        yield
-
-
-@contextlib.contextmanager
 def threads(n: int):
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -137,6 +125,21 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def call_setup(backend_name: str, n_threads: int, order: dict, grid: dict):
+    """What may differ between two calls compared, per backend: the eager backend's intra-op thread
+    count; the Triton launches' parallelism (``grid``, see ``GRIDS``) under a summation order both
+    calls share (``order``, see ``orders``). The Triton kernels use no CPU thread pool (under the
+    interpreter more threads would only oversubscribe the cores)."""
+    if backend_name != "triton":
+        with threads(n_threads):
+            yield
+        return
+    fields = {k: v for k, v in {**order, **grid}.items() if v is not None and k != "sms"}
+    with launch.config_override(**fields), simulated_sm_count(grid["sms"]):
+        yield
 
 
 def garbage_like(shape, dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -206,7 +209,11 @@ def all_ones_cases(draw, scale: Scale):
     """A batch without padding, pooled with mask=None and with an all-ones mask."""
     return dict(
         dtype=draw(st.sampled_from(DTYPES)),
-        shape=(draw(st.integers(1, 4)), draw(st.integers(1, scale.T)), draw(st.sampled_from((1, 5, 17)))),
+        shape=(
+            draw(st.integers(1, scale.rows)),
+            draw(st.integers(1, scale.T)),
+            draw(st.sampled_from((1, 5, 17))),
+        ),
         modes=draw(st.lists(st.sampled_from(fastpool.MODES), min_size=1, max_size=3, unique=True)),
         mask_dtype=draw(st.sampled_from(MASK_DTYPES)),
         order=draw(orders()),
@@ -303,9 +310,9 @@ def check_needle_in_a_padded_batch(backend_name, device, p):
     mask = real.to(p["mask_dtype"])
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     with fastpool.use_backend(backend_name):
-        with threads(4 - p["batch_threads"]), launch_config(backend_name, p["order"], p["grid_alone"]):
+        with call_setup(backend_name, 4 - p["batch_threads"], p["order"], p["grid_alone"]):
             alone = pool_with_grads(hidden1, mask1, weights1, grad1, p["modes"], p["normalize"])
-        with threads(p["batch_threads"]), launch_config(backend_name, p["order"], p["grid_batch"]):
+        with call_setup(backend_name, p["batch_threads"], p["order"], p["grid_batch"]):
             out, index, grad_h, grad_w, inference = pool_with_grads(
                 move(hidden), move(mask), move(weights), move(grad), p["modes"], p["normalize"]
             )
@@ -345,9 +352,9 @@ def check_needle_in_a_packed_batch(backend_name, device, p):
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     max_seqlen = None if hint is None else max(lengths) + hint
     with fastpool.use_backend(backend_name):
-        with threads(4 - p["batch_threads"]), launch_config(backend_name, p["order"], p["grid_alone"]):
+        with call_setup(backend_name, 4 - p["batch_threads"], p["order"], p["grid_alone"]):
             alone = pool_with_grads(hidden1, None, weights1, grad1, p["modes"], p["normalize"])
-        with threads(p["batch_threads"]), launch_config(backend_name, p["order"], p["grid_batch"]):
+        with call_setup(backend_name, p["batch_threads"], p["order"], p["grid_batch"]):
             out, index, grad_h, grad_w, inference = pool_with_grads(
                 move(hidden),
                 None,
@@ -376,9 +383,9 @@ def check_mask_none_and_all_ones(backend_name, device, p):
     grad = torch.randn(shape[0], len(modes) * shape[2], generator=gen).to(dtype).to(device)
     ones = torch.ones(shape[:2], dtype=mask_dtype, device=device)
     with fastpool.use_backend(backend_name):
-        with launch_config(backend_name, order, grids[0]):
+        with call_setup(backend_name, 1, order, grids[0]):
             none = pool_with_grads(hidden, None, None, grad, modes, False)
-        with launch_config(backend_name, order, grids[1]):
+        with call_setup(backend_name, 3, order, grids[1]):
             full = pool_with_grads(hidden, ones, None, grad, modes, False)
     compare(none, full, "mask=None vs all ones")
 
@@ -397,10 +404,10 @@ def check_modes_alone_and_together(backend_name, device, p, packed):
         kwargs["cu_seqlens"] = torch.arange(0, B + 1, device=device) * p["span"]
     d = p["d"]
     with fastpool.use_backend(backend_name):
-        with launch_config(backend_name, p["order"], p["grid_batch"]):
+        with call_setup(backend_name, 1, p["order"], p["grid_batch"]):
             together = fastpool.pool(hidden, mask, mode=p["modes"], weights=weights, **kwargs)
         for i, mode in enumerate(p["modes"]):
-            with launch_config(backend_name, p["order"], p["grid_alone"]):
+            with call_setup(backend_name, 3, p["order"], p["grid_alone"]):
                 alone = fastpool.pool(
                     hidden, mask, mode=mode, weights=weights if mode == "weighted_mean" else None, **kwargs
                 )
@@ -497,7 +504,7 @@ def test_triton_bits_do_not_depend_on_the_multiprocessor_count(device, case):
     order = dict(chunk=chunk, lanes=4, block_d=None)
     grid = dict(chunks_per_program=None, block_t=None, scan_block=None)
     with fastpool.use_backend("triton"):
-        with launch_config("triton", order, dict(grid, sms=sms_alone)):
+        with call_setup("triton", 1, order, dict(grid, sms=sms_alone)):
             row_weights = None if weights is None else weights[2:3, own]
             alone = pool_with_grads(
                 move(hidden[2:3, own]),
@@ -507,7 +514,7 @@ def test_triton_bits_do_not_depend_on_the_multiprocessor_count(device, case):
                 modes,
                 normalize,
             )
-        with launch_config("triton", order, dict(grid, sms=sms_batch)):
+        with call_setup("triton", 1, order, dict(grid, sms=sms_batch)):
             out, index, grad_h, grad_w, inference = pool_with_grads(
                 move(hidden), move(real), move(weights), move(grad), modes, normalize
             )
@@ -530,9 +537,9 @@ def test_normalized_gradient_of_a_wide_row_does_not_depend_on_threads(backend_na
     modes, d = ["mean", "max", "cls", "last"], 25000
     hidden = torch.randn(2, 3, d, generator=gen).to(device)
     grad = torch.randn(2, len(modes) * d, generator=gen).to(device)
-    order = dict(chunk=8, lanes=4, block_d=8192)
-    grid = dict(sms=launch.DEFAULT_SM_COUNT, chunks_per_program=None, block_t=None, scan_block=None)
-    with fastpool.use_backend(backend_name), launch_config(backend_name, order, grid):
+    # One feature block per 8192 features: few interpreted programs (the same block for both calls).
+    blocks = launch.config_override(block_d=8192) if backend_name == "triton" else contextlib.nullcontext()
+    with fastpool.use_backend(backend_name), blocks:
         with threads(3):
             alone = pool_with_grads(hidden[:1], None, None, grad[:1], modes, True)
         with threads(1):
