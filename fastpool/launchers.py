@@ -25,19 +25,19 @@ from .launch import (
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
     ForwardOutputs,
-    next_epoch,
-    stream_key,
-    empty,
     check_feature_blocks,
+    empty,
     feature_block,
     forward_plan,
     has_overrides,
     kernel_columns,
     launch_on,
+    next_epoch,
     overridden,
     partial_buffers,
     placeholder,
     sm_count,
+    stream_key,
     ticket_counters,
     token_block,
     triton_acc_dtype,
@@ -310,11 +310,13 @@ class RepeatCall:
         mask_arg = stats if mask is None else integer_view(mask)[0]
         if plan.has_weights:
             head, middle, tail, rest = self.parts
-            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, weights, *middle, epoch, *tail,
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, weights, *middle,
+            epoch, *tail,
                     normalize_eps, *rest)  # fmt: skip
         else:
             head, tail, rest = self.parts
-            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, epoch, *tail, normalize_eps,
+            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, epoch, *tail,
+            normalize_eps,
                     *rest)  # fmt: skip
         launch_on(self.device, forward_launcher(), self.key, self.grid, args, plan.constexprs, plan.options)
         empty_int = empty(self.device, torch.int32)
@@ -386,7 +388,8 @@ class BackwardCall:
     launches."""
 
     __slots__ = (
-        "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks", "launcher",
+        "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks",
+        "launcher",
     )  # fmt: skip
 
     def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool, trace=False):
@@ -435,8 +438,10 @@ class BackwardCall:
             return grad
         dummy = placeholder(self.device, wsum.dtype) if weights is None else wsum
         args = (
-            grad_out, stats if mask is None else integer_view(mask)[0], argmax if self.slots["max"] >= 0 else stats,
-            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad, *self.tail,
+            grad_out, stats if mask is None else integer_view(mask)[0],
+            argmax if self.slots["max"] >= 0 else stats,
+            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad,
+            *self.tail,
         )  # fmt: skip
         launch_on(self.device, self.launcher, self.key, self.grid, args, self.constexprs, self.options)
         return grad

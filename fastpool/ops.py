@@ -245,7 +245,8 @@ def packed_forward_impl(
         outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
     return _impl(backend, packed=True).pool_forward(
-        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward, lean,
+        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions,
+        for_backward, lean,
         share_empty,
     )  # fmt: skip
 
@@ -284,7 +285,8 @@ def _packed_pool_fwd_fake(
     check_offsets,
 ):  # fmt: skip
     return _fake_outputs(
-        hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], 0, modes, normalize_eps, backend, weights is not None,
+        hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], 0, modes, normalize_eps, backend,
+        weights is not None,
         track_positions, for_backward, False,
     )  # fmt: skip
 
@@ -352,6 +354,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.normalize_eps = normalize_eps
     ctx.direct = False
+    ctx.traced = False  # set by fastpool.ops_triton: the backward then uses its ops too
 
 
 def normalize_backward(
@@ -404,7 +407,7 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
         )
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
-        return packed_pool_bwd(
+        return (_traced.triton_packed_pool_bwd if ctx.traced else packed_pool_bwd)(
             grad_out,
             layout,
             weights,
@@ -417,7 +420,7 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
             backend,
             ctx.max_seqlen,
         )
-    return pool_bwd(
+    return (_traced.triton_pool_bwd if ctx.traced else pool_bwd)(
         grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend
     )
 
@@ -446,7 +449,8 @@ def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_b
             backend = "torch" if torch.is_grad_enabled() or _functorch_active() else ctx.backend
             grads[2] = _weights_backward(block, hidden, layout, weights, wsum, wmean, ctx.packed, backend)
         else:
-            grads[2] = weights_bwd(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
+            op = _traced.triton_weights_bwd if ctx.traced else weights_bwd
+            grads[2] = op(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
     return tuple(grads)
 
 
@@ -535,6 +539,13 @@ def _run(op, function, transformable, implementation, inputs: tuple, return_indi
     wants = wants or functorch
     inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
     if hidden.is_meta or torch.compiler.is_compiling():
+        if backend == "triton" and _traced is not None and _traced.ENABLED and not hidden.is_meta:
+            # The kernels' launches go into the compiled graph (a packed call that must check its
+            # offsets' values stays on the opaque op).
+            if op is pool_fwd:
+                return _traced.triton_pool_fwd(*inputs)
+            if not inputs[-1]:
+                return _traced.triton_packed_pool_fwd(*inputs)
         return op(*inputs)
     if wants:
         return (transformable if functorch else function).apply(*inputs)
@@ -572,3 +583,11 @@ def packed_pool_forward(
         packed_pool_fwd, PackedPoolFunction, PackedPoolFunctionForTransforms, packed_forward_impl, inputs,
         return_indices,
     )  # fmt: skip
+
+
+# The traceable triton ops (after this module's ops and autograd, which they reuse); absent where
+# triton or torch.library.triton_op is.
+try:
+    from . import ops_triton as _traced
+except ImportError:
+    _traced = None
