@@ -47,7 +47,8 @@ def _impl(backend: str, packed: bool = False):
     global _triton_modules
     if backend == "torch":
         return eager_packed if packed else eager
-    torch._check(backend == "triton", lambda: f"fastpool: unknown backend {backend!r}")
+    if backend != "triton":  # not torch._check: it imports a module on every call
+        raise RuntimeError(f"fastpool: unknown backend {backend!r}")
     if _triton_modules is None:
         from . import launchers, packed_launchers
 

@@ -81,7 +81,8 @@ def triton_packed_pool_fwd(
     """``fastpool::packed_pool_fwd`` on the Triton kernels, traceable. ``check_offsets`` must be
     False (checking the offsets' values needs the host; ``fastpool.ops`` keeps those calls on the
     opaque op); ``max_seqlen`` is not used (a traced grid covers any segment length)."""
-    torch._check(not check_offsets, lambda: "fastpool: traced packed pooling cannot check offsets")
+    if check_offsets:
+        raise RuntimeError("fastpool: traced packed pooling cannot check offsets")
     check_size_limits(cu_seqlens.shape[0] - 1, hidden.shape[0], packed=True)
     with launch.fresh_buffers():
         return _launchers(True).pool_forward(
