@@ -75,7 +75,8 @@ def _batch(device, dtype=torch.float32):
 
 
 def _assert_same_forward(want, got, T: int, chunk: int) -> None:
-    for name, a, b in zip(("out", "argmax", "stats", "norms", "wsum", "wmean"), want[:6], got[:6], strict=True):
+    names = ("out", "argmax", "stats", "norms", "wsum", "wmean")
+    for name, a, b in zip(names, want[:6], got[:6], strict=True):
         assert a.shape == b.shape and torch.equal(a, b), name
     # prefix: the real tokens before each chunk of a row; entries past a row's chunks are never read.
     first = want[2][1]
