@@ -293,6 +293,12 @@ class ForwardPlan:
     constexprs: dict
     options: dict
 
+    @property
+    def per_call_outputs_only(self) -> bool:
+        """Whether a launch returns nothing but out, argmax and stats (no user-weight sums, norms or
+        rank prefix): what ``launchers.RepeatCall`` can repeat for a training call."""
+        return not (self.has_weights or self.normalize or self.store_wmean or self.store_prefix)
+
     def ticket_count(self, rows: int, n_dblocks: int, split: bool) -> int:
         """Counters a launch needs: one per (row, feature block) when rows are split, one per row
         when the normalisation gathers a row's feature blocks, 0 when neither."""

@@ -330,7 +330,7 @@ def _packed_pool_bwd_fake(
     return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, slim: bool = False):
     # Padded: (hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward);
     # packed: the same with cu_seqlens in place of the mask, then max_seqlen and check_offsets.
     # Position 1 never takes a gradient.
@@ -343,10 +343,17 @@ def _setup_context(ctx, inputs, output):
     # the output and its norms only to undo a normalisation.
     weights_need_grad = weights is not None and ctx.needs_input_grad[2]
     normalized = normalize_eps >= 0
-    ctx.save_for_backward(
-        layout, weights, argmax, stats, hidden if weights_need_grad else None,
-        out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
-    )  # fmt: skip
+    ctx.slim = slim
+    if slim:
+        # SlimPoolFunction: only out is an output, so the forward's other results are plain
+        # intermediates held by ctx (no saved-variable packing); the inputs are saved as usual.
+        ctx.save_for_backward(layout, weights, hidden if weights_need_grad else None)
+        ctx.kept = (argmax, stats, wsum, wmean, prefix)
+    else:
+        ctx.save_for_backward(
+            layout, weights, argmax, stats, hidden if weights_need_grad else None,
+            out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
+        )  # fmt: skip
     ctx.packed = bool(packed)
     ctx.max_seqlen = packed[0] if packed else -1
     ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
@@ -427,9 +434,14 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
 
 
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_backward_extras):
-    layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
+    if ctx.slim:
+        layout, weights, hidden = ctx.saved_tensors
+        (argmax, stats, wsum, wmean, prefix), out, norms = ctx.kept, None, None
+    else:
+        layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
     # Saved forward results are constants of the backward (no gradient flows through them).
-    wsum, wmean = wsum.detach(), wmean.detach()
+    if not ctx.slim:  # the slim path's are plain tensors already
+        wsum, wmean = wsum.detach(), wmean.detach()
     grads = [None] * ctx.n_inputs
     normalized = ctx.normalize_eps >= 0
     # The norms are a differentiable output: a second-order pass through normalize_backward
@@ -511,6 +523,31 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> tuple[type,
     return plain, transformable
 
 
+def _slim_path(implementation, name: str) -> type:
+    """An autograd.Function with one output, ``out``: the common training call (first order, no
+    normalisation, no torch.func, no forward-mode AD). Autograd's bookkeeping grows with every output and
+    saved tensor (wrapping, version counters, unpacking), a large share of a small call's host cost, so
+    the forward's other results go back through ``box`` (a list, the last argument) and stay on ctx."""
+
+    def slim_forward(ctx, *args):
+        *inputs, box = args
+        output = implementation(*inputs, share_empty=True)
+        box.append(output)
+        _setup_context(ctx, inputs, output, slim=True)
+        ctx.direct = True
+        return output[0]
+
+    def slim_backward(ctx, grad_out):
+        return (*_backward(ctx, grad_out, None, None, None), None)
+
+    doc = f"Slim eager fast path of ``{name}``: one differentiable output, same implementation and backward."
+    return type(
+        "Slim" + name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(slim_forward), "backward": staticmethod(slim_backward), "__doc__": doc},
+    )
+
+
 PoolFunction, PoolFunctionForTransforms = _fast_path(
     forward_impl,
     "PoolFunction",
@@ -523,6 +560,8 @@ PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
     packed=True,
 )
+SlimPoolFunction = _slim_path(forward_impl, "PoolFunction")
+SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction")
 
 
 def _run(op, function, transformable, implementation, inputs: tuple, return_indices: bool) -> Outputs:
@@ -549,7 +588,13 @@ def _run(op, function, transformable, implementation, inputs: tuple, return_indi
                 return _traced.triton_packed_pool_fwd(*inputs)
         return op(*inputs)
     if wants:
-        return (transformable if functorch else function).apply(*inputs)
+        if functorch:
+            return transformable.apply(*inputs)
+        if inputs[5] < 0 and forward_ad._current_level < 0:
+            box: list = []
+            out = (SlimPackedPoolFunction if op is packed_pool_fwd else SlimPoolFunction).apply(*inputs, box)
+            return (out, *box[0][1:])
+        return function.apply(*inputs)
     return implementation(*inputs, lean=True)
 
 
