@@ -116,7 +116,10 @@ def forward_impl(
     ``lean``: only out and argmax will be read (an inference call); ``share_empty``: absent outputs
     may be shared zero-size tensors (not returned by a custom op)."""
     if backend == "torch":
-        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
+        # Values-only max when neither indices nor a gradient are wanted (forward-mode AD on the eager
+        # ops differentiates the max at its positions too).
+        need_indices = track_positions or forward_ad._current_level >= 0
+        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps, need_indices)
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
     return _impl(backend).pool_forward(
         hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
@@ -243,7 +246,8 @@ def packed_forward_impl(
         check(cu_seqlens, hidden.shape[0])
     names = modes.split(",")
     if backend == "torch":
-        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
+        need_indices = track_positions or forward_ad._current_level >= 0
+        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps, need_indices)
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
     return _impl(backend, packed=True).pool_forward(
         hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions,
