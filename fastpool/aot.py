@@ -15,7 +15,13 @@ single load are sampled rather than crossed with everything: the wider mask widt
 float64 bits) and the strided layout with three mode mixes, user weights in hidden's dtype.
 
 Run ``python -m fastpool.aot --arch 80 90`` (must not run under ``TRITON_INTERPRET=1``);
-``--sass`` adds, for the contiguous bf16 forward, what the hot loop's loads look like in SASS.
+``--sass`` adds, for the contiguous bf16 forward, what the hot loop's loads look like in SASS;
+``--pairwise`` compiles a subset in which every pair of values of the specializations' labels and the
+arch occurs together (CI's run on the newest triton release, see ``pairwise_cover``).
+
+A spill is local memory traffic: local memory, or loads and stores to the stack (LDL/STL). A stack
+frame without them is a subroutine's call frame, not a spill: ptxas of triton 3.9 outlines the rare
+slow path of the correctly rounded float32 square root on sm_90 that way.
 """
 
 from __future__ import annotations
@@ -346,6 +352,15 @@ def compile_one(spec: Specialization, arch: int, sass: bool = False) -> dict:
     for key in ("REG", "STACK", "LOCAL"):
         match = re.search(rf"\b{key}:(\d+)", usage.stdout)
         result[key.lower()] = int(match.group(1)) if match else -1
+    result["spill_ops"] = 0
+    if result["stack"] or result["local"]:  # read the code: spills, or only a call frame?
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            listing = subprocess.run(
+                [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True
+            )
+        result["spill_ops"] = len(re.findall(r"\b(?:LDL|STL)(?:\.[A-Z0-9]+)*\s", listing.stdout))
     result["vector_loads"] = compiled.asm["ptx"].count("ld.global.v")
     result["shared"] = compiled.metadata.shared
     return result
@@ -382,9 +397,53 @@ def _compile_packed(job):
     return compile_one(*job)
 
 
-def compile_all(archs: list[int], workers: int | None = None) -> list[dict]:
-    """Compile every specialization for every arch in a process pool; one result dict each."""
+def pairwise_cover(cases: list[dict]) -> list[int]:
+    """Indices (ascending) of a subset of ``cases`` (dicts of hashable parameter values) in which every
+    value and every pair of values that occur together in some case occur together in a chosen one.
+    Greedy and deterministic: each step takes the first case covering the most pairs still missing."""
+
+    def pairs(case: dict) -> set:
+        items = sorted(case.items(), key=lambda kv: kv[0])
+        return {(a,) for a in items} | {(a, b) for i, a in enumerate(items) for b in items[i + 1 :]}
+
+    covers = [pairs(case) for case in cases]
+    missing = set().union(*covers) if covers else set()
+    chosen = []
+    while missing:
+        best = max(range(len(cases)), key=lambda i: len(covers[i] & missing))
+        chosen.append(best)
+        missing -= covers[best]
+    return sorted(chosen)
+
+
+def label_parameters(spec: Specialization, arch: int) -> dict:
+    """The parameters a compile job varies: kernel, arch, and each word of the label (``key=value`` or
+    a positional word: direction, dtype, layout)."""
+    words = spec.label.split()
+    params = {"kernel": spec.kernel, "arch": arch}
+    for i, word in enumerate(words):
+        key, _, value = word.partition("=")
+        params.update({key: value} if value else {f"word{i}": word})
+    return params
+
+
+def compile_jobs(archs: list[int], pairwise: bool = False) -> list[tuple[Specialization, int]]:
+    """(specialization, arch) jobs: all of them, or with ``pairwise`` a subset covering every pair of
+    label values and arch within each kernel."""
     jobs = [(spec, arch) for arch in archs for spec in specializations()]
+    if not pairwise:
+        return jobs
+    kept = []
+    for kernel in dict.fromkeys(spec.kernel for spec, _ in jobs):
+        mine = [job for job in jobs if job[0].kernel == kernel]
+        kept += [mine[i] for i in pairwise_cover([label_parameters(*job) for job in mine])]
+    return kept
+
+
+def compile_all(archs: list[int], workers: int | None = None, pairwise: bool = False) -> list[dict]:
+    """Compile every specialization (or a pairwise subset) for every arch in a process pool; one
+    result dict each."""
+    jobs = compile_jobs(archs, pairwise)
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_compile_packed, jobs, chunksize=4))
@@ -426,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--sass", action="store_true", help="report the forward's hot-loop loads")
+    parser.add_argument("--pairwise", action="store_true", help="compile a pairwise-covering subset")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("fastpool.aot: unset TRITON_INTERPRET to compile for GPUs", file=sys.stderr)
@@ -434,12 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.arch:
             print("\n".join(sass_report(arch)))
         return 0
-    results = compile_all(args.arch, args.workers)
-    bad = [r for r in results if "error" in r or r["stack"] or r["local"]]
+    results = compile_all(args.arch, args.workers, args.pairwise)
+    bad = [r for r in results if "error" in r or r["local"] or r["spill_ops"]]
     for r in results:
         status = r.get("error") or (
-            f"regs={r['reg']} stack={r['stack']} local={r['local']} v_loads={r['vector_loads']} "
-            f"shared={r['shared']}"
+            f"regs={r['reg']} stack={r['stack']} local={r['local']} spill_ops={r['spill_ops']} "
+            f"v_loads={r['vector_loads']} shared={r['shared']}"
         )
         print(f"sm_{r['arch']} {r['label']}: {status}")
     print(f"{len(results) - len(bad)} compiled without spills, {len(bad)} failed")

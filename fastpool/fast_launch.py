@@ -8,17 +8,36 @@ integer argument that is not ``do_not_specialize``: equal to 1, divisible by 16,
 — and afterwards calls the compiled kernel's own launcher with the same arguments.
 
 The fast path is used only where it is known to be equivalent to the plain launch: a real Triton
-JIT function (not the interpreter), Triton's launcher with the call signature this module expects
-(checked once per kernel, see ``_launcher_usable``), constexpr parameters after all the others, and
-no launch hooks installed (profilers). Anywhere else every call takes the plain ``kernel[grid](...)``
-path; ``tests/test_fast_launch.py`` checks both paths launch the same compiled kernel.
+JIT function (not the interpreter), a Triton release whose launcher calling convention this module
+was checked against (``RUNNER_RELEASES``, ``DIRECT_ENTRY_RELEASES``; checked once per kernel, see
+``_launcher_usable``), constexpr parameters after all the others, and no launch hooks installed
+(profilers). Anywhere else every call takes the plain ``kernel[grid](...)`` path;
+``tests/test_fast_launch.py`` checks the installed release's launcher against these conventions.
 """
 
 from __future__ import annotations
 
 import os
 
+from ._triton_version import parse_version
+
 _DISABLED = os.environ.get("FASTPOOL_PLAIN_LAUNCH", "0").strip().lower() in ("1", "true", "on", "yes")
+
+# Calling conventions, read from each release's triton/runtime/jit.py (JITFunction.run) and
+# triton/backends/nvidia/driver.py (CudaLauncher.__call__) in the 3.2.0, 3.3.1, 3.4.0, 3.5.1, 3.6.0,
+# 3.7.1, 3.8.0 and 3.9.0 wheels; other releases take the plain path until they are checked and added
+# here (tests/test_triton_version.py holds the decisions).
+# - Launcher object (``compiled.run``), 3.4 to 3.9: run(gx, gy, gz, stream, function, packed_metadata,
+#   launch_metadata, enter_hook, exit_hook, *every argument, constexprs included), the hooks read from
+#   ``triton.knobs`` (3.2 passes only the non-constexpr arguments, 3.2 and 3.3 keep the hooks on
+#   CompiledKernel).
+RUNNER_RELEASES = ((3, 4), (3, 9))
+# - Its C entry point (``compiled.run.launch``), 3.5 and 3.6: launch(gx, gy, gz, stream, function,
+#   cooperative, pdl, global_scratch, profile_scratch, packed_metadata, launch_metadata, enter_hook,
+#   exit_hook, *arguments). 3.4 passes no profile scratch; 3.7 and later pass the metadata and hooks
+#   first, then the scratch buffers, argument annotations, the kernel signature and the arguments as
+#   one tuple (3.9 may append sanitizer arguments): those launch through the launcher object.
+DIRECT_ENTRY_RELEASES = ((3, 5), (3, 6))
 
 
 def specialization(value: int) -> int:
@@ -97,7 +116,9 @@ def _launch_entry(compiled) -> tuple:
     """
     runner = compiled.run
     no_launch_metadata = (compiled.packed_metadata, None, None, None)  # metadata, hooks: none installed
-    direct = all(hasattr(runner, name) for name in ("launch", "launch_cooperative_grid", "launch_pdl"))
+    direct = _release_in(*DIRECT_ENTRY_RELEASES) and all(
+        hasattr(runner, name) for name in ("launch", "launch_cooperative_grid", "launch_pdl")
+    )
     scratch = (getattr(runner, "global_scratch_size", 1), getattr(runner, "profile_scratch_size", 1))
     if direct and scratch == (0, 0):
         head = (compiled.function, runner.launch_cooperative_grid, runner.launch_pdl, None, None)
@@ -131,7 +152,30 @@ def _chain_empty(hook) -> bool:
 
 def _launcher_usable(kernel, compiled) -> bool:
     """Whether this Triton exposes what the fast path calls, in the shape it expects."""
-    return not _DISABLED and kernel_supported(kernel) and compiled_supported(compiled)
+    return (
+        not _DISABLED
+        and _release_in(*RUNNER_RELEASES)
+        and kernel_supported(kernel)
+        and compiled_supported(compiled)
+    )
+
+
+_release: tuple[int, int] | None = None
+
+
+def installed_release() -> tuple[int, int] | None:
+    """(major, minor) of the installed triton, None when it cannot be read."""
+    global _release
+    if _release is None:
+        import triton
+
+        _release = parse_version(str(getattr(triton, "__version__", ""))) or (0, 0)
+    return None if _release == (0, 0) else _release
+
+
+def _release_in(oldest: tuple[int, int], newest: tuple[int, int]) -> bool:
+    release = installed_release()
+    return release is not None and oldest <= release <= newest
 
 
 def kernel_supported(kernel) -> bool:

@@ -204,6 +204,9 @@ def validate_packed(
             raise TypeError(f"max_seqlen: expected a Python int or None, got {max_seqlen!r}")
         if max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen}")
+        # No sequence is longer than N <= MAX_SEQUENCE_LENGTH: a larger bound says no more, and the
+        # custom ops take it as an int64 (2**63 would not convert under torch.compile).
+        max_seqlen = min(max_seqlen, MAX_SEQUENCE_LENGTH)
     trusted = max_seqlen is not None and hidden.device.type == "cuda" and backend == "triton"
     weights = _unwrap_weights(weights, N, hidden.device, cu_seqlens, trusted)
     check = not trusted

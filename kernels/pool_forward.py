@@ -679,13 +679,16 @@ def _write_state(
         tl.store(dst + slot_max * d + d_offs, max_value, mask=d_in)
         if TRACK_POS:
             tl.store(argmax_ptr + row * d + d_offs, tl.where(has_tokens, max_pos, -1), mask=d_in)
+    # One block comparison as the gathers' load mask, as in _write_results (never `d_in & has_tokens`:
+    # the Triton >= 3.7 interpreter rejects a scalar bool broadcast by `&` as a load mask).
+    gather = d_offs < tl.where(has_tokens, d, 0)
     if slot_first >= 0:
         src = hidden_ptr + row * stride_hb + first.to(tl.int64) * stride_ht
-        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=gather, other=0.0)
         tl.store(dst + slot_first * d + d_offs, token.to(total.dtype), mask=d_in)
     if slot_last >= 0:
         src = hidden_ptr + row * stride_hb + last.to(tl.int64) * stride_ht
-        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=d_in & has_tokens, other=0.0)
+        token = tl.load(src + d_offs.to(tl.int64) * stride_hd, mask=gather, other=0.0)
         tl.store(dst + slot_last * d + d_offs, token.to(total.dtype), mask=d_in)
     tl.store(stats_ptr + row, count, mask=owner)
     tl.store(stats_ptr + rows + row, tl.where(has_tokens, first, -1), mask=owner)

@@ -33,3 +33,45 @@ def device() -> str:
 def backend(request):
     with fastpool.use_backend(request.param):
         yield request.param
+
+
+# CI's second run, on the newest triton release (Makefile: test-newest), selects with --pairwise to fit
+# the CI budget: the "triton" backend's cases only (the eager backend never runs triton), and of each
+# parametrized test with at least PAIRWISE_MIN of them a subset in which every pair of parameter values
+# that occurs in the test occurs in a chosen case (fastpool.aot.pairwise_cover: every dtype with every
+# mask kind, mode and kernel config...); tests/test_aot_compile.py then compiles a pairwise subset too.
+PAIRWISE_MIN = 4
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--pairwise", action="store_true",
+        help="triton-backend cases only, and a pairwise-covering subset of each parametrized test",
+    )  # fmt: skip
+
+
+def _backend_of(item) -> str | None:
+    params = item.callspec.params
+    return params.get("backend", params.get("backend_name"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("pairwise"):
+        return
+    from fastpool.aot import pairwise_cover
+
+    groups: dict[str, list] = {}
+    for item in items:
+        if getattr(item, "callspec", None) is not None and _backend_of(item) != "torch":
+            groups.setdefault(item.nodeid.split("[", 1)[0], []).append(item)
+    kept = {id(item) for item in items if getattr(item, "callspec", None) is None}
+    for group in groups.values():
+        if len(group) < PAIRWISE_MIN:
+            kept.update(id(item) for item in group)
+            continue
+        cases = [{k: repr(v) for k, v in item.callspec.params.items()} for item in group]
+        kept.update(id(group[i]) for i in pairwise_cover(cases))
+    deselected = [item for item in items if id(item) not in kept]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if id(item) in kept]

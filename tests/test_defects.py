@@ -49,6 +49,22 @@ def test_numpy_scalar_eps_is_accepted(backend, eps):
     assert torch.equal(out, fastpool.pool(hidden, normalize=True, eps=float(eps)))
 
 
+@pytest.mark.parametrize("max_seqlen", [2**63, 2**64 + 5])
+def test_max_seqlen_beyond_int64_under_compile_is_the_eager_result(backend, max_seqlen):
+    """max_seqlen bounds the sequence lengths; one beyond int64 used to fail inside torch.compile."""
+    hidden = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+
+    def pool(h, c):
+        return fastpool.pool(h, mode=["mean", "max"], cu_seqlens=c, max_seqlen=max_seqlen)
+
+    want = pool(hidden, cu)
+    torch._dynamo.reset()
+    got = torch.compile(pool, fullgraph=True)(hidden, cu)
+    assert torch.equal(got, want)
+    assert torch.equal(want, fastpool.pool(hidden, mode=["mean", "max"], cu_seqlens=cu))
+
+
 def _row_with_inf(T: int, d: int) -> torch.Tensor:
     hidden = torch.randn(1, T, d, generator=torch.Generator().manual_seed(3))
     hidden[0, 5, 1] = float("inf")  # a real token in the first T-split (rank offset 0)
