@@ -45,7 +45,8 @@ from fastpool.backend import resolve_backend
 RESULTS = Path(__file__).resolve().parent / "results"
 ROW_FIELDS = (
     "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "S", "N", "length_dist", "provider",
-    "median_ms", "p20_ms", "p80_ms", "wall_ms", "graph_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
+    "median_ms", "p20_ms", "p80_ms", "wall_ms", "graph_ms", "gbps", "frac_roofline", "bytes", "backend",
+    "timer",
     "matches_reference", "pad_actual", "headline", "block", "preset", "spatial",
     "device", "threads", "torch", "triton", "fastpool", "date",
 )  # fmt: skip

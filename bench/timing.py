@@ -15,10 +15,9 @@ in the thread's CPU time), or one callable with a ``torch.utils.benchmark.Timer`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import time
 
 import numpy as np
 import torch
@@ -132,14 +131,14 @@ def flushed_event_times(fn: Callable[[], object], reps: int) -> list[float]:
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         flush.zero_()
         torch.cuda.synchronize()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
 def wall_clock_times(fn: Callable[[], object], samples: int, calls: int) -> list[float]:

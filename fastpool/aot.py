@@ -127,7 +127,8 @@ def _forward(
         "hidden_ptr": f"*{dtype}", "mask_ptr": mask_ty, "out_ptr": f"*{acc if state else dtype}",
         "argmax_ptr": "*i32", "stats_ptr": "*i32", "wsum_ptr": f"*{acc}", "wmean_ptr": f"*{acc}",
         "prefix_ptr": "*i32",
-        "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}", "part_pos_ptr": "*i32",
+        "part_sum_ptr": f"*{acc}", "part_wsum_ptr": f"*{acc}", "part_max_ptr": f"*{acc}",
+        "part_pos_ptr": "*i32",
         "part_stats_ptr": "*i32", "part_wt_ptr": f"*{acc}", "counter_ptr": "*i64",
         "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "cu_seqlens_ptr": offsets,
         "norm_ptr": f"*{acc}", "rowbuf_ptr": f"*{acc}", "epoch": "i64", "normalize_eps": "fp32",
@@ -181,7 +182,8 @@ def _packed_backward(dtype: str, offsets: str, has_weights: bool, layout: str) -
     contiguous = layout == "contiguous"
     types = {
         "grad_out_ptr": f"*{dtype}", "cu_seqlens_ptr": offsets, "argmax_ptr": "*i32", "stats_ptr": "*i32",
-        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}", "grad_ptr": f"*{dtype}",
+        "weights_ptr": f"*{dtype}" if has_weights else f"*{acc}", "wsum_ptr": f"*{acc}",
+        "grad_ptr": f"*{dtype}",
     }  # fmt: skip
     constexprs = {
         "HAS_WEIGHTS": has_weights, "ACC_DTYPE": acc, "CHUNK": launch.CHUNK,
@@ -238,7 +240,11 @@ def _finish(dtype: str, variant: tuple) -> Specialization:
 # Partial states (fastpool.partial): the STATE forward always keeps max positions; sampled like the
 # wider masks: the lightest and the heaviest mixes, rank and user weights. The finish kernel's mixes.
 STATE_VARIANTS = (
-    FORWARD_VARIANTS[0], FORWARD_VARIANTS[1], FORWARD_VARIANTS[3], FORWARD_VARIANTS[7], FORWARD_VARIANTS[11]
+    FORWARD_VARIANTS[0],
+    FORWARD_VARIANTS[1],
+    FORWARD_VARIANTS[3],
+    FORWARD_VARIANTS[7],
+    FORWARD_VARIANTS[11],
 )
 FINISH_VARIANTS = (
     (False, False, False, False),  # cls / last only

@@ -106,7 +106,29 @@ def requested_backend() -> str:
     name = _SELECTION.name
     if isinstance(name, str) and name:
         return name
-    return _check(os.environ.get("FASTPOOL_BACKEND", "auto").strip().lower() or "auto", "FASTPOOL_BACKEND")
+    if _ENVIRON_DATA is None or torch.compiler.is_compiling():
+        return _from_environment(os.environ.get("FASTPOOL_BACKEND", "auto"))
+    # os.environ's own dict, read directly: Mapping.get raises and catches a KeyError when the variable
+    # is unset, a sizeable share of a small call's host cost.
+    raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
+    return "auto" if raw is None else _from_environment(raw)
+
+
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENVIRON_KEY = os.environ.encodekey("FASTPOOL_BACKEND") if hasattr(os.environ, "encodekey") else None
+if _ENVIRON_KEY is None:
+    _ENVIRON_DATA = None
+_environment_names: dict = {}
+
+
+def _from_environment(raw) -> str:
+    """The checked backend name of FASTPOOL_BACKEND's raw value (cached per value)."""
+    name = _environment_names.get(raw)
+    if name is None:
+        text = raw if isinstance(raw, str) else os.environ.decodevalue(raw)
+        name = _check(text.strip().lower() or "auto", "FASTPOOL_BACKEND")
+        _environment_names[raw] = name
+    return name
 
 
 def triton_interpreter_enabled() -> bool:

@@ -163,9 +163,8 @@ def pool(
         hidden (N, d) or (1, N, d), cu_seqlens (S + 1,) int32/int64, max_seqlen int or None.
     normalize, eps : when ``normalize``, each output row (all modes together) is divided by
         ``max(||row||_2, eps)`` as ``torch.nn.functional.normalize`` does, from the unrounded
-        float32 values and rounded once. On the Triton backend this is fused into the kernel's
-        epilogue when a row fits one program (d up to 2048 for 16-bit dtypes, 1024 for float32);
-        wider rows, and float64, are normalised by torch after pooling.
+        float32 values and rounded once. On the Triton backend this is the forward kernel's row
+        epilogue (same launch), at any width and in every dtype.
 
     Returns
     -------

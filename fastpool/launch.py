@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,8 @@ def forward_max_registers(track_positions: bool, do_weighted: bool, packed: bool
     if track_positions and do_weighted:
         return FORWARD_MAX_REGISTERS_FOUR_ACCUMULATORS
     return FORWARD_MAX_REGISTERS_PACKED_POSITIONS if track_positions and packed else FORWARD_MAX_REGISTERS
+
+
 # Programs wanted per multiprocessor to keep enough loads in flight on a memory-bound loop.
 PROGRAMS_PER_SM = 4
 # Backward: bytes of one output tile (BLOCK_T * BLOCK_D * element size).
@@ -142,13 +144,28 @@ def triton_acc_dtype(dtype: torch.dtype):
 _placeholders: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+_fresh = False
+
+
+@contextlib.contextmanager
+def fresh_buffers() -> Iterator[None]:
+    """Within this block placeholders and shared empties are new tensors: a launch traced by
+    torch.compile (``fastpool.ops_triton``) must not capture a cached real tensor."""
+    global _fresh
+    previous, _fresh = _fresh, True
+    try:
+        yield
+    finally:
+        _fresh = previous
+
+
 def placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A cached one-element tensor for pointer arguments a specialization never touches.
 
     Saves an allocation per unused workspace on every launch (host time matters at serving shapes).
     """
     key = (device, dtype)
-    tensor = _placeholders.get(key)
+    tensor = None if _fresh else _placeholders.get(key)
     if tensor is None:
         tensor = torch.empty(1, dtype=dtype, device=device)
         if type(tensor) is torch.Tensor:  # never cache a fake or functional tensor
@@ -183,7 +200,9 @@ def stream_key(device: torch.device) -> tuple:
     return (device, torch._C._cuda_getCurrentRawStream(index))
 
 
-def workspace(device: torch.device, role: str, dtype: torch.dtype, numel: int, fresh: bool = False) -> torch.Tensor:
+def workspace(
+    device: torch.device, role: str, dtype: torch.dtype, numel: int, fresh: bool = False
+) -> torch.Tensor:
     """A cached buffer of at least ``numel`` elements for one role in a launch (partial results, the
     rows to normalise, outputs nobody reads), per device and stream.
 
@@ -274,6 +293,12 @@ class ForwardPlan:
     constexprs: dict
     options: dict
 
+    @property
+    def per_call_outputs_only(self) -> bool:
+        """Whether a launch returns nothing but out, argmax and stats (no user-weight sums, norms or
+        rank prefix): what ``launchers.RepeatCall`` can repeat for a training call."""
+        return not (self.has_weights or self.normalize or self.store_wmean or self.store_prefix)
+
     def ticket_count(self, rows: int, n_dblocks: int, split: bool) -> int:
         """Counters a launch needs: one per (row, feature block) when rows are split, one per row
         when the normalisation gathers a row's feature blocks, 0 when neither."""
@@ -329,7 +354,8 @@ def _forward_plan(modes, dtype, has_mask, has_weights, normalize, track_position
         block_d=block_d,
         constexprs=constexprs,
         options=dict(
-            num_warps=overridden("num_warps", NUM_WARPS), maxnreg=forward_max_registers(track, do_weighted, packed)
+            num_warps=overridden("num_warps", NUM_WARPS),
+            maxnreg=forward_max_registers(track, do_weighted, packed),
         ),
     )
 
@@ -347,7 +373,8 @@ class ForwardOutputs:
     __slots__ = ("out", "argmax", "stats", "norms", "wsum", "wmean", "rowbuf")
 
     def __init__(
-        self, plan: ForwardPlan, rows: int, d: int, dtype: torch.dtype, device: torch.device, lean: bool = False,
+        self, plan: ForwardPlan, rows: int, d: int, dtype: torch.dtype, device: torch.device,
+        lean: bool = False,
         share_empty: bool = False, traced: bool = False,
     ):  # fmt: skip
         acc = plan.acc
@@ -385,7 +412,7 @@ _empties: dict[tuple, torch.Tensor] = {}
 def empty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A shared zero-size tensor (a lean call's outputs that the caller never reads)."""
     key = (device, dtype)
-    tensor = _empties.get(key)
+    tensor = None if _fresh else _empties.get(key)
     if tensor is None:
         tensor = torch.empty(0, dtype=dtype, device=device)
         if type(tensor) is torch.Tensor:
@@ -403,7 +430,9 @@ def partial_buffers(
     acc = plan.acc
 
     def buffer(needed: bool, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return workspace(device, role, dtype, numel, traced) if needed and slots else placeholder(device, dtype)
+        return (
+            workspace(device, role, dtype, numel, traced) if needed and slots else placeholder(device, dtype)
+        )
 
     return (
         buffer(plan.do_mean, "part_sum", slots * d, acc),

@@ -25,19 +25,19 @@ from .launch import (
     PROGRAMS_PER_SM,
     SCAN_BLOCK,
     ForwardOutputs,
-    next_epoch,
-    stream_key,
-    empty,
     check_feature_blocks,
+    empty,
     feature_block,
     forward_plan,
     has_overrides,
     kernel_columns,
     launch_on,
+    next_epoch,
     overridden,
     partial_buffers,
     placeholder,
     sm_count,
+    stream_key,
     ticket_counters,
     token_block,
     triton_acc_dtype,
@@ -177,9 +177,9 @@ def pool_forward(
     """
     B, T, d = hidden.shape
     device = hidden.device
-    if lean and not trace and not has_overrides():
+    if (lean or share_empty) and not trace and not has_overrides():
         repeat = _repeat_signature(
-            hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device
+            hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device, lean, for_backward
         )
         call = _repeat_calls.get(repeat)
         if call is not None:
@@ -239,28 +239,35 @@ def pool_forward(
     grid_dims = (B, n_dblocks, grid.programs_per_row)
     launcher = traced(forward_launcher()) if trace else forward_launcher()
     launch_on(device, launcher, key, grid_dims, args, plan.constexprs, plan.options)
-    if lean and key is not None:
-        _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0))
+    if key is not None and (lean or (share_empty and plan.per_call_outputs_only)):
+        _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0, lean))
     return outs.result(prefix)
 
 
-# --- repeated inference calls ----------------------------------------------------------------------
+# --- repeated calls --------------------------------------------------------------------------------
 # An inference call (``lean``) with the same signature as an earlier one (modes, dtypes, shapes,
 # strides, alignment, device and stream) reuses everything but the tensors it was given: its plan,
 # grid, workspaces and launch key. Per call it allocates the output (and argmax when indices are
-# asked for) and launches: what a serving loop calling with fixed shapes pays.
+# asked for) and launches: what a serving loop calling with fixed shapes pays. A training call of the
+# autograd fast path (``share_empty``) is repeated the same way when it returns nothing but out,
+# argmax and stats (no user weights, normalisation or rank prefix): it also allocates its stats.
 
 _repeat_calls: dict[tuple, RepeatCall] = {}
 _REPEAT_LIMIT = 256
 
 
-def _repeat_signature(hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device) -> tuple:
+def _repeat_signature(
+    hidden, mask, modes, weights, normalize_eps, track_positions, B, T, d, device, lean, for_backward
+) -> tuple:
     stream = stream_key(device)
     hidden_part = (hidden.dtype, hidden.stride(), aligned(hidden))
     mask_part = None if mask is None else (mask.dtype, mask.stride(), aligned(mask))
     weights_part = None if weights is None else (weights.dtype, weights.stride(), aligned(weights))
     normalize = normalize_eps >= 0
-    return (modes, B, T, d, hidden_part, mask_part, weights_part, normalize, track_positions, stream)
+    return (
+        modes, B, T, d, hidden_part, mask_part, weights_part, normalize, track_positions, stream, lean,
+        for_backward,
+    )  # fmt: skip
 
 
 def _remember(signature: tuple, call: RepeatCall) -> None:
@@ -284,13 +291,17 @@ class RepeatCall:
         "argmax_shape",
         "parts",
         "stats",
+        "lean",
     )
 
-    def __init__(self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool):
+    def __init__(
+        self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool, lean: bool
+    ):  # fmt: skip
         self.plan, self.grid, self.key, self.device, self.tickets = plan, grid, key, device, tickets
         self.shape, self.dtype = outs.out.shape, outs.out.dtype
         self.argmax_shape = outs.argmax.shape if plan.track_positions else None
-        self.stats = outs.stats
+        # lean: the stats live in the stream's workspace (nobody reads them); else each call's own.
+        self.stats, self.lean = outs.stats, lean
         # Positions in the kernel's argument list: 0 hidden, 1 mask, 2 out, 3 argmax, 15 weights,
         # 25 epoch, 40 normalize_eps.
         self.parts = (args[4:15], args[16:25], args[26:40], args[41:])
@@ -306,19 +317,30 @@ class RepeatCall:
             else None
         )
         epoch = next_epoch() if self.tickets else 1
-        stats = self.stats
-        mask_arg = stats if mask is None else integer_view(mask)[0]
+        # Pointer arguments a specialization never reads stay the first call's stats.
+        placeholder_int = self.stats
+        stats = (
+            placeholder_int
+            if self.lean
+            else torch.empty(self.stats.shape, dtype=torch.int32, device=self.device)
+        )
+        mask_arg = placeholder_int if mask is None else integer_view(mask)[0]
+        argmax_arg = placeholder_int if argmax is None else argmax
         if plan.has_weights:
             head, middle, tail, rest = self.parts
-            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, weights, *middle, epoch, *tail,
-                    normalize_eps, *rest)  # fmt: skip
+            args = (
+                hidden, mask_arg, out, argmax_arg, stats, *head[1:], weights, *middle, epoch, *tail,
+                normalize_eps, *rest,
+            )  # fmt: skip
         else:
             head, tail, rest = self.parts
-            args = (hidden, mask_arg, out, stats if argmax is None else argmax, *head, epoch, *tail, normalize_eps,
-                    *rest)  # fmt: skip
+            args = (hidden, mask_arg, out, argmax_arg, stats, *head[1:], epoch, *tail, normalize_eps, *rest)
         launch_on(self.device, forward_launcher(), self.key, self.grid, args, plan.constexprs, plan.options)
         empty_int = empty(self.device, torch.int32)
-        return out, empty_int if argmax is None else argmax, stats, None, None, None, empty_int
+        if self.lean:
+            return out, empty_int if argmax is None else argmax, stats, None, None, None, empty_int
+        empty_acc = empty(self.device, plan.acc)
+        return out, empty_int if argmax is None else argmax, stats, empty_acc, empty_acc, empty_acc, empty_int
 
 
 def _without_features(outs: ForwardOutputs, mask, B: int, T: int, d: int, prefix: torch.Tensor) -> tuple:
@@ -386,7 +408,8 @@ class BackwardCall:
     launches."""
 
     __slots__ = (
-        "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks", "launcher",
+        "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks",
+        "launcher",
     )  # fmt: skip
 
     def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool, trace=False):
@@ -435,8 +458,10 @@ class BackwardCall:
             return grad
         dummy = placeholder(self.device, wsum.dtype) if weights is None else wsum
         args = (
-            grad_out, stats if mask is None else integer_view(mask)[0], argmax if self.slots["max"] >= 0 else stats,
-            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad, *self.tail,
+            grad_out, stats if mask is None else integer_view(mask)[0],
+            argmax if self.slots["max"] >= 0 else stats,
+            stats, prefix if self.ranks else stats, dummy if weights is None else weights, dummy, grad,
+            *self.tail,
         )  # fmt: skip
         launch_on(self.device, self.launcher, self.key, self.grid, args, self.constexprs, self.options)
         return grad

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 #: Every mode fastpool knows, in the order the kernels handle them.
 MODES: tuple[str, ...] = ("mean", "max", "cls", "last", "mean_sqrt_len", "weighted_mean")
+_SINGLE = {name: (name,) for name in MODES}
 
 
 def normalize_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
@@ -14,6 +15,10 @@ def normalize_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
     Raises ``TypeError`` for anything but a string or a sequence of strings, ``ValueError`` for an
     unknown name, an empty sequence or a repeated name.
     """
+    if type(mode) is str:
+        single = _SINGLE.get(mode)
+        if single is not None:  # the common call: one known name
+            return single
     names = (mode,) if isinstance(mode, str) else mode
     if not isinstance(names, Sequence) or not all(isinstance(m, str) for m in names):
         raise TypeError(

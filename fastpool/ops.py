@@ -26,6 +26,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import eager, eager_packed, transforms
+from .eager_sums import tree_sum
 from .launch import CHUNK
 from .packed import check_size_limits
 
@@ -47,7 +48,8 @@ def _impl(backend: str, packed: bool = False):
     global _triton_modules
     if backend == "torch":
         return eager_packed if packed else eager
-    torch._check(backend == "triton", lambda: f"fastpool: unknown backend {backend!r}")
+    if backend != "triton":  # not torch._check: it imports a module on every call
+        raise RuntimeError(f"fastpool: unknown backend {backend!r}")
     if _triton_modules is None:
         from . import launchers, packed_launchers
 
@@ -115,7 +117,10 @@ def forward_impl(
     ``lean``: only out and argmax will be read (an inference call); ``share_empty``: absent outputs
     may be shared zero-size tensors (not returned by a custom op)."""
     if backend == "torch":
-        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps)
+        # Values-only max when neither indices nor a gradient are wanted (forward-mode AD on the eager
+        # ops differentiates the max at its positions too).
+        need_indices = track_positions or forward_ad._current_level >= 0
+        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps, need_indices)
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
     return _impl(backend).pool_forward(
         hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
@@ -242,10 +247,12 @@ def packed_forward_impl(
         check(cu_seqlens, hidden.shape[0])
     names = modes.split(",")
     if backend == "torch":
-        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps)
+        need_indices = track_positions or forward_ad._current_level >= 0
+        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps, need_indices)
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
     return _impl(backend, packed=True).pool_forward(
-        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions, for_backward, lean,
+        hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions,
+        for_backward, lean,
         share_empty,
     )  # fmt: skip
 
@@ -284,7 +291,8 @@ def _packed_pool_fwd_fake(
     check_offsets,
 ):  # fmt: skip
     return _fake_outputs(
-        hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], 0, modes, normalize_eps, backend, weights is not None,
+        hidden, cu_seqlens.shape[0] - 1, hidden.shape[1], 0, modes, normalize_eps, backend,
+        weights is not None,
         track_positions, for_backward, False,
     )  # fmt: skip
 
@@ -327,7 +335,7 @@ def _packed_pool_bwd_fake(
     return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, slim: bool = False):
     # Padded: (hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward);
     # packed: the same with cu_seqlens in place of the mask, then max_seqlen and check_offsets.
     # Position 1 never takes a gradient.
@@ -340,10 +348,17 @@ def _setup_context(ctx, inputs, output):
     # the output and its norms only to undo a normalisation.
     weights_need_grad = weights is not None and ctx.needs_input_grad[2]
     normalized = normalize_eps >= 0
-    ctx.save_for_backward(
-        layout, weights, argmax, stats, hidden if weights_need_grad else None,
-        out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
-    )  # fmt: skip
+    ctx.slim = slim
+    if slim:
+        # SlimPoolFunction: only out is an output, so the forward's other results are plain
+        # intermediates held by ctx (no saved-variable packing); the inputs are saved as usual.
+        ctx.save_for_backward(layout, weights, hidden if weights_need_grad else None)
+        ctx.kept = (argmax, stats, wsum, wmean, prefix)
+    else:
+        ctx.save_for_backward(
+            layout, weights, argmax, stats, hidden if weights_need_grad else None,
+            out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
+        )  # fmt: skip
     ctx.packed = bool(packed)
     ctx.max_seqlen = packed[0] if packed else -1
     ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
@@ -352,6 +367,7 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
     ctx.normalize_eps = normalize_eps
     ctx.direct = False
+    ctx.traced = False  # set by fastpool.ops_triton: the backward then uses its ops too
 
 
 def normalize_backward(
@@ -374,7 +390,9 @@ def normalize_backward(
     result = None
     if grad is not None:
         g = grad.to(acc)
-        projected = (g - y * (y * g).sum(1, keepdim=True)) / torch.where(above, n, 1)
+        # A fixed pairwise tree, not .sum(1): ATen's order follows the batch (CUDA's block shape
+        # depends on the number of rows; on CPU one long row is split over the threads).
+        projected = (g - y * tree_sum(y * g).unsqueeze(1)) / torch.where(above, n, 1)
         result = torch.where(above, projected, g / max(eps, torch.finfo(acc).tiny))
     if grad_norms is not None:
         nonzero = n > 0
@@ -404,7 +422,7 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
         )
     # Through the op: under torch.compile / AOT tracing this sees fake tensors.
     if ctx.packed:
-        return packed_pool_bwd(
+        return (_traced.triton_packed_pool_bwd if ctx.traced else packed_pool_bwd)(
             grad_out,
             layout,
             weights,
@@ -417,15 +435,20 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
             backend,
             ctx.max_seqlen,
         )
-    return pool_bwd(
+    return (_traced.triton_pool_bwd if ctx.traced else pool_bwd)(
         grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, ctx.modes, backend
     )
 
 
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_backward_extras):
-    layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
+    if ctx.slim:
+        layout, weights, hidden = ctx.saved_tensors
+        (argmax, stats, wsum, wmean, prefix), out, norms = ctx.kept, None, None
+    else:
+        layout, weights, argmax, stats, hidden, out, norms, wsum, wmean, prefix = ctx.saved_tensors
     # Saved forward results are constants of the backward (no gradient flows through them).
-    wsum, wmean = wsum.detach(), wmean.detach()
+    if not ctx.slim:  # the slim path's are plain tensors already
+        wsum, wmean = wsum.detach(), wmean.detach()
     grads = [None] * ctx.n_inputs
     normalized = ctx.normalize_eps >= 0
     # The norms are a differentiable output: a second-order pass through normalize_backward
@@ -446,7 +469,8 @@ def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_b
             backend = "torch" if torch.is_grad_enabled() or _functorch_active() else ctx.backend
             grads[2] = _weights_backward(block, hidden, layout, weights, wsum, wmean, ctx.packed, backend)
         else:
-            grads[2] = weights_bwd(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
+            op = _traced.triton_weights_bwd if ctx.traced else weights_bwd
+            grads[2] = op(block, hidden, layout, weights, wsum, wmean, ctx.packed, ctx.backend)
     return tuple(grads)
 
 
@@ -506,6 +530,31 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> tuple[type,
     return plain, transformable
 
 
+def _slim_path(implementation, name: str) -> type:
+    """An autograd.Function with one output, ``out``: the common training call (first order, no
+    normalisation, no torch.func, no forward-mode AD). Autograd's bookkeeping grows with every output and
+    saved tensor (wrapping, version counters, unpacking), a large share of a small call's host cost, so
+    the forward's other results go back through ``box`` (a list, the last argument) and stay on ctx."""
+
+    def slim_forward(ctx, *args):
+        *inputs, box = args
+        output = implementation(*inputs, share_empty=True)
+        box.append(output)
+        _setup_context(ctx, inputs, output, slim=True)
+        ctx.direct = True
+        return output[0]
+
+    def slim_backward(ctx, grad_out):
+        return (*_backward(ctx, grad_out, None, None, None), None)
+
+    doc = f"Slim eager fast path of ``{name}``: one differentiable output, same implementation and backward."
+    return type(
+        "Slim" + name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(slim_forward), "backward": staticmethod(slim_backward), "__doc__": doc},
+    )
+
+
 PoolFunction, PoolFunctionForTransforms = _fast_path(
     forward_impl,
     "PoolFunction",
@@ -518,6 +567,8 @@ PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
     packed=True,
 )
+SlimPoolFunction = _slim_path(forward_impl, "PoolFunction")
+SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction")
 
 
 def _run(op, function, transformable, implementation, inputs: tuple, return_indices: bool) -> Outputs:
@@ -535,9 +586,22 @@ def _run(op, function, transformable, implementation, inputs: tuple, return_indi
     wants = wants or functorch
     inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
     if hidden.is_meta or torch.compiler.is_compiling():
+        if backend == "triton" and _traced is not None and _traced.ENABLED and not hidden.is_meta:
+            # The kernels' launches go into the compiled graph (a packed call that must check its
+            # offsets' values stays on the opaque op).
+            if op is pool_fwd:
+                return _traced.triton_pool_fwd(*inputs)
+            if not inputs[-1]:
+                return _traced.triton_packed_pool_fwd(*inputs)
         return op(*inputs)
     if wants:
-        return (transformable if functorch else function).apply(*inputs)
+        if functorch:
+            return transformable.apply(*inputs)
+        if inputs[5] < 0 and forward_ad._current_level < 0:
+            box: list = []
+            out = (SlimPackedPoolFunction if op is packed_pool_fwd else SlimPoolFunction).apply(*inputs, box)
+            return (out, *box[0][1:])
+        return function.apply(*inputs)
     return implementation(*inputs, lean=True)
 
 
@@ -572,3 +636,11 @@ def packed_pool_forward(
         packed_pool_fwd, PackedPoolFunction, PackedPoolFunctionForTransforms, packed_forward_impl, inputs,
         return_indices,
     )  # fmt: skip
+
+
+# The traceable triton ops (after this module's ops and autograd, which they reuse); absent where
+# triton or torch.library.triton_op is.
+try:
+    from . import ops_triton as _traced
+except ImportError:
+    _traced = None

@@ -22,7 +22,8 @@ Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _impl(backend: str):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    if backend not in _BACKENDS:  # not torch._check: it imports a module on every call
+        raise RuntimeError(f"fastpool: unknown backend {backend!r}")
     if backend == "torch":
         return eager_attention
     from . import attention_launchers

@@ -19,7 +19,8 @@ _BACKENDS = ("triton", "torch")
 
 
 def _impl(backend: str):
-    torch._check(backend in _BACKENDS, lambda: f"fastpool: unknown backend {backend!r}")
+    if backend not in _BACKENDS:  # not torch._check: it imports a module on every call
+        raise RuntimeError(f"fastpool: unknown backend {backend!r}")
     if backend == "torch":
         return eager_global_pool
     from . import global_pool_launchers

@@ -23,7 +23,8 @@ Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 
 
 def _check_backend(backend: str) -> None:
-    torch._check(backend in ("triton", "torch"), lambda: f"fastpool: unknown backend {backend!r}")
+    if backend not in ("triton", "torch"):  # not torch._check: it imports a module on every call
+        raise RuntimeError(f"fastpool: unknown backend {backend!r}")
 
 
 def _launchers():

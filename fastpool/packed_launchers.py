@@ -21,8 +21,8 @@ from .launch import (
     MAX_GRID_X,
     NUM_WARPS,
     ForwardOutputs,
-    empty,
     check_feature_blocks,
+    empty,
     feature_block,
     forward_plan,
     has_overrides,
@@ -103,7 +103,14 @@ def pool_forward(
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
     plan = forward_plan(
-        modes, hidden.dtype, False, weights is not None, normalize_eps >= 0, track_positions, for_backward, True
+        modes,
+        hidden.dtype,
+        False,
+        weights is not None,
+        normalize_eps >= 0,
+        track_positions,
+        for_backward,
+        True,
     )
     outs = ForwardOutputs(plan, S, d, hidden.dtype, device, lean, share_empty, trace)
     if lean or share_empty:
@@ -188,7 +195,8 @@ def pool_backward(
     args = (
         grad_out, cu_seqlens, argmax if cols["max"] >= 0 else stats, stats,
         weights_arg, wsum if weights is not None else acc_placeholder, grad,
-        S, N, d, search_steps(S), stride_gob, stride_god, stride_wt, stride_gt, stride_gd, *kernel_columns(cols),
+        S, N, d, search_steps(S), stride_gob, stride_god, stride_wt, stride_gt, stride_gd,
+        *kernel_columns(cols),
     )  # fmt: skip
     constexprs = dict(
         HAS_WEIGHTS=weights is not None, ACC_DTYPE=triton_acc_dtype(dtype), CHUNK=chunk, BLOCK_T=block_t,
@@ -234,7 +242,11 @@ def weights_backward(
         S, N, d, search_steps(S), *grad_block.stride(), 0, stride_ht, stride_hd, 0, 0, 0, grad.stride(0), -1,
     )  # fmt: skip
     constexprs = dict(
-        HAS_MASK=False, PACKED=True, ACC_DTYPE=triton_acc_dtype(hidden.dtype), BLOCK_T=block_t, BLOCK_D=block_d
+        HAS_MASK=False,
+        PACKED=True,
+        ACC_DTYPE=triton_acc_dtype(hidden.dtype),
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
     )
     grid = (triton_cdiv(N, block_t), 1, 1)
     launcher = traced(weights_launcher()) if trace else weights_launcher()

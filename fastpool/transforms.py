@@ -189,8 +189,9 @@ def _fits(V: int, rows: int, length: int, packed: bool) -> bool:
 
 
 def forward_vmap(function, packed: bool, info, in_dims, inputs):
-    """vmap rule of ``ops.PoolFunctionForTransforms`` / ``PackedPoolFunctionForTransforms``: inputs (hidden, layout, weights,
-    modes, backend, normalize_eps, track_positions, for_backward[, max_seqlen, check_offsets])."""
+    """vmap rule of ``ops.PoolFunctionForTransforms`` / ``PackedPoolFunctionForTransforms``: inputs
+    (hidden, layout, weights, modes, backend, normalize_eps, track_positions, for_backward[, max_seqlen,
+    check_offsets])."""
     V = info.batch_size
     hidden, layout, weights, modes, backend, eps, *flags = inputs
     h_dim, l_dim, w_dim = in_dims[:3]

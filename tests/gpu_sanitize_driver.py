@@ -121,7 +121,11 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
                     out = fastpool.pool(
                         hidden, mode=modes, cu_seqlens=cu, max_seqlen=hint, weights=weights, normalize=True
                     )
-                    grad = torch.autograd.grad(out, (hidden, weights), torch.ones_like(out)) if out.numel() else None
+                    grad = (
+                        torch.autograd.grad(out, (hidden, weights), torch.ones_like(out))
+                        if out.numel()
+                        else None
+                    )
                 results.append((out, grad))
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
@@ -135,7 +139,9 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
     bad = torch.tensor([0, 5000, 30, -9, 2**30, 100, 7], dtype=torch.int32, device=DEVICE)
     joined = ",".join(modes)
     for hint in (None, 10):
-        out, argmax, stats, *_ = packed_launchers.pool_forward(hidden, bad, joined, None, hint, -1.0, True, True)
+        out, argmax, stats, *_ = packed_launchers.pool_forward(
+            hidden, bad, joined, None, hint, -1.0, True, True
+        )
         packed_launchers.pool_backward(torch.ones_like(out), bad, argmax, stats, 100, hidden.dtype, joined)
     if DEVICE == "cuda":
         torch.cuda.synchronize()

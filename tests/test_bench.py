@@ -22,7 +22,8 @@ import fastpool
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 COLUMNS = {
     "op", "pass", "dtype", "B", "T", "d", "padding", "layout", "provider", "median_ms", "p20_ms",
-    "p80_ms", "wall_ms", "graph_ms", "gbps", "frac_roofline", "bytes", "backend", "timer", "matches_reference", "device",
+    "p80_ms", "wall_ms", "graph_ms", "gbps", "frac_roofline", "bytes", "backend", "timer",
+    "matches_reference", "device",
     "torch", "triton", "fastpool", "date", "S", "N", "length_dist",
 }  # fmt: skip
 PACKED_PROVIDERS = {"fastpool", "index_add", "loop"}

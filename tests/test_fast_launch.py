@@ -7,10 +7,10 @@ here every launch takes the plain path (the interpreter), which these tests chec
 
 import pytest
 import torch
+from fastpool.kernels import pool_backward, pool_forward
 
 import fastpool
 from fastpool import fast_launch, launchers
-from fastpool.kernels import pool_backward, pool_forward
 
 
 def triton_specialization(value: int):
