@@ -70,14 +70,23 @@ def _validate(hidden: object, mask: object) -> None:
         raise TypeError(
             f"mask: expected a bool, integer, float16, bfloat16, float32 or float64 dtype, got {mask.dtype}"
         )
-    expected = tuple(hidden.shape[:2])
-    if tuple(mask.shape) != expected:
+    if mask.shape != hidden.shape[:2]:
         raise ValueError(
-            f"mask: expected shape (B, T) = {expected} to match hidden {tuple(hidden.shape)}, "
+            f"mask: expected shape (B, T) = {tuple(hidden.shape[:2])} to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(mask.shape)}"
         )
-    if mask.device != hidden.device:
+    if not _same_device(mask, hidden):
         raise ValueError(f"mask: expected device {hidden.device} (hidden's device), got {mask.device}")
+
+
+def _same_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Cheap tests first (``.device`` builds an object per access, a share of a small call's host cost):
+    # both on the CPU, or both on the same CUDA device; anything else compares the devices.
+    if a.is_cpu and b.is_cpu:
+        return True
+    if a.is_cuda and b.is_cuda:
+        return a.get_device() == b.get_device()
+    return a.device == b.device
 
 
 def _validate_weights(hidden: torch.Tensor, weights: object, modes: tuple[str, ...]) -> None:
@@ -115,13 +124,14 @@ def _pool(
     normalize_eps: float = -1.0,
     return_indices: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    joined = ",".join(modes)
+    joined = modes[0] if len(modes) == 1 else ",".join(modes)
     packed = cu_seqlens is not None or (isinstance(hidden, torch.Tensor) and hidden.is_nested)
     if not packed:
         if max_seqlen is not None:
             raise ValueError(f"max_seqlen: expected None without cu_seqlens, got {max_seqlen!r}")
         _validate(hidden, mask)
-        _validate_weights(hidden, weights, modes)
+        if weights is not None:
+            _validate_weights(hidden, weights, modes)
         backend = resolve_backend(hidden.device)
         return ops.pool_forward(hidden, mask, weights, joined, backend, normalize_eps, return_indices)
     if weights is not None and "weighted_mean" not in modes:

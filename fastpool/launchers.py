@@ -240,7 +240,10 @@ def pool_forward(
     launcher = traced(forward_launcher()) if trace else forward_launcher()
     launch_on(device, launcher, key, grid_dims, args, plan.constexprs, plan.options)
     if key is not None and (lean or (share_empty and plan.per_call_outputs_only)):
-        _remember(repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0, lean))
+        mask_dtype = None if mask is None else mask.dtype
+        _remember(
+            repeat, RepeatCall(plan, outs, args, grid_dims, key, device, n_tickets > 0, lean, mask_dtype)
+        )
     return outs.result(prefix)
 
 
@@ -292,16 +295,21 @@ class RepeatCall:
         "parts",
         "stats",
         "lean",
+        "mask_view",
     )
 
     def __init__(
-        self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool, lean: bool
+        self, plan, outs: ForwardOutputs, args: tuple, grid: tuple, key, device, tickets: bool, lean: bool,
+        mask_dtype: torch.dtype | None,
     ):  # fmt: skip
         self.plan, self.grid, self.key, self.device, self.tickets = plan, grid, key, device, tickets
         self.shape, self.dtype = outs.out.shape, outs.out.dtype
         self.argmax_shape = outs.argmax.shape if plan.track_positions else None
         # lean: the stats live in the stream's workspace (nobody reads them); else each call's own.
         self.stats, self.lean = outs.stats, lean
+        # The integer dtype a mask is viewed as (None: passed as it is), as integer_view decides.
+        view = args[1]
+        self.mask_view = None if view is outs.stats or view.dtype == mask_dtype else view.dtype
         # Positions in the kernel's argument list: 0 hidden, 1 mask, 2 out, 3 argmax, 15 weights,
         # 25 epoch, 40 normalize_eps.
         self.parts = (args[4:15], args[16:25], args[26:40], args[41:])
@@ -324,7 +332,10 @@ class RepeatCall:
             if self.lean
             else torch.empty(self.stats.shape, dtype=torch.int32, device=self.device)
         )
-        mask_arg = placeholder_int if mask is None else integer_view(mask)[0]
+        if mask is None:
+            mask_arg = placeholder_int
+        else:  # the mask's dtype is part of the signature: reinterpret it as the first call did
+            mask_arg = mask if self.mask_view is None else mask.view(self.mask_view)
         argmax_arg = placeholder_int if argmax is None else argmax
         if plan.has_weights:
             head, middle, tail, rest = self.parts
