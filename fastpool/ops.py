@@ -571,12 +571,15 @@ SlimPoolFunction = _slim_path(forward_impl, "PoolFunction")
 SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction")
 
 
-def _run(op, function, transformable, implementation, inputs: tuple, return_indices: bool) -> Outputs:
+def _run(
+    op, function, transformable, implementation, inputs: tuple, return_indices: bool, tail: tuple = ()
+) -> Outputs:
     """The custom op while compiling or for meta tensors (its fake kernel gives the shapes, and its
     autograd the gradient's); else the autograd function when a gradient or forward-mode AD needs it
     (``transformable`` under a torch.func transform); else the implementation itself. Max keeps its
-    positions only when indices are asked for or a gradient may follow."""
-    hidden, _, weights, _, backend, *_ = inputs
+    positions only when indices are asked for or a gradient may follow. ``inputs``: the op's first six
+    arguments; ``tail``: the packed op's last two."""
+    hidden, weights, backend = inputs[0], inputs[2], inputs[4]
     # Forward-mode AD (dual tensors) on the kernels goes through the Function's jvp rule; the eager
     # ops handle it themselves. torch.func transforms always need the Function's rules.
     wants = (
@@ -584,7 +587,7 @@ def _run(op, function, transformable, implementation, inputs: tuple, return_indi
     ) or (backend == "triton" and forward_ad._current_level >= 0)
     functorch = _functorch_active()
     wants = wants or functorch
-    inputs = (*inputs[:6], return_indices or wants, wants, *inputs[6:])
+    inputs = (*inputs, return_indices or wants, wants, *tail)
     if hidden.is_meta or torch.compiler.is_compiling():
         if backend == "triton" and _traced is not None and _traced.ENABLED and not hidden.is_meta:
             # The kernels' launches go into the compiled graph (a packed call that must check its
@@ -631,10 +634,10 @@ def packed_pool_forward(
     return_indices: bool = False,
 ) -> Outputs:
     """``pool_forward`` for a packed batch: hidden (N, d), cu_seqlens (S + 1,), max_seqlen (-1: unknown)."""
-    inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps), max_seqlen, check_offsets)
+    inputs = (hidden, cu_seqlens, weights, modes, backend, float(normalize_eps))
     return _run(
         packed_pool_fwd, PackedPoolFunction, PackedPoolFunctionForTransforms, packed_forward_impl, inputs,
-        return_indices,
+        return_indices, (max_seqlen, check_offsets),
     )  # fmt: skip
 
 
