@@ -117,6 +117,11 @@ def forward_impl(
     ``lean``: only out and argmax will be read (an inference call); ``share_empty``: absent outputs
     may be shared zero-size tensors (not returned by a custom op)."""
     if backend == "torch":
+        if lean and (modes == "cls" or modes == "last") and normalize_eps < 0 and not track_positions:
+            # Only out is read: the selection without the row statistics a backward would need.
+            out = eager.select_rows(hidden, mask, modes)
+            unread = out.new_empty((0,))
+            return out, unread, unread, unread, unread, unread, unread
         # Values-only max when neither indices nor a gradient are wanted (forward-mode AD on the eager
         # ops differentiates the max at its positions too).
         need_indices = track_positions or forward_ad._current_level >= 0

@@ -156,6 +156,42 @@ def test_values_only_max_has_the_bits_of_max_with_positions(device, dtype, layou
     assert index.shape == (4, 9) and no_index.shape == (4, 0)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float16], ids=str)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["cls", "last"])
+def test_lean_selection_has_the_bits_of_the_full_forward(device, name, layout, strided, mask_dtype):
+    # The inference path of a lone cls / last (select_rows, no row statistics) against the forward
+    # that keeps them for the backward: same bits, NaN padding ignored, zeros for an empty row,
+    # never a view of hidden; and the public call takes that path (no gradient wanted).
+    gen = torch.Generator().manual_seed(11)
+    B, T, d = 6, 37, 8
+    hidden = torch.randn(B, T, d, generator=gen)
+    mask = make_mask(layout, B, T, gen)
+    if mask is not None:
+        hidden = torch.where(mask[..., None], hidden, torch.tensor(float("nan")))
+        mask = mask.to(mask_dtype).to(device)
+    hidden = hidden.to(device)
+    if strided:  # (B * T, d) is not a view of this one: the advanced-indexing gather
+        hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    full, _, stats, _ = eager.pool_forward(hidden, mask, [name], need_indices=False)
+    lean = eager.select_rows(hidden, mask, name)
+    assert_same_bits(lean, full, layout)
+    assert lean.data_ptr() != hidden.data_ptr() and lean.is_contiguous()
+    empty = stats[0] == 0
+    assert bool((lean[empty] == 0).all()) and not bool(lean.isnan().any())
+    public = (fastpool.cls_pool if name == "cls" else fastpool.last_token_pool)(hidden, mask)
+    assert_same_bits(public, full, layout)
+
+
+@pytest.mark.parametrize("name", ["cls", "last"])
+def test_lean_selection_of_empty_shapes(device, name):
+    for B, T in ((0, 5), (3, 0), (0, 0)):
+        hidden = torch.randn(B, T, 4, device=device)
+        mask = torch.ones(B, T, dtype=torch.int64, device=device)
+        assert torch.equal(eager.select_rows(hidden, mask, name), torch.zeros(B, 4, device=device))
+
+
 @contextlib.contextmanager
 def threads(n: int):
     previous = torch.get_num_threads()
