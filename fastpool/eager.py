@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .eager_max import padded_max
+from .eager_max import padded_max, padded_sum_and_max
 from .eager_sums import feature_dots, padded_sum, row_tree_sum, tree_sum
 from .masks import real_tokens
 from .modes import mode_columns
@@ -256,11 +256,25 @@ def pool_forward(
             w, w_total = user_weights(weights, real, acc)
         return padded_sum(hidden, real, first, acc, w), w_total
 
+    plain_sum = lambda: padded_sum(hidden, real, first, acc)  # noqa: E731
+    maximum = lambda: padded_max(hidden, real, count, need_indices)  # noqa: E731
+    if (
+        "max" in modes
+        and ("mean" in modes or "mean_sqrt_len" in modes)
+        and not need_indices
+        and hidden.device.type == "cpu"
+        and hidden.dtype in (torch.float16, torch.bfloat16)
+    ):
+        # One read of 16-bit hidden for both: each chunk widened once, summed, then masked for max.
+        total, values = padded_sum_and_max(hidden, real, count)
+        positions = torch.empty((B, 0), dtype=torch.int32, device=hidden.device)
+        plain_sum, maximum = (lambda: total), (lambda: (values, positions))  # noqa: E731
+
     return assemble_modes(
         modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: padded_sum(hidden, real, first, acc),
+        plain_sum=plain_sum,
         weighted_sum=weighted,
-        maximum=lambda: padded_max(hidden, real, count, need_indices),
+        maximum=maximum,
         gather=lambda position: _gather(hidden, position, any_empty),
     )  # fmt: skip
 

@@ -156,6 +156,36 @@ def test_values_only_max_has_the_bits_of_max_with_positions(device, dtype, layou
     assert index.shape == (4, 9) and no_index.shape == (4, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_pass_sum_and_max_has_the_bits_of_two_passes(dtype, layout, monkeypatch):
+    # 16-bit mean + max on the CPU without positions: one widened pass for both (padded_sum_and_max),
+    # against the sum and the max computed apart, over many small chunks (so that chunk edges, runs of
+    # full chunks and chunks with padding all occur), with +inf and NaN in the padding.
+    from fastpool import eager_max
+
+    monkeypatch.setattr(eager_max, "_CHUNK_BYTES", 4 * 16 * 9 * 4)  # 16 tokens of 4 rows per chunk
+    gen = torch.Generator().manual_seed(21)
+    B, T, d = 4, 150, 9
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    mask = make_mask(layout, B, T, gen)
+    if mask is not None:
+        # Per row: padding of a large finite value (wins unless masked), +inf, NaN, or a mix.
+        kinds = torch.tensor([[100.0], [float("inf")], [float("nan")], [100.0]], dtype=dtype)
+        filler = kinds.view(B, 1, 1).expand(B, T, 1).clone()
+        filler[3, ::2] = float("inf")
+        hidden = torch.where(mask[..., None], hidden, filler)
+    real = eager.real_tokens(mask)
+    count = torch.full((B,), T) if real is None else real.sum(1)
+    first = torch.zeros(B, dtype=torch.int64) if real is None else real.view(torch.uint8).argmax(1)
+    total, values = eager_max.padded_sum_and_max(hidden, real, count)
+    assert_same_bits(total, eager_sums.padded_sum(hidden, real, first, torch.float32), layout)
+    assert_same_bits(values, eager_max.padded_max(hidden, real, count, False)[0], layout)
+    fused = eager.pool_forward(hidden, mask, ["mean", "max"], need_indices=False)[0]
+    apart = eager.pool_forward(hidden, mask, ["mean", "max"], need_indices=True)[0]
+    assert_same_bits(fused, apart, layout)
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float16], ids=str)
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("layout", LAYOUTS)
