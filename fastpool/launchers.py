@@ -318,9 +318,11 @@ class RepeatCall:
 
     def launch(self, hidden, mask, weights, normalize_eps: float) -> tuple:
         plan = self.plan
-        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        # Sizes as separate ints: a tuple makes torch's argument parser try it as an int first and
+        # format a TypeError (~3.5k host instructions an allocation). out has hidden's dtype.
+        out = hidden.new_empty(*self.shape)
         argmax = (
-            torch.empty(self.argmax_shape, dtype=torch.int32, device=self.device)
+            torch.empty(*self.argmax_shape, dtype=torch.int32, device=self.device)
             if self.argmax_shape
             else None
         )
@@ -330,7 +332,7 @@ class RepeatCall:
         stats = (
             placeholder_int
             if self.lean
-            else torch.empty(self.stats.shape, dtype=torch.int32, device=self.device)
+            else torch.empty(*self.stats.shape, dtype=torch.int32, device=self.device)
         )
         if mask is None:
             mask_arg = placeholder_int
@@ -420,7 +422,7 @@ class BackwardCall:
 
     __slots__ = (
         "shape", "dtype", "device", "grid", "key", "constexprs", "options", "slots", "tail", "ranks",
-        "launcher",
+        "launcher", "same_dtype",
     )  # fmt: skip
 
     def __init__(self, grad_out, mask, stats, T, dtype, modes, weights, prefix, cacheable: bool, trace=False):
@@ -428,6 +430,7 @@ class BackwardCall:
         B = stats.shape[1]
         d = grad_out.shape[1] // len(names)
         self.shape, self.dtype, self.device = (B, T, d), dtype, grad_out.device
+        self.same_dtype = grad_out.dtype == dtype
         self.grid = None
         self.launcher = traced(backward_launcher()) if trace else backward_launcher()
         if B * T * d == 0:
@@ -464,7 +467,11 @@ class BackwardCall:
         self.grid = (B * n_tblocks, check_feature_blocks(d, block_d), 1)
 
     def launch(self, grad_out, mask, argmax, stats, weights, wsum, prefix) -> torch.Tensor:
-        grad = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        # Sizes as separate ints (see RepeatCall.launch); grad_out's dtype is part of the cache key.
+        if self.same_dtype:
+            grad = grad_out.new_empty(*self.shape)
+        else:
+            grad = torch.empty(*self.shape, dtype=self.dtype, device=self.device)
         if self.grid is None:
             return grad
         dummy = placeholder(self.device, wsum.dtype) if weights is None else wsum

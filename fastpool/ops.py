@@ -340,7 +340,7 @@ def _packed_pool_bwd_fake(
     return grad_out.new_empty((N, grad_out.shape[1] // len(modes.split(","))), dtype=dtype)
 
 
-def _setup_context(ctx, inputs, output, slim: bool = False):
+def _setup_context(ctx, inputs, output):
     # Padded: (hidden, mask, weights, modes, backend, normalize_eps, track_positions, for_backward);
     # packed: the same with cu_seqlens in place of the mask, then max_seqlen and check_offsets.
     # Position 1 never takes a gradient.
@@ -353,17 +353,11 @@ def _setup_context(ctx, inputs, output, slim: bool = False):
     # the output and its norms only to undo a normalisation.
     weights_need_grad = weights is not None and ctx.needs_input_grad[2]
     normalized = normalize_eps >= 0
-    ctx.slim = slim
-    if slim:
-        # SlimPoolFunction: only out is an output, so the forward's other results are plain
-        # intermediates held by ctx (no saved-variable packing); the inputs are saved as usual.
-        ctx.save_for_backward(layout, weights, hidden if weights_need_grad else None)
-        ctx.kept = (argmax, stats, wsum, wmean, prefix)
-    else:
-        ctx.save_for_backward(
-            layout, weights, argmax, stats, hidden if weights_need_grad else None,
-            out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
-        )  # fmt: skip
+    ctx.slim = False  # the slim functions keep their own context (_slim_path)
+    ctx.save_for_backward(
+        layout, weights, argmax, stats, hidden if weights_need_grad else None,
+        out if normalized else None, norms if normalized else None, wsum, wmean, prefix,
+    )  # fmt: skip
     ctx.packed = bool(packed)
     ctx.max_seqlen = packed[0] if packed else -1
     ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
@@ -535,22 +529,45 @@ def _fast_path(implementation, name: str, doc: str, packed: bool) -> tuple[type,
     return plain, transformable
 
 
-def _slim_path(implementation, name: str) -> type:
+def _slim_path(implementation, name: str, packed: bool) -> type:
     """An autograd.Function with one output, ``out``: the common training call (first order, no
-    normalisation, no torch.func, no forward-mode AD). Autograd's bookkeeping grows with every output and
-    saved tensor (wrapping, version counters, unpacking), a large share of a small call's host cost, so
-    the forward's other results go back through ``box`` (a list, the last argument) and stay on ctx."""
+    normalisation, no torch.func, no forward-mode AD). Autograd's bookkeeping grows with every
+    argument, output and saved tensor (wrapping, version counters, unpacking), a large share of a
+    small call's host cost, so it takes five arguments (hidden, mask or cu_seqlens, weights, the
+    op's other arguments as one tuple ``spec``, and ``box``, a list through which the forward's
+    other results go back) and keeps everything but the three tensors on ctx in two tuples."""
 
-    def slim_forward(ctx, *args):
-        *inputs, box = args
-        output = implementation(*inputs, share_empty=True)
+    def slim_forward(ctx, hidden, layout, weights, spec, box):
+        output = implementation(hidden, layout, weights, *spec, share_empty=True)
         box.append(output)
-        _setup_context(ctx, inputs, output, slim=True)
-        ctx.direct = True
+        # hidden is kept only for the gradient of user weights (the hidden gradient never reads it).
+        keep_hidden = weights is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(layout, weights, hidden if keep_hidden else None)
+        # Not out: ctx holding its own output would be a reference cycle.
+        _, argmax, stats, _, wsum, wmean, prefix = output
+        ctx.kept = (argmax, stats, wsum, wmean, prefix)
+        ctx.spec = spec
+        ctx.T = hidden.shape[0] if packed else hidden.shape[1]  # tokens N when packed
+        ctx.dtype = hidden.dtype
         return output[0]
 
     def slim_backward(ctx, grad_out):
-        return (*_backward(ctx, grad_out, None, None, None), None)
+        if weights_or_graph(ctx):
+            return _slim_generic_backward(ctx, grad_out, packed)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        layout, weights, _ = ctx.saved_tensors
+        argmax, stats, wsum, _, prefix = ctx.kept
+        spec = ctx.spec
+        if packed:
+            grad = _packed_backward_impl(
+                grad_out, layout, weights, argmax, stats, wsum, ctx.T, ctx.dtype, spec[0], spec[1], spec[5]
+            )
+        else:
+            grad = _pool_backward_impl(
+                grad_out, layout, weights, argmax, stats, wsum, prefix, ctx.T, ctx.dtype, spec[0], spec[1]
+            )
+        return grad, None, None, None, None
 
     doc = f"Slim eager fast path of ``{name}``: one differentiable output, same implementation and backward."
     return type(
@@ -558,6 +575,23 @@ def _slim_path(implementation, name: str) -> type:
         (torch.autograd.Function,),
         {"forward": staticmethod(slim_forward), "backward": staticmethod(slim_backward), "__doc__": doc},
     )
+
+
+def weights_or_graph(ctx) -> bool:
+    """Whether a slim backward needs the general one: a gradient for user weights, or a backward
+    that is itself differentiated (create_graph=True) or transformed."""
+    return ctx.needs_input_grad[2] or torch.is_grad_enabled() or _functorch_active()
+
+
+def _slim_generic_backward(ctx, grad_out, packed: bool) -> tuple:
+    """A slim function's backward through ``_backward``, with ctx given the fields it reads."""
+    modes, backend, normalize_eps, _track, _for_backward, *tail = ctx.spec
+    ctx.slim, ctx.n_inputs = True, 3
+    ctx.packed, ctx.max_seqlen = packed, tail[0] if packed else -1
+    ctx.modes, ctx.backend, ctx.normalize_eps = modes, backend, normalize_eps
+    ctx.direct, ctx.traced = True, False
+    grads = _backward(ctx, grad_out, None, None, None)
+    return (*grads, None, None)
 
 
 PoolFunction, PoolFunctionForTransforms = _fast_path(
@@ -572,8 +606,18 @@ PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
     "Eager fast path of ``packed_pool_fwd`` (same implementation and backward).",
     packed=True,
 )
-SlimPoolFunction = _slim_path(forward_impl, "PoolFunction")
-SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction")
+SlimPoolFunction = _slim_path(forward_impl, "PoolFunction", packed=False)
+SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction", packed=True)
+
+# The slim functions' C entry point (autograd.Function's own base class): ``Function.apply`` adds a
+# Python layer that checks for torch.func transforms (``_run`` has, just before) and unwraps dead
+# functorch wrappers from every argument (done below for the three tensor arguments): ~11k host
+# instructions of a ~430k training call.
+_slim_apply = {
+    pool_fwd: super(torch.autograd.Function, SlimPoolFunction).apply,
+    packed_pool_fwd: super(torch.autograd.Function, SlimPackedPoolFunction).apply,
+}
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def _run(
@@ -607,7 +651,11 @@ def _run(
             return transformable.apply(*inputs)
         if inputs[5] < 0 and forward_ad._current_level < 0:
             box: list = []
-            out = (SlimPackedPoolFunction if op is packed_pool_fwd else SlimPoolFunction).apply(*inputs, box)
+            mask = inputs[1]
+            out = _slim_apply[op](
+                _unwrap_if_dead(hidden), None if mask is None else _unwrap_if_dead(mask), inputs[2] if
+                weights is None else _unwrap_if_dead(weights), inputs[3:], box
+            )  # fmt: skip
             return (out, *box[0][1:])
         return function.apply(*inputs)
     return implementation(*inputs, lean=True)
