@@ -163,7 +163,7 @@ def _row_groups(rows: int, per_row: int):
 
 
 def segment_max(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, need_indices: bool
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, need_indices: bool, seg: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
     segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d); an empty segment gives 0 and -1.
@@ -173,7 +173,7 @@ def segment_max(
     indices, the same pass reduces into blocks of ``_BLOCK`` tokens counted from each segment's
     start; the blocks, laid out (S, most blocks, d), give each segment's max and its first block
     holding it in one ``max``, and the first position is searched in that block only, as on the
-    padded path.
+    padded path. seg (N,) int64: the segment of every token, when the caller has it.
     """
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
@@ -184,7 +184,8 @@ def segment_max(
         return values, index
     begin = cu_seqlens[:-1].long()
     length = cu_seqlens[1:].long() - begin
-    seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
+    if seg is None:
+        seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
     if not need_indices:
         values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
         return canonical(values), index
