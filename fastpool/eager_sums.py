@@ -156,10 +156,10 @@ def segment_sum(
 
 def _plain(tensor: torch.Tensor) -> bool:
     """A CPU tensor whose values ATen reads directly: not under torch.func or forward-mode AD, no
-    gradient to record (the bag sums below have no derivative formulas the eager path relies on)."""
+    gradient to record (the eager path never differentiates through the bag sums below)."""
     return (
         type(tensor) is torch.Tensor
-        and not tensor.requires_grad
+        and not (tensor.requires_grad and torch.is_grad_enabled())
         and not _functorch.is_functorch_wrapped_tensor(tensor)
         and forward_ad._current_level < 0
     )
@@ -171,7 +171,8 @@ def _bag_sum(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     after the other in index order, so the bits are ``index_add_``'s (asserted by the tests), at
     about twice its speed (no sort of the destinations)."""
     index = torch.arange(hidden.shape[0], dtype=cu_seqlens.dtype)
-    return torch.embedding_bag(hidden, index, cu_seqlens[:-1], False, 0)[0]
+    # detach: a weight that requires grad sends embedding_bag to its training variant (4x slower).
+    return torch.embedding_bag(hidden.detach(), index, cu_seqlens[:-1], False, 0)[0]
 
 
 # Rows of 16-bit hidden widened to float32 per embedding_bag call: a cache-sized buffer.
