@@ -11,7 +11,8 @@ the thread count. So the sums over tokens here are built in an order fixed by ea
   a stable sort of the destinations then a sequential add per destination, or a sequential loop):
   the token order is the index order. Padding is sent to a spare row, so whatever it holds (NaN,
   inf) never meets a real token. One read of hidden, no temporary for float32 / float64 input and
-  a cache-sized float32 chunk for 16-bit input.
+  a cache-sized float32 chunk for 16-bit input. Packed plain sums use ``embedding_bag`` (``_bag_sum``),
+  which adds each bag's rows in that same order from +0.0: the same bits, about twice as fast.
 * Other devices, where ``index_add_`` uses atomics (``padded_lane_sum`` / ``segment_lane_sum``):
   ``LANES`` accumulators per row and feature; the row's r-th token (counted from its first real
   token) is added to lane ``r % LANES`` in token order, then the lanes are added in a fixed
