@@ -10,6 +10,7 @@ Nothing allocates a (B, T, d) temporary: padded chunks are bounded to ``_CHUNK_B
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # A padded chunk of hidden (rows x tokens x d) handled by one op: cache-sized.
@@ -221,7 +222,11 @@ def _row_groups(rows: int, per_row: int):
 
 
 def segment_max(
-    hidden: torch.Tensor, cu_seqlens: torch.Tensor, need_indices: bool
+    hidden: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    need_indices: bool,
+    seg: torch.Tensor | None = None,
+    host: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values (S, d) in hidden's dtype, global token indices (S, d) int32) of the max over each
     segment ``hidden[cu[s] : cu[s + 1]]`` of hidden (N, d); an empty segment gives 0 and -1.
@@ -231,7 +236,8 @@ def segment_max(
     indices, the same pass reduces into blocks of ``_BLOCK`` tokens counted from each segment's
     start; the blocks, laid out (S, most blocks, d), give each segment's max and its first block
     holding it in one ``max``, and the first position is searched in that block only, as on the
-    padded path.
+    padded path. seg (N,) int64 and host (S + 1,): the segment of every token and the offsets read
+    in place (``packed.host_offsets``), when the caller has them (CPU).
     """
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
@@ -240,9 +246,20 @@ def segment_max(
     index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
     if S == 0 or N == 0 or d == 0:
         return values, index
+    if not need_indices and seg is not None and host is not None:
+        # Few ops (host cost): from -inf, include_self=True skips scatter_reduce's own initialising
+        # pass; empty segments (known on the host) are zeroed; made canonical in place.
+        values = torch.full((S, d), float("-inf"), dtype=hidden.dtype)
+        values.scatter_reduce_(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=True)
+        empty = host[1:] == host[:-1]
+        if empty.any():
+            values.masked_fill_(torch.from_numpy(empty).unsqueeze(1), 0.0)
+        values.masked_fill_(values == 0, 0.0)
+        return values.masked_fill_(values.isnan(), float("nan")), index
     begin = cu_seqlens[:-1].long()
     length = cu_seqlens[1:].long() - begin
-    seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
+    if seg is None:
+        seg = torch.repeat_interleave(torch.arange(S, device=device), length, output_size=N)
     if not need_indices:
         values = values.scatter_reduce(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
         return canonical(values), index

@@ -12,23 +12,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes
 from .eager_max import segment_max
 from .eager_sums import feature_dots, segment_sum, segment_tree_sum
 from .modes import mode_columns
+from .packed import host_offsets
 
 
-def segment_ids(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
-    """(N,) int64: the segment of every token (offsets assumed well formed)."""
+def segment_ids(cu_seqlens: torch.Tensor, N: int, host: np.ndarray | None = None) -> torch.Tensor:
+    """(N,) int64: the segment of every token (offsets assumed well formed). ``host``: the offsets
+    read in place (``packed.host_offsets``), which builds it with one NumPy op."""
+    if host is None:
+        host = host_offsets(cu_seqlens)
+    if host is not None:
+        return torch.from_numpy(np.repeat(np.arange(host.shape[0] - 1), np.diff(host)))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S = lengths.shape[0]
     return torch.repeat_interleave(torch.arange(S, device=cu_seqlens.device), lengths, output_size=N)
 
 
-def packed_stats(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def packed_stats(cu_seqlens: torch.Tensor, host: np.ndarray | None = None) -> torch.Tensor:
     """(3, S) int32: length, first and last token index of each segment (-1 when empty)."""
+    if host is None:
+        host = host_offsets(cu_seqlens)
+    if host is not None:
+        # Offsets are at most MAX_SEQUENCE_LENGTH < 2**31: int32 holds them and their differences.
+        cu = host.astype(np.int32, copy=False)
+        stats = np.empty((3, cu.shape[0] - 1), dtype=np.int32)
+        np.subtract(cu[1:], cu[:-1], out=stats[0])
+        stats[1] = cu[:-1]
+        np.subtract(cu[1:], 1, out=stats[2])
+        stats[1:, stats[0] == 0] = -1
+        return torch.from_numpy(stats)
     begin, end = cu_seqlens[:-1], cu_seqlens[1:]
     stats = torch.stack([end - begin, begin, end - 1]).to(torch.int32)
     positions = torch.arange(3, device=stats.device).unsqueeze(1) > 0  # first and last, not the count
@@ -78,18 +96,34 @@ def pool_forward(
     """
     N = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    stats = packed_stats(cu_seqlens)
+    # CPU offsets are read in place once; the statistics and segment ids come from them on the host.
+    host = host_offsets(cu_seqlens)
+    stats = packed_stats(cu_seqlens, host)
+    if host is not None and normalize_eps < 0 and len(modes) == 1 and modes[0] == "mean":
+        # assemble_modes' arithmetic with the divisors built on the host (fewer small ops per call).
+        total = segment_sum(hidden, cu_seqlens, acc)
+        count = np.maximum(stats.numpy()[0], 1).astype(np.float64 if acc == torch.float64 else np.float32)
+        out = total.div_(torch.from_numpy(count).unsqueeze(1)).to(hidden.dtype)
+        return out, torch.empty((stats.shape[1], 0), dtype=torch.int32), stats, torch.empty(0, dtype=acc)
+    segments: list[torch.Tensor] = []
+
+    def seg() -> torch.Tensor | None:
+        if host is None:
+            return None
+        if not segments:
+            segments.append(segment_ids(cu_seqlens, N, host))
+        return segments[0]
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
-        seg = segment_ids(cu_seqlens, N)
-        w, w_total = token_weights(cu_seqlens, seg, weights, acc)
-        return segment_sum(hidden, cu_seqlens, acc, w), w_total
+        ids = segment_ids(cu_seqlens, N, host) if host is None else seg()
+        w, w_total = token_weights(cu_seqlens, ids, weights, acc)
+        return segment_sum(hidden, cu_seqlens, acc, w, ids), w_total
 
     return assemble_modes(
         modes, stats, hidden.dtype, normalize_eps,
-        plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc),
+        plain_sum=lambda: segment_sum(hidden, cu_seqlens, acc, None, seg()),
         weighted_sum=weighted,
-        maximum=lambda: segment_max(hidden, cu_seqlens, need_indices),
+        maximum=lambda: segment_max(hidden, cu_seqlens, need_indices, seg(), host),
         gather=lambda position: _gather(hidden, position),
     )  # fmt: skip
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch._C import _functorch
 
 from . import transforms
 from .limits import FLOAT_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
@@ -117,24 +119,43 @@ def _unwrap_weights(
     return weights
 
 
+def host_offsets(cu_seqlens: torch.Tensor) -> np.ndarray | None:
+    """The offsets' values as a NumPy array sharing their memory (no copy, a microsecond) when they
+    are a plain CPU tensor; None for any other device, meta / fake tensors and torch.func wrappers
+    (whose values cannot be read that way)."""
+    if (
+        cu_seqlens.device.type != "cpu"
+        or type(cu_seqlens) is not torch.Tensor
+        or _functorch.is_functorch_wrapped_tensor(cu_seqlens)
+    ):
+        return None
+    return cu_seqlens.numpy()  # integers never require grad
+
+
 def check_offsets(cu_seqlens: torch.Tensor, N: int) -> int:
     """Raise ValueError unless cu_seqlens starts at 0, ends at N and never decreases; return the
-    longest segment. Reads the offsets on the host (one device-to-host copy)."""
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    longest segment. Reads the offsets on the host: in place on the CPU, one device-to-host copy
+    elsewhere; the checks are a few NumPy operations whatever S."""
+    cu = host_offsets(cu_seqlens)
+    if cu is None:
+        cu = cu_seqlens.detach().to("cpu").numpy()
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
     if int(cu[-1]) != N:
         raise ValueError(
             f"cu_seqlens: expected cu_seqlens[-1] == N == {N} (tokens in hidden), got {int(cu[-1])}"
         )
-    lengths = cu[1:] - cu[:-1]
-    if lengths.numel() and int(lengths.min()) < 0:
-        i = int(torch.nonzero(lengths < 0)[0])
+    if cu.shape[0] == 1:
+        return 0
+    # int64: a difference of two int32 offsets can overflow int32 when they are malformed.
+    lengths = np.diff(cu.astype(np.int64, copy=False))
+    if lengths.min() < 0:
+        i = int(np.argmax(lengths < 0))
         raise ValueError(
             f"cu_seqlens: expected non-decreasing offsets, got cu_seqlens[{i + 1}] = {int(cu[i + 1])} "
             f"< cu_seqlens[{i}] = {int(cu[i])}"
         )
-    return int(lengths.max()) if lengths.numel() else 0
+    return int(lengths.max())
 
 
 def validate_packed(

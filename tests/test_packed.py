@@ -441,3 +441,33 @@ def test_fullgraph_compile_matches_eager_without_recompiling_per_shape(device, b
             torch.testing.assert_close(loss, ref)
             torch.testing.assert_close(grads, torch.autograd.grad(ref, (hidden, weights)))
     assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk_bytes", [64, 700, 2**21])
+def test_eager_packed_mean_has_the_padded_bits_across_widening_chunks(monkeypatch, dtype, chunk_bytes):
+    """The CPU bag sums (embedding_bag; 16-bit input widened in chunks, a segment that spans chunks
+    carried over as its running sum) give the padded path's bits (index_add_, token order)."""
+    from fastpool import eager_sums
+
+    monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(7)
+    lengths = [0, 37, 1, 0, 64, 5, 90, 0]
+    cu = offsets(lengths)
+    d = 13
+    scale = torch.exp(3 * torch.randn(int(cu[-1]), 1, generator=gen))
+    hidden = (torch.randn(int(cu[-1]), d, generator=gen) * scale).to(dtype)
+    hidden[40, 3] = float("nan")
+    padded = torch.full((len(lengths), max(lengths), d), float("inf"), dtype=dtype)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        padded[s, : b - a], mask[s, : b - a] = hidden[a:b], True
+    with fastpool.use_backend("torch"):
+        for tokens in (hidden, hidden.t().contiguous().t()):  # contiguous and strided rows
+            packed_out = fastpool.mean_pool(tokens, cu_seqlens=cu)
+            assert torch.equal(packed_out.isnan(), fastpool.mean_pool(padded, mask).isnan())
+            assert torch.equal(packed_out.nan_to_num(), fastpool.mean_pool(padded, mask).nan_to_num())
+            seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            total = torch.zeros(len(lengths), d).index_add_(0, seg, hidden.float())
+            expected = (total / torch.tensor(lengths).clamp(min=1).float().unsqueeze(1)).to(dtype)
+            assert torch.equal(packed_out.nan_to_num(), expected.nan_to_num())
