@@ -211,10 +211,48 @@ def _bag_sum_widened(hidden: torch.Tensor, cu: np.ndarray, acc: torch.dtype) -> 
     return out
 
 
+def _bag_padded_sum(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, d) float32 sums over each row's real tokens of hidden (B, T, d) on the CPU by
+    ``embedding_bag`` (one bag per row: its real tokens' flat indices, in token order), with
+    ``index_add_``'s bits (see ``_bag_sum``); None where this path does not apply (a row of more than
+    ``_BAG_CHUNK_BYTES`` in float32, or a float32 hidden that is not contiguous). Rows are widened
+    to float32 a cache-sized group at a time into one reused buffer (16-bit input); a contiguous
+    float32 hidden is read in place."""
+    B, T, d = hidden.shape
+    row_bytes = T * d * 4
+    in_place = hidden.dtype == torch.float32
+    if (in_place and not hidden.is_contiguous()) or (not in_place and row_bytes > _BAG_CHUNK_BYTES):
+        return None
+    if real is None:
+        flat = torch.arange(B * T)
+        starts = torch.arange(0, B * T + 1, T)
+    else:
+        flat = real.reshape(-1).nonzero().squeeze(1)
+        starts = torch.zeros(B + 1, dtype=torch.int64)
+        torch.cumsum(real.sum(1), 0, out=starts[1:])
+    if in_place:
+        return torch.embedding_bag(hidden.detach().view(B * T, d), flat, starts[:-1], False, 0)[0]
+    bound = starts.tolist()
+    rows = max(1, _BAG_CHUNK_BYTES // row_bytes)
+    out = torch.empty((B, d), dtype=torch.float32)
+    buffer = torch.empty((min(rows, B) * T, d), dtype=torch.float32)
+    for b0 in range(0, B, rows):
+        b1 = min(B, b0 + rows)
+        n = (b1 - b0) * T
+        buffer[:n].view(b1 - b0, T, d).copy_(hidden[b0:b1])
+        index = flat[bound[b0] : bound[b1]] - b0 * T
+        out[b0:b1] = torch.embedding_bag(buffer[:n], index, starts[b0:b1] - bound[b0], False, 0)[0]
+    return out
+
+
 def _sequential_padded_sum(hidden, real, acc, weights) -> torch.Tensor:
     B, T, d = hidden.shape
     if B == 0 or T == 0 or d == 0:
         return torch.zeros((B, d), dtype=acc, device=hidden.device)
+    if weights is None and acc == torch.float32 and _plain(hidden) and (real is None or _plain(real)):
+        bagged = _bag_padded_sum(hidden, real)
+        if bagged is not None:
+            return bagged
     rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)
     # Padding goes to the spare row B: it never meets a real token.
     dest = rows if real is None else torch.where(real, rows, B)

@@ -156,6 +156,32 @@ def test_values_only_max_has_the_bits_of_max_with_positions(device, dtype, layou
     assert index.shape == (4, 9) and no_index.shape == (4, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bagged_padded_sums_have_the_bits_of_index_add(dtype, layout, monkeypatch):
+    # Padded plain sums on the CPU go through embedding_bag (rows widened a few at a time into one
+    # buffer): against index_add_ into a spare row, the documented sequential order, with groups of
+    # 3 rows per buffer, NaN in the padding, empty rows; and the fallback for rows over the buffer.
+    monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", 3 * 40 * 6 * 4)
+    gen = torch.Generator().manual_seed(31)
+    B, T, d = 7, 40, 6
+    hidden = (torch.randn(B, T, d, generator=gen) * 1e3).to(dtype)
+    mask = make_mask(layout, B, T, gen)
+    if mask is not None:
+        hidden = torch.where(mask[..., None], hidden, torch.tensor(float("nan"), dtype=dtype))
+    real = eager.real_tokens(mask)
+    dest = torch.arange(B).unsqueeze(1).expand(B, T)
+    if real is not None:
+        dest = torch.where(real, dest, B)
+    expected = torch.zeros(B + 1, d).index_add_(0, dest.reshape(-1), hidden.reshape(-1, d).float())[:B]
+    first = torch.zeros(B, dtype=torch.int64)
+    assert_same_bits(eager_sums.padded_sum(hidden, real, first, torch.float32), expected, layout)
+    monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", 16)  # a row is larger: index_add_ itself
+    assert_same_bits(eager_sums.padded_sum(hidden, real, first, torch.float32), expected, layout)
+    strided = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # float32: not read in place
+    assert_same_bits(eager_sums.padded_sum(strided, real, first, torch.float32), expected, layout)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_pass_sum_and_max_has_the_bits_of_two_passes(dtype, layout, monkeypatch):
