@@ -179,9 +179,11 @@ def select_rows(hidden: torch.Tensor, mask: torch.Tensor | None, name: str) -> t
     if mask is None:
         return hidden[:, 0 if name == "cls" else T - 1].clone(memory_format=torch.contiguous_format)
     flags = real_tokens(mask).view(torch.uint8)
-    if name == "cls" and bool(flags[:, 0].all()):
-        # Every row starts with a real token (no left padding, no hole at 0): one strided copy.
-        return hidden[:, 0].clone(memory_format=torch.contiguous_format)
+    edge = 0 if name == "cls" else T - 1
+    if bool(flags[:, edge].all()):
+        # Every row has a real token at that end (cls: no left padding; last: no right padding, as
+        # decoder batches are usually left-padded): one strided copy.
+        return hidden[:, edge].clone(memory_format=torch.contiguous_format)
     # max returns the first of equal maxima: the first real position and whether there is one
     # (from the end for last: the flipped row's first is the last).
     found, position = (flags if name == "cls" else flags.flip(1)).max(1)
