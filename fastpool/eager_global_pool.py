@@ -79,7 +79,11 @@ def global_pool_forward(
     pieces = []
     argmax = torch.empty((B, 0), dtype=torch.int32, device=x.device)
     for mode in modes:
-        if mode == "mean":
+        if mode == "mean" and x.dtype == acc and S and x.device.type == "cpu":
+            # One op: torch's CPU mean is this very sum divided by S (same bits; CUDA's multiplies
+            # by 1 / S instead).
+            pieces.append(x.mean(tuple(range(2, x.dim()))))
+        elif mode == "mean":
             pieces.append((_spatial_sum(x, acc) / S if S else x.new_full((B, C), math.nan)).to(x.dtype))
         elif S == 0 or x.numel() == 0:
             pieces.append(x.new_full((B, C), math.nan))
