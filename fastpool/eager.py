@@ -388,6 +388,16 @@ def pool_backward(
     sparse = [(n, pos) for n, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if n in modes]
     if not sparse:
         return grad
+    if share is None and w is None and len(sparse) == 1 and sparse[0][0] != "max":
+        # A lone cls / last: one position per row, (B,) index work; an empty row (-1) writes 0 at 0.
+        name, position = sparse[0][0], sparse[0][1].long()
+        value = grad_out[:, cols[name] : cols[name] + d].to(dtype)
+        kept = position >= 0
+        # On the CPU a check is cheaper than the (B, d) select it saves; elsewhere no host sync.
+        if device.type != "cpu" or not bool(kept.all()):
+            value = torch.where(kept.unsqueeze(1), value, torch.zeros((), dtype=dtype, device=device))
+        grad[torch.arange(B, device=device), position.clamp(min=0)] = value
+        return grad
     # (B, d) positions of each sparse mode's gradient (cls / last: one position per row).
     targets = {name: (pos if name == "max" else pos.unsqueeze(1).expand(B, d)).long() for name, pos in sparse}
     if share is None and w is None and len(sparse) == 1:
