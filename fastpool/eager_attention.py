@@ -80,7 +80,11 @@ def attention_pool_backward(
     # hidden is read as it is (no masked copy).
     # As (1, dh) x (dh, T) products per row and head: ATen's einsum picks (T, dh) x (dh, 1), a
     # matrix-vector batch that ran ~4x slower on the CPU (7 ms against 1.5 ms at 32x256x768).
-    x_t = _head_view(hidden, H, p.dtype).permute(0, 2, 3, 1)  # (B, H, dh, T), a view
+    # A differentiated backward (create_graph=True) reads weight-0 tokens zeroed: its own backward
+    # multiplies them by a zero gradient, and 0 * NaN (padding holding inf / NaN) would reach the
+    # second-order gradients of every token through the softmax.
+    x = _heads(hidden, H, p) if torch.is_grad_enabled() else _head_view(hidden, H, p.dtype)
+    x_t = x.permute(0, 2, 3, 1)  # (B, H, dh, T), a view
     g_dot_x = torch.matmul(g.unsqueeze(2), x_t).squeeze(2).transpose(1, 2)  # (B, T, H)
     grad_scores = p * (g_dot_x - (g * o).sum(-1)[:, None, :])
     grad_scores = torch.where(p > 0, grad_scores, 0.0)
