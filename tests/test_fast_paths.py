@@ -162,3 +162,129 @@ def test_attention_second_order_ignores_garbage_padding(filler):
         torch.testing.assert_close(got, clean, rtol=1e-12, atol=1e-12, msg=name)
     expected = oracle.attention(to_numpy(dirty), to_numpy(scores), np_mask(mask))
     torch.testing.assert_close(results[1][0], torch.from_numpy(expected), **for_mode("mean", torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_keeps_its_precision_under_autocast(dtype):
+    # The eager weighted sum and g . x are matmuls: CPU autocast ran them in bfloat16 (found: an error
+    # of 1.5e-3 at 2x50x8 float32, where the result is documented as computed in float32). Same bits
+    # with and without autocast, forward and backward.
+    gen = torch.Generator().manual_seed(6)
+    B, T, d, H = 2, 50, 8, 2
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    scores = torch.randn(B, T, H, generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.7
+    expected = _attention_grads(hidden, scores, mask, create_graph=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _attention_grads(hidden, scores, mask, create_graph=False)
+    assert_same_bits(got[0], expected[0], "out")
+    for name, a, b in zip(("grad hidden", "grad scores"), got[3], expected[3]):
+        assert_same_bits(a, b, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_attention_garbage_padding_and_empty_rows(dtype):
+    # Padding (finite, NaN, inf) never shows in the bits; an empty row and an all -inf head are +0.0;
+    # a row pooled alone has the bits it has in the batch.
+    gen = torch.Generator().manual_seed(4)
+    B, T, d, H = 4, 9, 6, 3
+    hidden = (torch.randn(B, T, d, generator=gen) - 3).to(dtype)
+    scores = torch.randn(B, T, H, generator=gen)
+    real = torch.rand(B, T, generator=gen) < 0.6
+    real[2], real[0] = False, True
+    scores[1, :, 1] = -INF
+    clean = fastpool.attention_pool(torch.where(real[..., None], hidden, 0), scores, real)
+    for filler in (-5.0, NAN, INF):
+        dirty = torch.where(real[..., None], hidden, torch.tensor(filler, dtype=dtype))
+        out = fastpool.attention_pool(dirty, scores, real)
+        assert_same_bits(out, clean, f"filler {filler}")
+        for b in range(B):
+            assert_same_bits(fastpool.attention_pool(dirty[b : b + 1], scores[b : b + 1], real[b : b + 1])[0],
+                             out[b], f"row {b}")  # fmt: skip
+    assert torch.equal(clean[2].view(-1).float().abs().sum(), torch.tensor(0.0))
+    assert not torch.signbit(clean[2]).any() and not torch.signbit(clean[1, 2:4]).any()
+    expected = oracle.attention(to_numpy(hidden), to_numpy(scores), np_mask(real))
+    torch.testing.assert_close(clean, torch.from_numpy(expected).to(dtype), **for_mode("mean", dtype))
+
+
+# --- 2. 16-bit max and mean + max without positions --------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_values_only_max_has_the_bits_of_the_general_path(dtype, layout, monkeypatch):
+    # Many small chunks (chunk edges, full runs, chunks with padding), NaN / -inf / -0.0 in real
+    # tokens, NaN / +inf / -inf / huge values in the padding, three memory layouts, float and bool
+    # masks, 1 and 3 threads: the values-only paths give the bits of the forward with positions.
+    monkeypatch.setattr(eager_max, "_CHUNK_BYTES", 4 * 16 * 5 * 4)
+    gen = torch.Generator().manual_seed(len(layout))
+    B, T, d = 4, 37, 5
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    hidden[0, 3, :] = NAN
+    hidden[1, :, 0] = -0.0
+    hidden[2, :, 2] = -INF
+    real = make_real(layout, B, T, gen)
+    dirty = garbage_padding(hidden, real)
+    for what, h in layouts_of(dirty).items():
+        if what == "sliced-strided":
+            continue  # its NaN border is not padding of the mask below
+        for mask in (real, as_mask(real, torch.float16, gen), None if layout == "full" else real):
+            for modes in (["max"], ["mean", "max"], ["max", "mean_sqrt_len"], ["mean", "max", "mean_sqrt_len"]):
+                expected = eager.pool_forward(h, mask, modes, need_indices=True)[0]
+                for n in (1, 3):
+                    with threads(n), torch.no_grad():
+                        got = fastpool.pool(h, mask, mode=modes)
+                    assert_same_bits(got, expected, f"{what} {modes} threads={n}")
+        values, _ = oracle.max_with_index(to_numpy(dirty), np_mask(real))
+        got = fastpool.max_pool(h, real)
+        torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
+
+
+# --- 3. sums by embedding_bag -------------------------------------------------------------------
+
+
+def _index_add_rows(tokens: torch.Tensor, dest: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.zeros(rows, tokens.shape[-1]).index_add_(0, dest, tokens.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_bytes", [16, 3 * 4 * 4, 2**21])
+def test_bag_sums_have_the_bits_of_index_add(dtype, chunk_bytes, monkeypatch):
+    # Packed: empty sequences first, between and last, a segment carried across many tiny chunks,
+    # -0.0 tokens (a running sum from +0.0 is never -0.0), int32 / int64 and strided offsets.
+    # Padded: float masks with -0.0, a transposed mask, empty rows, mask None. 1 and 3 threads.
+    monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(chunk_bytes)
+    cu = torch.tensor([0, 0, 1, 1, 5, 9, 9, 10, 17, 17])
+    N, d = 17, 4
+    hidden = (torch.randn(N, d, generator=gen) * 100).to(dtype)
+    hidden[0], hidden[9] = -0.0, -0.0
+    expected = _index_add_rows(hidden, torch.repeat_interleave(torch.arange(9), cu.diff()), 9)
+    spaced = torch.stack([cu, torch.full_like(cu, 99)], 1).view(-1)[::2]  # a non-contiguous view
+    for offsets in (cu, cu.int(), spaced, spaced.int()):
+        for n in (1, 3):
+            with threads(n):
+                assert_same_bits(eager_sums.segment_sum(hidden, offsets, torch.float32), expected, "packed")
+                out = fastpool.mean_pool(hidden, cu_seqlens=offsets)
+            counts = cu.diff().clamp(min=1).unsqueeze(1).float()
+            assert_same_bits(out, (expected / counts).to(dtype), f"mean {offsets.dtype}")
+    strided = hidden.t().contiguous().t()
+    assert_same_bits(eager_sums.segment_sum(strided, cu, torch.float32), expected, "strided packed")
+
+    B, T = 5, 13
+    padded = (torch.randn(B, T, d, generator=gen) * 100).to(dtype)
+    padded[0] = -0.0
+    real = torch.rand(B, T, generator=gen) < 0.3
+    real[1], real[0, :2] = False, True
+    dest = torch.where(real, torch.arange(B)[:, None], B).reshape(-1)
+    expected = _index_add_rows(padded.reshape(-1, d), dest, B + 1)[:B]
+    every = _index_add_rows(padded.reshape(-1, d), torch.arange(B).repeat_interleave(T), B)
+    first = torch.zeros(B, dtype=torch.int64)
+    for mask, want in ((real, expected), (real.t().contiguous().t(), expected), (None, every)):
+        for n in (1, 3):
+            with threads(n):
+                assert_same_bits(eager_sums.padded_sum(padded, mask, first, torch.float32), want, "padded")
+    float_mask = torch.where(real, torch.tensor(NAN), torch.tensor(-0.0))
+    got = fastpool.pool(padded, float_mask, mode="mean_sqrt_len")
+    count = real.sum(1, keepdim=True).clamp(min=1).float()
+    assert_same_bits(got, (expected / count.sqrt()).to(dtype), "mean_sqrt_len, float mask")
