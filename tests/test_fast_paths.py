@@ -212,6 +212,9 @@ def test_attention_garbage_padding_and_empty_rows(dtype):
 # --- 2. 16-bit max and mean + max without positions --------------------------------------------
 
 
+MAX_MODES = (["max"], ["mean", "max"], ["max", "mean_sqrt_len"], ["mean", "max", "mean_sqrt_len"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_values_only_max_has_the_bits_of_the_general_path(dtype, layout, monkeypatch):
@@ -231,7 +234,7 @@ def test_values_only_max_has_the_bits_of_the_general_path(dtype, layout, monkeyp
         if what == "sliced-strided":
             continue  # its NaN border is not padding of the mask below
         for mask in (real, as_mask(real, torch.float16, gen), None if layout == "full" else real):
-            for modes in (["max"], ["mean", "max"], ["max", "mean_sqrt_len"], ["mean", "max", "mean_sqrt_len"]):  # noqa: E501
+            for modes in MAX_MODES:
                 expected = eager.pool_forward(h, mask, modes, need_indices=True)[0]
                 for n in (1, 3):
                     with threads(n), torch.no_grad():
@@ -429,8 +432,7 @@ def test_selection_of_expanded_and_inference_tensors(name):
     gen = torch.Generator().manual_seed(11)
     mask = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
     call = fastpool.cls_pool if name == "cls" else fastpool.last_token_pool
-    expanded = (torch.randn(1, 4, 3, generator=gen).expand(3, 4, 3), torch.randn(3, generator=gen).expand(3, 4, 3))
-    for hidden in expanded:
+    for hidden in (torch.randn(1, 4, 3, generator=gen).expand(3, 4, 3), torch.randn(3).expand(3, 4, 3)):
         expected = eager.pool_forward(hidden, mask, [name])[0]
         with torch.no_grad():
             assert_same_bits(call(hidden.clone().requires_grad_(), mask), expected, "no_grad")
