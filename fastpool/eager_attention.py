@@ -9,6 +9,8 @@ Everything is computed in hidden's accumulation dtype (float64 for float64 hidde
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .eager import accumulation_dtype
@@ -29,6 +31,15 @@ def _weights(
     total = e.sum(dim=1)
     p = torch.where(total[:, None, :] > 0, e / torch.where(total > 0, total, 1.0)[:, None, :], 0.0)
     return p, m, total
+
+
+def _full_precision(hidden: torch.Tensor):
+    """A context without autocast on hidden's device: the weighted sums and g . x below are matmuls,
+    which autocast would run in 16 bits (the semantics say the accumulation dtype)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _heads(hidden: torch.Tensor, H: int, p: torch.Tensor) -> torch.Tensor:
@@ -53,12 +64,13 @@ def attention_pool_forward(
     B, T, d = hidden.shape
     H = scores.shape[2]
     p, m, total = _weights(scores, mask, accumulation_dtype(hidden.dtype))
-    out = torch.einsum("bth,bthk->bhk", p, _head_view(hidden, H, p.dtype)).reshape(B, d)
-    redo = ~torch.isfinite(out).all(1)
-    if bool(redo.any()):
-        rows = redo.nonzero().squeeze(1)
-        again = torch.einsum("bth,bthk->bhk", p[rows], _heads(hidden[rows], H, p[rows])).reshape(-1, d)
-        out = out.index_put((rows,), again)
+    with _full_precision(hidden):
+        out = torch.einsum("bth,bthk->bhk", p, _head_view(hidden, H, p.dtype)).reshape(B, d)
+        redo = ~torch.isfinite(out).all(1)
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(1)
+            again = torch.einsum("bth,bthk->bhk", p[rows], _heads(hidden[rows], H, p[rows])).reshape(-1, d)
+            out = out.index_put((rows,), again)
     return out.to(hidden.dtype), m, total
 
 
@@ -80,8 +92,13 @@ def attention_pool_backward(
     # hidden is read as it is (no masked copy).
     # As (1, dh) x (dh, T) products per row and head: ATen's einsum picks (T, dh) x (dh, 1), a
     # matrix-vector batch that ran ~4x slower on the CPU (7 ms against 1.5 ms at 32x256x768).
-    x_t = _head_view(hidden, H, p.dtype).permute(0, 2, 3, 1)  # (B, H, dh, T), a view
-    g_dot_x = torch.matmul(g.unsqueeze(2), x_t).squeeze(2).transpose(1, 2)  # (B, T, H)
+    # A differentiated backward (create_graph=True) reads weight-0 tokens zeroed: its own backward
+    # multiplies them by a zero gradient, and 0 * NaN (padding holding inf / NaN) would reach the
+    # second-order gradients of every token through the softmax.
+    x = _heads(hidden, H, p) if torch.is_grad_enabled() else _head_view(hidden, H, p.dtype)
+    x_t = x.permute(0, 2, 3, 1)  # (B, H, dh, T), a view
+    with _full_precision(hidden):
+        g_dot_x = torch.matmul(g.unsqueeze(2), x_t).squeeze(2).transpose(1, 2)  # (B, T, H)
     grad_scores = p * (g_dot_x - (g * o).sum(-1)[:, None, :])
     grad_scores = torch.where(p > 0, grad_scores, 0.0)
     return grad_hidden.to(hidden.dtype), grad_scores.to(scores.dtype)
