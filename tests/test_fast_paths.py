@@ -21,7 +21,7 @@ from test_batch_invariance import assert_same_bits
 from tolerances import EXACT, for_mode
 
 import fastpool
-from fastpool import eager, eager_attention, eager_max, eager_packed, eager_sums, packed
+from fastpool import eager, eager_max, eager_sums, packed
 
 pytestmark = pytest.mark.usefixtures("cpu_torch_backend")
 
@@ -159,7 +159,8 @@ def test_attention_second_order_ignores_garbage_padding(filler):
         out, leaf_h, leaf_s, (gh, gs) = _attention_grads(h, scores, mask, create_graph=True)
         second = torch.autograd.grad(gh.sum() + (gs * gs).sum(), (leaf_h, leaf_s))
         results.append((out, gh, gs, *second))
-    for name, clean, got in zip(("out", "grad hidden", "grad scores", "2nd hidden", "2nd scores"), *results):
+    names = ("out", "grad hidden", "grad scores", "2nd hidden", "2nd scores")
+    for name, clean, got in zip(names, *results, strict=True):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got, clean, rtol=1e-12, atol=1e-12, msg=name)
     expected = oracle.attention(to_numpy(dirty), to_numpy(scores), np_mask(mask))
@@ -180,7 +181,7 @@ def test_attention_keeps_its_precision_under_autocast(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = _attention_grads(hidden, scores, mask, create_graph=False)
     assert_same_bits(got[0], expected[0], "out")
-    for name, a, b in zip(("grad hidden", "grad scores"), got[3], expected[3]):
+    for name, a, b in zip(("grad hidden", "grad scores"), got[3], expected[3], strict=True):
         assert_same_bits(a, b, name)
 
 
