@@ -53,6 +53,21 @@ def _head_view(hidden: torch.Tensor, H: int, acc: torch.dtype) -> torch.Tensor:
     return hidden.to(acc).reshape(B, T, H, d // H)
 
 
+# Rows of 16-bit hidden widened to the accumulation dtype at a time: the products below read float32
+# (float64) copies of hidden, bounded to this many bytes instead of a copy of the whole (B, T, d).
+_WIDEN_CHUNK_BYTES = 32 * 2**20
+
+
+def _row_groups(hidden: torch.Tensor, acc: torch.dtype) -> list[slice]:
+    """Slices of rows whose widened copy stays under ``_WIDEN_CHUNK_BYTES`` (all rows at once when
+    hidden already has the accumulation dtype: its view is read in place)."""
+    B, T, d = hidden.shape
+    if hidden.dtype == acc:
+        return [slice(0, B)]
+    rows = max(1, _WIDEN_CHUNK_BYTES // max(1, T * d * torch.finfo(acc).bits // 8))
+    return [slice(i, min(B, i + rows)) for i in range(0, B, rows)]
+
+
 def attention_pool_forward(
     hidden: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +80,11 @@ def attention_pool_forward(
     H = scores.shape[2]
     p, m, total = _weights(scores, mask, accumulation_dtype(hidden.dtype))
     with _full_precision(hidden):
-        out = torch.einsum("bth,bthk->bhk", p, _head_view(hidden, H, p.dtype)).reshape(B, d)
+        parts = [
+            torch.einsum("bth,bthk->bhk", p[r], _head_view(hidden[r], H, p.dtype))
+            for r in _row_groups(hidden, p.dtype)
+        ]
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(B, d)
         redo = ~torch.isfinite(out).all(1)
         if bool(redo.any()):
             rows = redo.nonzero().squeeze(1)
@@ -87,7 +106,13 @@ def attention_pool_backward(
     p, _, _ = _weights(scores, mask, accumulation_dtype(hidden.dtype))
     g = grad_out.to(p.dtype).reshape(B, H, d // H)
     o = out.to(p.dtype).reshape(B, H, d // H)
-    grad_hidden = (p[..., None] * g[:, None]).reshape(B, T, d)
+    groups = _row_groups(hidden, p.dtype)
+    if len(groups) == 1 or torch.is_grad_enabled():  # create_graph: one differentiable product
+        grad_hidden = (p[..., None] * g[:, None]).reshape(B, T, d).to(hidden.dtype)
+    else:  # each group's products rounded once into the 16-bit gradient: no (B, T, d) float32 temporary
+        grad_hidden = torch.empty((B, T, d), dtype=hidden.dtype, device=hidden.device)
+        for r in groups:
+            grad_hidden[r] = (p[r][..., None] * g[r][:, None]).reshape(-1, T, d)
     # g . x of weight-0 tokens may be NaN (padding holding inf / NaN): the select below drops it, so
     # hidden is read as it is (no masked copy).
     # As (1, dh) x (dh, T) products per row and head: ATen's einsum picks (T, dh) x (dh, 1), a
@@ -95,13 +120,17 @@ def attention_pool_backward(
     # A differentiated backward (create_graph=True) reads weight-0 tokens zeroed: its own backward
     # multiplies them by a zero gradient, and 0 * NaN (padding holding inf / NaN) would reach the
     # second-order gradients of every token through the softmax.
-    x = _heads(hidden, H, p) if torch.is_grad_enabled() else _head_view(hidden, H, p.dtype)
-    x_t = x.permute(0, 2, 3, 1)  # (B, H, dh, T), a view
-    with _full_precision(hidden):
-        g_dot_x = torch.matmul(g.unsqueeze(2), x_t).squeeze(2).transpose(1, 2)  # (B, T, H)
+    masked = torch.is_grad_enabled()
+    dots = []
+    for r in groups:
+        x = _heads(hidden[r], H, p[r]) if masked else _head_view(hidden[r], H, p.dtype)
+        x_t = x.permute(0, 2, 3, 1)  # (rows, H, dh, T), a view
+        with _full_precision(hidden):
+            dots.append(torch.matmul(g[r].unsqueeze(2), x_t).squeeze(2).transpose(1, 2))  # (rows, T, H)
+    g_dot_x = dots[0] if len(dots) == 1 else torch.cat(dots)
     grad_scores = p * (g_dot_x - (g * o).sum(-1)[:, None, :])
     grad_scores = torch.where(p > 0, grad_scores, 0.0)
-    return grad_hidden.to(hidden.dtype), grad_scores.to(scores.dtype)
+    return grad_hidden, grad_scores.to(scores.dtype)
 
 
 # --- Packed batches: hidden (N, d), scores (N, H), S sequences delimited by cu_seqlens (S + 1,) ---

@@ -364,3 +364,27 @@ def test_blocks_the_launcher_picks_are_compiled_ahead_of_time():
         assert block_d * size == attention_launchers.ROW_BYTES
         for kernel in ("attention_pool_forward_kernel", "attention_pool_backward_kernel"):
             assert (kernel, name, block_t, block_d) in specs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_eager_widens_16_bit_rows_a_group_at_a_time(dtype, monkeypatch):
+    # 16-bit hidden is widened to float32 a few rows at a time (no float32 copy of the whole batch):
+    # the same bits, forward and backward, as one group, with NaN padding and several heads.
+    from fastpool import eager_attention
+
+    gen = torch.Generator().manual_seed(12)
+    B, T, d = 7, 30, 12
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    scores = torch.randn(B, T, 3, generator=gen)
+    mask = make_mask("holes", B, T, gen)
+    hidden = torch.where(mask[..., None], hidden, torch.tensor(float("nan"), dtype=dtype))
+    grad = torch.randn(B, d, generator=gen).to(dtype)
+    whole = eager_attention.attention_pool_forward(hidden, scores, mask)
+    whole_grads = eager_attention.attention_pool_backward(grad, hidden, scores, mask, whole[0])
+    monkeypatch.setattr(eager_attention, "_WIDEN_CHUNK_BYTES", 2 * T * d * 4)  # two rows per group
+    assert len(eager_attention._row_groups(hidden, torch.float32)) == 4
+    grouped = eager_attention.attention_pool_forward(hidden, scores, mask)
+    grouped_grads = eager_attention.attention_pool_backward(grad, hidden, scores, mask, grouped[0])
+    for got, expected in zip((*grouped, *grouped_grads), (*whole, *whole_grads), strict=True):
+        assert torch.equal(got, expected)
+    assert not torch.isnan(grouped[0]).any() and grouped_grads[0].dtype == dtype
