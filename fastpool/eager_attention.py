@@ -165,9 +165,21 @@ def packed_attention_pool_forward(
     N, d = hidden.shape
     H = scores.shape[1]
     p, m, total, seg = _packed_weights(scores, cu_seqlens, accumulation_dtype(hidden.dtype))
-    x = _heads(hidden.unsqueeze(0), H, p.unsqueeze(0))[0]  # (N, H, dh), 0 where p == 0
-    out = x.new_zeros((m.shape[0], H, d // H)).index_add(0, seg, p.unsqueeze(-1) * x)
+    out = p.new_zeros((m.shape[0], H, d // H))
+    for t in _token_chunks(N, d):
+        x = _heads(hidden[t].unsqueeze(0), H, p[t].unsqueeze(0))[0]  # (n, H, dh), 0 where p == 0
+        out = out.index_add(0, seg[t], p[t].unsqueeze(-1) * x)  # in token order, chunk after chunk
     return out.reshape(-1, d).to(hidden.dtype), m, total
+
+
+# Tokens of a packed batch per step of its eager attention: the float32 products of a step stay
+# cache-sized instead of several (N, d) temporaries.
+_TOKEN_CHUNK_BYTES = 4 * 2**20
+
+
+def _token_chunks(N: int, d: int) -> list[slice]:
+    step = max(1, _TOKEN_CHUNK_BYTES // max(1, 8 * d))
+    return [slice(a, min(N, a + step)) for a in range(0, N, step)] or [slice(0, 0)]
 
 
 def packed_attention_pool_backward(
@@ -181,9 +193,13 @@ def packed_attention_pool_backward(
     N, d = hidden.shape
     H = scores.shape[1]
     p, _, _, seg = _packed_weights(scores, cu_seqlens, accumulation_dtype(hidden.dtype))
-    g = grad_out.to(p.dtype).reshape(-1, H, d // H)[seg]  # (N, H, dh)
-    o = out.to(p.dtype).reshape(-1, H, d // H)[seg]
-    grad_hidden = (p.unsqueeze(-1) * g).reshape(N, d)
-    g_dot_x = (_heads(hidden.unsqueeze(0), H, p.unsqueeze(0))[0] * g).sum(-1)
-    grad_scores = torch.where(p > 0, p * (g_dot_x - (g * o).sum(-1)), 0.0)
-    return grad_hidden.to(hidden.dtype), grad_scores.to(scores.dtype)
+    per_sequence = grad_out.to(p.dtype).reshape(-1, H, d // H)  # (S, H, dh)
+    g_dot_out = (per_sequence * out.to(p.dtype).reshape(-1, H, d // H)).sum(-1)  # (S, H)
+    grad_hidden, grad_scores = [], []
+    for t in _token_chunks(N, d):
+        g = per_sequence[seg[t]]  # (n, H, dh)
+        pt = p[t]
+        grad_hidden.append((pt.unsqueeze(-1) * g).reshape(-1, d).to(hidden.dtype))
+        g_dot_x = (_heads(hidden[t].unsqueeze(0), H, pt.unsqueeze(0))[0] * g).sum(-1)
+        grad_scores.append(torch.where(pt > 0, pt * (g_dot_x - g_dot_out[seg[t]]), 0.0))
+    return torch.cat(grad_hidden), torch.cat(grad_scores).to(scores.dtype)

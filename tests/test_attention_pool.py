@@ -388,3 +388,29 @@ def test_eager_widens_16_bit_rows_a_group_at_a_time(dtype, monkeypatch):
     for got, expected in zip((*grouped, *grouped_grads), (*whole, *whole_grads), strict=True):
         assert torch.equal(got, expected)
     assert not torch.isnan(grouped[0]).any() and grouped_grads[0].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eager_packed_runs_in_token_chunks(dtype, monkeypatch):
+    # The packed eager attention works on a few tokens at a time (no (N, d) float32 temporaries):
+    # the same bits as one chunk, forward and backward, with empty sequences, sequences spanning
+    # chunks, NaN in weight-0 tokens (a -inf score) and several heads.
+    from fastpool import eager_attention
+
+    gen = torch.Generator().manual_seed(13)
+    cu = torch.tensor([0, 0, 5, 22, 22, 52, 53, 62])
+    N, d = 62, 12
+    hidden = torch.randn(N, d, generator=gen).to(dtype)
+    scores = torch.randn(N, 3, generator=gen)
+    scores[4, 1] = float("-inf")
+    hidden[4, 4:8] = float("nan")
+    grad = torch.randn(7, d, generator=gen).to(dtype)
+    whole = eager_attention.packed_attention_pool_forward(hidden, scores, cu)
+    whole_grads = eager_attention.packed_attention_pool_backward(grad, hidden, scores, cu, whole[0])
+    monkeypatch.setattr(eager_attention, "_TOKEN_CHUNK_BYTES", 8 * d * 7)  # seven tokens per chunk
+    assert len(eager_attention._token_chunks(N, d)) == 9
+    chunked = eager_attention.packed_attention_pool_forward(hidden, scores, cu)
+    chunked_grads = eager_attention.packed_attention_pool_backward(grad, hidden, scores, cu, chunked[0])
+    for got, expected in zip((*chunked, *chunked_grads), (*whole, *whole_grads), strict=True):
+        assert torch.equal(got, expected)
+    assert not torch.isnan(chunked[0]).any() and not torch.isnan(chunked_grads[1]).any()
