@@ -232,11 +232,14 @@ def pool_forward(
     weights: torch.Tensor | None = None,
     normalize_eps: float = -1.0,
     need_indices: bool = True,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager forward. hidden (B, T, d) float; mask (B, T) any dtype or None; weights (B, T) float or
     None (weighted_mean's token weights; None: the rank of each real token); normalize_eps >= 0:
     L2-normalise each output row; need_indices=False: the caller needs neither max positions nor a
-    gradient through max, so only the max values are computed and argmax is (B, 0).
+    gradient through max, so only the max values are computed and argmax is (B, 0). lean: only out
+    (and argmax) will be read, so on the CPU without cls / last the statistics are the counts alone
+    ((1, B) instead of (3, B)): a small call's fixed cost is mostly those few ops.
 
     Returns out (B, len(modes) * d) in hidden's dtype, argmax (B, d) int32 (or (B, 0) without
     "max" or without need_indices), stats (3, B) int32 and norms (B,) (or (0,)). Memory traffic: each
@@ -246,8 +249,13 @@ def pool_forward(
     B, T, d = hidden.shape
     acc = accumulation_dtype(hidden.dtype)
     real = real_tokens(mask)
-    stats, any_empty = _row_stats(real, B, T, hidden.device)
-    count, first = stats[0], stats[1]
+    if lean and hidden.device.type == "cpu" and "cls" not in modes and "last" not in modes:
+        # The sums on the CPU never read the first real positions; the counts are _row_stats' own.
+        count = torch.full((B,), T) if real is None else real.view(torch.uint8).sum(1)
+        stats, first = count.unsqueeze(0), None
+    else:
+        stats, any_empty = _row_stats(real, B, T, hidden.device)
+        count, first = stats[0], stats[1]
 
     def weighted() -> tuple[torch.Tensor, torch.Tensor]:
         if weights is None:
@@ -258,7 +266,7 @@ def pool_forward(
             w, w_total = user_weights(weights, real, acc)
         return padded_sum(hidden, real, first, acc, w), w_total
 
-    plain_sum = lambda: padded_sum(hidden, real, first, acc)  # noqa: E731
+    plain_sum = lambda: padded_sum(hidden, real, first, acc, count=count)  # noqa: E731
     maximum = lambda: padded_max(hidden, real, count, need_indices)  # noqa: E731
     if (
         "max" in modes

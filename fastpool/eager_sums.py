@@ -117,12 +117,14 @@ def padded_sum(
     first: torch.Tensor,
     acc: torch.dtype,
     weights: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, d) sum over each row's real tokens of hidden (B, T, d), or of ``weights * hidden`` with
     weights (B, T) in ``acc`` (any value at padding); in ``acc``, batch-invariant. first (B,): each
-    row's first real position (used off the CPU). Padding never reaches the result."""
+    row's first real position (used off the CPU); count (B,): the rows' real tokens when the caller
+    has them (CPU). Padding never reaches the result."""
     if hidden.device.type == "cpu":
-        return _sequential_padded_sum(hidden, real, acc, weights)
+        return _sequential_padded_sum(hidden, real, acc, weights, count)
     if weights is not None and real is not None:
         weights = torch.where(real, weights, torch.zeros((), dtype=acc, device=weights.device))
     return padded_lane_sum(hidden, real, first, acc, weights)
@@ -211,7 +213,9 @@ def _bag_sum_widened(hidden: torch.Tensor, cu: np.ndarray, acc: torch.dtype) -> 
     return out
 
 
-def _bag_padded_sum(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
+def _bag_padded_sum(
+    hidden: torch.Tensor, real: torch.Tensor | None, count: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """(B, d) float32 sums over each row's real tokens of hidden (B, T, d) on the CPU by
     ``embedding_bag`` (one bag per row: its real tokens' flat indices, in token order), with
     ``index_add_``'s bits (see ``_bag_sum``); None where this path does not apply (a row of more than
@@ -229,7 +233,7 @@ def _bag_padded_sum(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Te
     else:
         flat = real.reshape(-1).nonzero().squeeze(1)
         starts = torch.zeros(B + 1, dtype=torch.int64)
-        torch.cumsum(real.sum(1), 0, out=starts[1:])
+        torch.cumsum(real.sum(1) if count is None else count, 0, out=starts[1:])
     if in_place:
         return torch.embedding_bag(hidden.detach().view(B * T, d), flat, starts[:-1], False, 0)[0]
     bound = starts.tolist()
@@ -245,12 +249,12 @@ def _bag_padded_sum(hidden: torch.Tensor, real: torch.Tensor | None) -> torch.Te
     return out
 
 
-def _sequential_padded_sum(hidden, real, acc, weights) -> torch.Tensor:
+def _sequential_padded_sum(hidden, real, acc, weights, count=None) -> torch.Tensor:
     B, T, d = hidden.shape
     if B == 0 or T == 0 or d == 0:
         return torch.zeros((B, d), dtype=acc, device=hidden.device)
     if weights is None and acc == torch.float32 and _plain(hidden) and (real is None or _plain(real)):
-        bagged = _bag_padded_sum(hidden, real)
+        bagged = _bag_padded_sum(hidden, real, count)
         if bagged is not None:
             return bagged
     rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)

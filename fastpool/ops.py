@@ -125,7 +125,9 @@ def forward_impl(
         # Values-only max when neither indices nor a gradient are wanted (forward-mode AD on the eager
         # ops differentiates the max at its positions too).
         need_indices = track_positions or forward_ad._current_level >= 0
-        outputs = eager.pool_forward(hidden, mask, modes.split(","), weights, normalize_eps, need_indices)
+        outputs = eager.pool_forward(
+            hidden, mask, modes.split(","), weights, normalize_eps, need_indices, lean=lean
+        )
         return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
     return _impl(backend).pool_forward(
         hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
