@@ -384,3 +384,25 @@ def test_the_backward_is_differentiable(device, modes):
     mask = (torch.rand(3, 7, generator=gen) < 0.6).to(device)
     with fastpool.use_backend("torch"):
         assert torch.autograd.gradgradcheck(lambda x: fastpool.pool(x, mask, mode=modes), (hidden,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(
+    "modes", [["mean"], ["max"], ["mean", "max"], ["mean_sqrt_len", "weighted_mean"], ["max", "mean"]]
+)
+def test_lean_inference_has_the_bits_of_the_full_forward(device, dtype, layout, modes):
+    # An inference call (lean: only out is read) keeps only the counts of the row statistics on the CPU.
+    gen = torch.Generator().manual_seed(41)
+    B, T, d = 5, 33, 7
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    mask = make_mask(layout, B, T, gen)
+    if mask is not None:
+        hidden = torch.where(mask[..., None], hidden, torch.tensor(float("nan"), dtype=dtype))
+        mask = mask.to(device)
+    hidden = hidden.to(device)
+    for eps in (-1.0, 1e-12):
+        full = eager.pool_forward(hidden, mask, modes, normalize_eps=eps, need_indices=False)
+        lean = eager.pool_forward(hidden, mask, modes, normalize_eps=eps, need_indices=False, lean=True)
+        assert_same_bits(lean[0], full[0], layout)
+        assert torch.equal(lean[2][0], full[2][0].to(lean[2].dtype))  # the counts
