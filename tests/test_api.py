@@ -59,9 +59,11 @@ def test_error_names_shapes_and_dtypes():
 def test_backend_env_var_is_read_at_call_time(monkeypatch):
     calls = []
     real = eager.pool_forward
-    monkeypatch.setattr(eager, "pool_forward", lambda *a: calls.append("torch") or real(*a))
+    monkeypatch.setattr(eager, "pool_forward", lambda *a, **k: calls.append("torch") or real(*a, **k))
     real_launch = launchers.pool_forward
-    monkeypatch.setattr(launchers, "pool_forward", lambda *a: calls.append("triton") or real_launch(*a))
+    monkeypatch.setattr(
+        launchers, "pool_forward", lambda *a, **k: calls.append("triton") or real_launch(*a, **k)
+    )
     monkeypatch.setenv("FASTPOOL_BACKEND", "torch")
     fastpool.mean_pool(H)
     monkeypatch.setenv("FASTPOOL_BACKEND", "triton")
