@@ -170,7 +170,7 @@ def select_rows(hidden: torch.Tensor, mask: torch.Tensor | None, name: str) -> t
     for an empty row; the bits of ``pool_forward(..., [name])`` with none of its row statistics.
 
     The inference path of a lone cls / last: a few small ops (read the mask once, one index per
-    row, one gather of B rows), because at any size this call is its fixed cost. hidden (B, T, d)
+    row, ``_gather`` of B rows), because at any size this call is its fixed cost. hidden (B, T, d)
     float, mask (B, T) any dtype or None. Never a view of hidden.
     """
     B, T, d = hidden.shape
@@ -187,16 +187,9 @@ def select_rows(hidden: torch.Tensor, mask: torch.Tensor | None, name: str) -> t
     # max returns the first of equal maxima: the first real position and whether there is one
     # (from the end for last: the flipped row's first is the last).
     found, position = (flags if name == "cls" else flags.flip(1)).max(1)
-    if hidden.stride(0) == T * hidden.stride(1):
-        # (B * T, d) is a view: one index_select of B rows at flat indices b * T + position.
-        if name == "cls":
-            flat = torch.arange(0, B * T, T, device=hidden.device) + position
-        else:
-            flat = torch.arange(T - 1, B * T, T, device=hidden.device) - position
-        picked = hidden.flatten(0, 1).index_select(0, flat)
-    else:
-        at = position if name == "cls" else (T - 1) - position
-        picked = hidden[torch.arange(B, device=hidden.device), at]
+    if name != "cls":
+        position = (T - 1) - position
+    picked = _gather(hidden, position, any_empty=False)
     # An empty row picked some token: replaced by zeros.
     if not bool(found.all()):
         picked.masked_fill_((found == 0).unsqueeze(1), 0)

@@ -11,7 +11,7 @@ the thread count. So the sums over tokens here are built in an order fixed by ea
   a stable sort of the destinations then a sequential add per destination, or a sequential loop):
   the token order is the index order. Padding is sent to a spare row, so whatever it holds (NaN,
   inf) never meets a real token. One read of hidden, no temporary for float32 / float64 input and
-  a cache-sized float32 chunk for 16-bit input. Packed plain sums use ``embedding_bag`` (``_bag_sum``),
+  a cache-sized float32 chunk for 16-bit input. Plain sums (no weights) use ``embedding_bag`` (``_bags``),
   which adds each bag's rows in that same order from +0.0: the same bits, about twice as fast.
 * Other devices, where ``index_add_`` uses atomics (``padded_lane_sum`` / ``segment_lane_sum``):
   ``LANES`` accumulators per row and feature; the row's r-th token (counted from its first real
@@ -168,14 +168,19 @@ def _plain(tensor: torch.Tensor) -> bool:
     )
 
 
+def _bags(rows: torch.Tensor, index: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(len(starts), d) float32: bag i sums ``rows[index[starts[i] : starts[i + 1]]]`` (the last to
+    the end of index) by ``embedding_bag``: on CPU (fbgemm) each bag is one float32 accumulator per
+    feature starting at +0.0, its rows added one after the other in index order, so the bits are
+    ``index_add_``'s (asserted by the tests), at about twice its speed (no sort of the destinations).
+    rows (n, d) contiguous float32."""
+    # detach: rows that require grad send embedding_bag to its training variant (4x slower).
+    return torch.embedding_bag(rows.detach(), index, starts, False, 0)[0]
+
+
 def _bag_sum(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(S, d) float32 segment sums of a contiguous float32 hidden (N, d) by ``embedding_bag``: on CPU
-    (fbgemm) each bag is one float32 accumulator per feature starting at +0.0, its rows added one
-    after the other in index order, so the bits are ``index_add_``'s (asserted by the tests), at
-    about twice its speed (no sort of the destinations)."""
-    index = torch.arange(hidden.shape[0], dtype=cu_seqlens.dtype)
-    # detach: a weight that requires grad sends embedding_bag to its training variant (4x slower).
-    return torch.embedding_bag(hidden.detach(), index, cu_seqlens[:-1], False, 0)[0]
+    """(S, d) float32 segment sums of a contiguous float32 hidden (N, d) (``_bags``)."""
+    return _bags(hidden, torch.arange(hidden.shape[0], dtype=cu_seqlens.dtype), cu_seqlens[:-1])
 
 
 # Rows of 16-bit hidden widened to float32 per embedding_bag call: a cache-sized buffer.
@@ -184,7 +189,7 @@ _BAG_CHUNK_BYTES = 2 * 2**20
 
 def _bag_sum_widened(hidden: torch.Tensor, cu: np.ndarray, acc: torch.dtype) -> torch.Tensor:
     """(S, d) float32 segment sums of 16-bit (or strided) hidden (N, d) with offsets cu (S + 1,) on
-    the host: chunks of tokens widened into one reused float32 buffer, summed by ``_bag_sum``'s
+    the host: chunks of tokens widened into one reused float32 buffer, summed by ``_bags`` in
     sequential adds. A segment that continues past a chunk restarts in the next one from its running
     sum, put as the buffer's first row: +0.0 + sum is that sum exactly (a running sum that starts at
     +0.0 is never -0.0), so every segment gets the bits of one sequential pass over its tokens."""
@@ -209,7 +214,7 @@ def _bag_sum_widened(hidden: torch.Tensor, cu: np.ndarray, acc: torch.dtype) -> 
         buffer[carry:n].copy_(hidden[a:b])
         starts = np.maximum(cu[lo : hi + 1] - a, 0) + carry
         starts[0] = 0
-        out[lo : hi + 1] = torch.embedding_bag(buffer[:n], index[:n], torch.from_numpy(starts), False, 0)[0]
+        out[lo : hi + 1] = _bags(buffer[:n], index[:n], torch.from_numpy(starts))
     return out
 
 
@@ -218,7 +223,7 @@ def _bag_padded_sum(
 ) -> torch.Tensor | None:
     """(B, d) float32 sums over each row's real tokens of hidden (B, T, d) on the CPU by
     ``embedding_bag`` (one bag per row: its real tokens' flat indices, in token order), with
-    ``index_add_``'s bits (see ``_bag_sum``); None where this path does not apply (a row of more than
+    ``index_add_``'s bits (see ``_bags``); None where this path does not apply (a row of more than
     ``_BAG_CHUNK_BYTES`` in float32, or a float32 hidden that is not contiguous). Rows are widened
     to float32 a cache-sized group at a time into one reused buffer (16-bit input); a contiguous
     float32 hidden is read in place."""
@@ -235,7 +240,7 @@ def _bag_padded_sum(
         starts = torch.zeros(B + 1, dtype=torch.int64)
         torch.cumsum(real.sum(1) if count is None else count, 0, out=starts[1:])
     if in_place:
-        return torch.embedding_bag(hidden.detach().view(B * T, d), flat, starts[:-1], False, 0)[0]
+        return _bags(hidden.view(B * T, d), flat, starts[:-1])
     bound = starts.tolist()
     rows = max(1, _BAG_CHUNK_BYTES // row_bytes)
     out = torch.empty((B, d), dtype=torch.float32)
@@ -245,7 +250,7 @@ def _bag_padded_sum(
         n = (b1 - b0) * T
         buffer[:n].view(b1 - b0, T, d).copy_(hidden[b0:b1])
         index = flat[bound[b0] : bound[b1]] - b0 * T
-        out[b0:b1] = torch.embedding_bag(buffer[:n], index, starts[b0:b1] - bound[b0], False, 0)[0]
+        out[b0:b1] = _bags(buffer[:n], index, starts[b0:b1] - bound[b0])
     return out
 
 

@@ -554,7 +554,7 @@ def _slim_path(implementation, name: str, packed: bool) -> type:
         return output[0]
 
     def slim_backward(ctx, grad_out):
-        if weights_or_graph(ctx):
+        if _needs_general_backward(ctx):
             return _slim_generic_backward(ctx, grad_out, packed)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
@@ -579,7 +579,7 @@ def _slim_path(implementation, name: str, packed: bool) -> type:
     )
 
 
-def weights_or_graph(ctx) -> bool:
+def _needs_general_backward(ctx) -> bool:
     """Whether a slim backward needs the general one: a gradient for user weights, or a backward
     that is itself differentiated (create_graph=True) or transformed."""
     return ctx.needs_input_grad[2] or torch.is_grad_enabled() or _functorch_active()
