@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .eager_max import padded_max, padded_sum_and_max
+from .eager_max import padded_max, padded_sum_and_max, widens
 from .eager_sums import feature_dots, padded_sum, row_tree_sum, tree_sum
 from .masks import real_tokens
 from .modes import mode_columns
@@ -265,8 +265,7 @@ def pool_forward(
         "max" in modes
         and ("mean" in modes or "mean_sqrt_len" in modes)
         and not need_indices
-        and hidden.device.type == "cpu"
-        and hidden.dtype in (torch.float16, torch.bfloat16)
+        and widens(hidden)
     ):
         # One read of 16-bit hidden for both: each chunk widened once, summed, then masked for max.
         total, values = padded_sum_and_max(hidden, real, count)

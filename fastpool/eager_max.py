@@ -69,7 +69,7 @@ def padded_max(
         positions = torch.full((B, d if need_indices else 0), -1, dtype=torch.int32, device=device)
         return hidden.new_zeros((B, d)), positions
     # 16-bit chunks with padding are masked in float32 (see _maxima): size them by that copy.
-    element_size = 4 if _widens(hidden) else hidden.element_size()
+    element_size = 4 if widens(hidden) else hidden.element_size()
     spans = _spans(real, B, T, _span_tokens(B, d, element_size))
     maxima = _maxima(hidden, real, spans, need_indices, select=False)
     return _finish(hidden, real, count, spans, maxima, need_indices)
@@ -130,7 +130,7 @@ def _span_tokens(B: int, d: int, element_size: int) -> int:
     return max(1, _CHUNK_BYTES // max(1, B * d * element_size * _BLOCK)) * _BLOCK
 
 
-def _widens(hidden: torch.Tensor) -> bool:
+def widens(hidden: torch.Tensor) -> bool:
     """Whether chunks with padding are masked and reduced in float32: 16-bit input on the CPU, where
     16-bit elementwise ops and reductions convert every element on their own (one conversion
     into a cache-sized float32 copy, masked in place, is ~1.5x faster than the 16-bit add and
@@ -144,7 +144,7 @@ def _maxima(hidden, real, spans, blocks: bool, select: bool, sums=None) -> torch
     ``sums`` = (total (B + 1, d) float32, dest (B, T) int64): every chunk is also widened and added
     into ``total[dest]`` in token order (16-bit input, chunk-sized spans)."""
     B, T, d = hidden.shape
-    widen = _widens(hidden)
+    widen = widens(hidden)
     work = torch.float32 if widen else hidden.dtype  # chunks with padding are masked in this dtype
     low = torch.full((), float("-inf"), dtype=work, device=hidden.device)
     shape = (B, -(-T // _BLOCK), d) if blocks else (B, d)
