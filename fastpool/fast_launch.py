@@ -38,6 +38,10 @@ RUNNER_RELEASES = ((3, 4), (3, 9))
 #   first, then the scratch buffers, argument annotations, the kernel signature and the arguments as
 #   one tuple (3.9 may append sanitizer arguments): those launch through the launcher object.
 DIRECT_ENTRY_RELEASES = ((3, 5), (3, 6))
+# - Pointer arguments: a tensor (the launcher calls its ``data_ptr()`` and checks the address with
+#   ``cuPointerGetAttribute``) or the address itself as a Python int (taken as it is), in every release
+#   from 3.2 to 3.9; ``fastpool.express`` passes ints (tests/test_fast_launch.py reads the installed
+#   launcher's source for it).
 
 
 def specialization(value: int) -> int:
@@ -72,7 +76,7 @@ class KernelLauncher:
         ``options``; None disables the fast path for this call.
         """
         plan = self._plans.get(key) if key is not None else None
-        if plan is not None and _hooks_idle():
+        if plan is not None and hooks_idle():
             launch, head, tail, driver = plan
             stream = driver.get_current_stream(driver.get_current_device())
             launch(grid[0], grid[1], grid[2], stream, *head, *args, *tail)
@@ -81,6 +85,13 @@ class KernelLauncher:
         if key is not None and self._usable(compiled):
             tail = tuple(constexprs[p.name] for p in self.kernel.params if p.is_constexpr)
             self._plans[key] = (*_launch_entry(compiled), tail, _driver())
+
+    def plan(self, key):
+        """(launch, head, tail, driver): how a launch with ``key`` goes straight to the compiled
+        launcher, ``launch(gx, gy, gz, stream, *head, *args, *tail)`` with every pointer argument a
+        tensor or its data pointer as an int; None until a first launch with that key took the plain
+        path and its launcher passed the checks (see the module docstring)."""
+        return self._plans.get(key)
 
     def _usable(self, compiled) -> bool:
         if self._checked is None:
@@ -133,17 +144,24 @@ def _driver():
 
 
 _knobs = None
+_hook_chain = None  # triton.knobs.HookChain, the hooks' container (set with _knobs)
 
 
-def _hooks_idle() -> bool:
+def hooks_idle() -> bool:
     """No launch hook is installed (profilers install them; then every call takes the plain path)."""
-    global _knobs
+    global _knobs, _hook_chain
     if _knobs is None:
-        from triton import knobs
-
-        _knobs = knobs
+        try:
+            from triton import knobs
+        except ImportError:  # before 3.4 the hooks live elsewhere: the fast path is not used there
+            return False
+        _knobs, _hook_chain = knobs, getattr(knobs, "HookChain", None)
     runtime = _knobs.runtime
-    return _chain_empty(runtime.launch_enter_hook) and _chain_empty(runtime.launch_exit_hook)
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    # The common case first (two empty HookChains), in few instructions: this runs on every launch.
+    if type(enter) is _hook_chain and type(leave) is _hook_chain and not enter.calls and not leave.calls:
+        return True
+    return _chain_empty(enter) and _chain_empty(leave)
 
 
 def _chain_empty(hook) -> bool:

@@ -273,6 +273,19 @@ def _repeat_signature(
     )  # fmt: skip
 
 
+def repeat_call(
+    hidden: torch.Tensor, mask: torch.Tensor | None, modes: str, track_positions: bool, lean: bool,
+    for_backward: bool,
+) -> RepeatCall | None:  # fmt: skip
+    """The repeatable launch an earlier ``pool_forward`` call with these arguments (no user weights or
+    normalisation) left, on the current stream; None if there is none (``fastpool.express``)."""
+    B, T, d = hidden.shape
+    signature = _repeat_signature(
+        hidden, mask, modes, None, -1.0, track_positions, B, T, d, hidden.device, lean, for_backward
+    )
+    return _repeat_calls.get(signature)
+
+
 def _remember(signature: tuple, call: RepeatCall) -> None:
     if len(_repeat_calls) >= _REPEAT_LIMIT:
         _repeat_calls.clear()
@@ -392,15 +405,9 @@ def pool_backward(
     reads grad_out (``B * n_modes * d`` elements), argmax (``4 * B * d`` bytes) and the mask.
     """
     B = stats.shape[1]
-    device = grad_out.device
     signature = None
     if not has_overrides() and not trace:
-        signature = (
-            modes, B, T, dtype, grad_out.dtype, grad_out.shape[1], grad_out.stride(), aligned(grad_out),
-            None if mask is None else (mask.dtype, mask.stride(), aligned(mask)),
-            None if weights is None else (weights.dtype, weights.stride(), aligned(weights)),
-            stream_key(device),
-        )  # fmt: skip
+        signature = _backward_signature(grad_out, mask, weights, modes, B, T, dtype)
         call = _backward_calls.get(signature)
         if call is not None:
             return call.launch(grad_out, mask, argmax, stats, weights, wsum, prefix)
@@ -413,6 +420,23 @@ def pool_backward(
 
 
 _backward_calls: dict[tuple, BackwardCall] = {}
+
+
+def _backward_signature(grad_out, mask, weights, modes: str, B: int, T: int, dtype: torch.dtype) -> tuple:
+    return (
+        modes, B, T, dtype, grad_out.dtype, grad_out.shape[1], grad_out.stride(), aligned(grad_out),
+        None if mask is None else (mask.dtype, mask.stride(), aligned(mask)),
+        None if weights is None else (weights.dtype, weights.stride(), aligned(weights)),
+        stream_key(grad_out.device),
+    )  # fmt: skip
+
+
+def backward_call(
+    grad_out: torch.Tensor, mask: torch.Tensor | None, modes: str, B: int, T: int, dtype: torch.dtype
+) -> BackwardCall | None:
+    """The cached launch an earlier ``pool_backward`` call with these arguments (no user weights) left
+    on the current stream; None if there is none (``fastpool.express``)."""
+    return _backward_calls.get(_backward_signature(grad_out, mask, None, modes, B, T, dtype))
 
 
 class BackwardCall:
