@@ -383,11 +383,7 @@ def pool_backward(
             g_weighted = torch.where(
                 nonzero, block("weighted_mean") / torch.where(nonzero, w_total.unsqueeze(1), 1), zero
             )
-    grad = _dense_grad(share, w, g_weighted, real, (B, T, d), dtype, device)
-
     sparse = [(n, pos) for n, pos in (("max", argmax), ("cls", stats[1]), ("last", stats[2])) if n in modes]
-    if not sparse:
-        return grad
     if share is None and w is None and len(sparse) == 1 and sparse[0][0] != "max":
         # A lone cls / last: one position per row, (B,) index work; an empty row (-1) writes 0 at 0.
         name, position = sparse[0][0], sparse[0][1].long()
@@ -396,7 +392,15 @@ def pool_backward(
         # On the CPU a check is cheaper than the (B, d) select it saves; elsewhere no host sync.
         if device.type != "cpu" or not bool(kept.all()):
             value = torch.where(kept.unsqueeze(1), value, torch.zeros((), dtype=dtype, device=device))
-        grad[torch.arange(B, device=device), position.clamp(min=0)] = value
+        rows, at = torch.arange(B, device=device), position.clamp(min=0)
+        # The (B, T, d) gradient after the small temporaries: allocated before them, in some heap
+        # states it lands on untouched pages at every call (first-touch page faults on the CPU,
+        # bench/NOTES.md CPU v2.4).
+        grad = torch.zeros((B, T, d), dtype=dtype, device=device)
+        grad[rows, at] = value
+        return grad
+    grad = _dense_grad(share, w, g_weighted, real, (B, T, d), dtype, device)
+    if not sparse:
         return grad
     # (B, d) positions of each sparse mode's gradient (cls / last: one position per row).
     targets = {name: (pos if name == "max" else pos.unsqueeze(1).expand(B, d)).long() for name, pos in sparse}
