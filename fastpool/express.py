@@ -7,16 +7,18 @@ that launch can be repeated as it is: the Triton backend, the call's device curr
 launcher to call directly (``fastpool.fast_launch``), and one output to return (no user weights, no
 normalisation, no returned indices). A later call with the same signature (``pool``) checks only
 what the signature does not hold -- the backend selection, grad mode, torch.func / forward-mode AD /
-compile state, test overrides and launch hooks, the current device and stream, 16-byte alignment of
-the data pointers -- then allocates its output and launches, passing the data pointers as integers.
-Anything else, and every first call, returns None and the caller takes the general path.
+compile state, test overrides and launch hooks, the current device and stream, a mask's negative
+bit, 16-byte alignment of the data pointers -- then allocates its output and launches, passing the data
+pointers as integers. Anything else, and every first call, returns None and the caller takes the
+general path.
 
 The signature key holds everything the general path validates and plans on: modes, and for hidden
 and the mask their shape, strides, dtype, device and layout, plus whether a gradient is wanted. A
 training call goes through ``ExpressPoolFunction``, whose backward launches the backward kernel the
-same way once the general backward has run for that gradient's signature, and otherwise *is* the
-general slim backward (``ops.SlimPoolFunction``). Same kernels, same arguments, same bits as the
-general path (``tests/test_express.py`` compares the argument lists and replays them).
+same way once the general backward has run for that gradient's signature (when it reads the forward's
+own mask, with no launch hook or override installed), and otherwise *is* the general slim backward
+(``ops.SlimPoolFunction``). Same kernels, same arguments, same bits as the general path
+(``tests/test_express.py`` compares the argument lists and replays them).
 
 Host cost (``../shared/tools/hostcost``, 64x512x1024 bf16, int64 mask): see bench/NOTES.md v2.2.
 """
@@ -52,11 +54,14 @@ def _signature(hidden: torch.Tensor, mask: torch.Tensor | None, modes: str) -> t
     return (*head, mask.shape, mask.stride(), mask.dtype, mask.device, mask.layout)
 
 
-def _general_state() -> bool:
-    """Whether this call must take the general path whatever its signature: torch backend chosen, a
-    torch.func transform, forward-mode AD, test overrides or launch hooks (compiling: tested first)."""
+def _general_state(hidden: torch.Tensor) -> bool:
+    """Whether this call must take the general path whatever its signature: the torch backend chosen
+    (or auto, for a CPU tensor), a torch.func transform, forward-mode AD, test overrides or launch
+    hooks (compiling: tested first)."""
+    backend = requested_backend()
     return (
-        requested_backend() == "torch"
+        backend == "torch"
+        or (backend == "auto" and not hidden.is_cuda)
         or _functorch_active()
         or forward_ad._current_level >= 0
         or has_overrides()
@@ -72,15 +77,17 @@ def pool(hidden: object, mask: object, modes: str) -> torch.Tensor | None:
     comma-separated. No user weights, normalisation or returned indices (the caller checks)."""
     if type(hidden) is not _Tensor or (mask is not None and type(mask) is not _Tensor):
         return None
-    # CPU tensors have no compiled launcher (outside the host-cost harness): the eager backend's small
-    # calls pay one attribute read. Compiling before the key: torch.compile must not trace it.
-    if not (hidden.is_cuda or _cpu_signatures) or _is_compiling():
+    # Compiling first: torch.compile must neither trace the key nor guard on this module's state. CPU
+    # tensors have no compiled launcher (outside the host-cost harness).
+    if _is_compiling() or not (hidden.is_cuda or _cpu_signatures):
         return None
     try:
         call = _calls.get(_signature(hidden, mask, modes))
     except RuntimeError:  # no strides (nested): the general path says why
         return None
-    if call is None or _general_state():
+    # A mask with the negative bit (x.conj().imag) has the signature of a plain one; the general path
+    # rejects it (Tensor.view to another dtype).
+    if call is None or _general_state(hidden) or (mask is not None and mask.is_neg()):
         return None
     hidden_ptr = hidden.data_ptr()
     mask_ptr = call.no_mask if mask is None else mask.data_ptr()
@@ -99,13 +106,15 @@ def learn(hidden: torch.Tensor, mask: torch.Tensor | None, modes: str) -> None:
     signature = _signature(hidden, mask, modes)
     if signature in _calls:  # remembered already; this call missed for a reason of its own
         return
-    if _general_state() or not aligned(hidden) or (mask is not None and not aligned(mask)):
+    if _general_state(hidden) or not aligned(hidden) or (mask is not None and not aligned(mask)):
         return
     index = cuda_index(hidden.device)
     if index is not None and index != torch.cuda.current_device():
         return
     wants = signature[6]
-    repeat = launchers.repeat_call(hidden, mask, modes, track_positions=wants, lean=not wants, for_backward=wants)
+    repeat = launchers.repeat_call(
+        hidden, mask, modes, track_positions=wants, lean=not wants, for_backward=wants
+    )
     if repeat is None:
         return
     plan = launchers.forward_launcher().plan(repeat.key)
@@ -114,7 +123,7 @@ def learn(hidden: torch.Tensor, mask: torch.Tensor | None, modes: str) -> None:
     global _cpu_signatures
     if len(_calls) >= _LIMIT:
         _calls.clear()
-    _calls[signature] = ExpressCall(repeat, plan, modes, hidden.shape[1], wants)
+    _calls[signature] = ExpressCall(repeat, plan, modes, hidden.shape[1], wants, mask)
     _cpu_signatures = _cpu_signatures or not hidden.is_cuda
 
 
@@ -137,10 +146,10 @@ class ExpressCall:
     __slots__ = (
         "repeat", "launch", "head", "device", "index", "stream", "driver", "grid", "shape", "argmax_shape",
         "stats_shape", "no_mask", "rest", "tickets", "training", "spec", "T", "dtype", "backward_plan",
-        "empty_int", "empty_acc",
+        "empty_int", "empty_acc", "mask_layout",
     )  # fmt: skip
 
-    def __init__(self, repeat, plan, modes: str, T: int, training: bool):
+    def __init__(self, repeat, plan, modes: str, T: int, training: bool, mask):
         launch, head, tail, driver = plan
         self.repeat, self.launch, self.head, self.driver = repeat, launch, head, driver
         self.device, self.grid, self.training = repeat.device, repeat.grid, training
@@ -166,6 +175,8 @@ class ExpressCall:
         self.backward_plan = None
         self.empty_int = empty(self.device, torch.int32)
         self.empty_acc = empty(self.device, repeat.plan.acc)
+        # What the backward's direct launch reads the mask as (its pointer is the forward's).
+        self.mask_layout = None if mask is None else (mask.stride(), mask.dtype)
 
     def on_current_stream(self) -> bool:
         """Whether the current device and stream are those the signature was planned on (workspaces
@@ -192,8 +203,8 @@ class ExpressCall:
         middle, rest = self.rest
         grid = self.grid
         self.launch(
-            grid[0], grid[1], grid[2], self.stream, *self.head, hidden_ptr, mask_ptr, out.data_ptr(), argmax_ptr,
-            stats_ptr, *middle, next_epoch() if self.tickets else 1, *rest,
+            grid[0], grid[1], grid[2], self.stream, *self.head, hidden_ptr, mask_ptr, out.data_ptr(),
+            argmax_ptr, stats_ptr, *middle, next_epoch() if self.tickets else 1, *rest,
         )  # fmt: skip
         return out, argmax, stats
 
@@ -214,19 +225,32 @@ class ExpressPoolFunction(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         call, argmax, stats, mask_ptr = ctx.express
         plan = call.backward_plan
-        if (
-            plan is not None
-            and grad_out.dtype is plan.grad_dtype
-            and grad_out.stride() == plan.grad_strides
-            and not _is_grad_enabled()
+        # A direct launch (or learning one) only for a first-order backward (no graph, no torch.func:
+        # batched gradients have no data pointer) on the forward's device and stream, without launch
+        # hooks or overrides, that reads the forward's own mask: saved-tensor hooks (offloading) may
+        # give back a copy, with memory and strides of its own.
+        direct = (
+            not _is_grad_enabled()
             and not _functorch_active()
             and call.on_current_stream()
+            and (
+                mask is None
+                or (mask.data_ptr() == mask_ptr and (mask.stride(), mask.dtype) == call.mask_layout)
+            )
+            and not has_overrides()
+            and hooks_idle()
+        )
+        if (
+            direct
+            and plan is not None
+            and grad_out.dtype is plan.grad_dtype
+            and grad_out.stride() == plan.grad_strides
         ):
             grad_ptr = grad_out.data_ptr()
             if not grad_ptr & 15:
                 return plan.run(call, grad_out, grad_ptr, mask_ptr, argmax, stats), None, None, None, None
         grad = _general_backward(ctx, call, mask, argmax, stats, grad_out)
-        if plan is None:
+        if direct and plan is None:
             call.backward_plan = BackwardPlan.learn(call, grad_out, mask, stats)
         return grad, None, None, None, None
 
@@ -285,7 +309,7 @@ class BackwardPlan:
         dummy, grid = self.dummy, self.grid
         self.launch(
             grid[0], grid[1], grid[2], call.stream, *self.head, grad_ptr, mask_ptr,
-            argmax.data_ptr() if self.has_max else stats_ptr, stats_ptr, stats_ptr, dummy, dummy, grad.data_ptr(),
-            *self.tail,
+            argmax.data_ptr() if self.has_max else stats_ptr, stats_ptr, stats_ptr, dummy, dummy,
+            grad.data_ptr(), *self.tail,
         )  # fmt: skip
         return grad
