@@ -8,7 +8,7 @@ from . import ops_attention
 from .backend import resolve_backend
 from .functional import _validate
 from .limits import FLOAT_DTYPES
-from .packed import validate_packed
+from .packed import resolve_negative, validate_packed
 
 # Heads are a grid dimension of the kernels (CUDA allows 65535 blocks there).
 MAX_HEADS = 65535
@@ -103,7 +103,7 @@ def attention_pool(
     if cu_seqlens is not None or (isinstance(hidden, torch.Tensor) and hidden.is_nested):
         backend = resolve_backend(hidden.device)
         packed = validate_packed(hidden, mask, cu_seqlens, max_seqlen, None, backend)
-        s2 = _packed_scores(scores, packed.hidden, packed.cu_seqlens)
+        s2 = resolve_negative(_packed_scores(scores, packed.hidden, packed.cu_seqlens))
         out, _, _ = ops_attention.packed_attention_pool_forward(
             packed.hidden, s2, packed.cu_seqlens, packed.max_seqlen, packed.check_offsets, backend
         )
@@ -112,6 +112,7 @@ def attention_pool(
         raise ValueError("max_seqlen: expected None without cu_seqlens (it bounds packed sequences)")
     _validate(hidden, mask)
     _validate_scores(hidden, scores)
+    hidden, mask, scores = resolve_negative(hidden), resolve_negative(mask), resolve_negative(scores)
     s3 = scores.unsqueeze(-1) if scores.dim() == 2 else scores
     out, _, _ = ops_attention.attention_pool_forward(hidden, s3, mask, resolve_backend(hidden.device))
     return out

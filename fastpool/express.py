@@ -85,9 +85,9 @@ def pool(hidden: object, mask: object, modes: str) -> torch.Tensor | None:
         call = _calls.get(_signature(hidden, mask, modes))
     except RuntimeError:  # no strides (nested): the general path says why
         return None
-    # A mask with the negative bit (x.conj().imag) has the signature of a plain one; the general path
-    # rejects it (Tensor.view to another dtype).
-    if call is None or _general_state(hidden) or (mask is not None and mask.is_neg()):
+    # A tensor with the negative bit (x.conj().imag) has the signature of a plain one, but its memory
+    # holds -x: the general path resolves it (packed.resolve_negative).
+    if call is None or _general_state(hidden) or hidden.is_neg() or (mask is not None and mask.is_neg()):
         return None
     hidden_ptr = hidden.data_ptr()
     mask_ptr = call.no_mask if mask is None else mask.data_ptr()

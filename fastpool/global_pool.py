@@ -10,6 +10,7 @@ import torch
 from . import ops_global_pool
 from .backend import resolve_backend
 from .limits import FLOAT_DTYPES, MAX_SEQUENCE_LENGTH
+from .packed import resolve_negative
 
 GLOBAL_MODES = ("mean", "max")
 
@@ -79,4 +80,5 @@ def global_pool(x: torch.Tensor, mode: str | Sequence[str] = "mean") -> torch.Te
     """
     modes = _validate_modes(mode)
     _validate(x, modes)
+    x = resolve_negative(x)
     return ops_global_pool.global_pool_forward(x, ",".join(modes), resolve_backend(x.device))

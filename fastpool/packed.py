@@ -40,6 +40,16 @@ def check_dense(argument: str, tensor: torch.Tensor) -> None:
         raise TypeError(f"{argument}: expected a dense (strided) tensor, got layout {tensor.layout}")
 
 
+def resolve_negative(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` itself, or a copy with its negative bit resolved. ``x.conj().imag`` and
+    ``torch._neg_view`` are views whose memory holds -x, and the kernels read memory as it is: only
+    such a view is copied (the eager ops would resolve it anyway). Not while compiling: the compiled
+    graph hands the ops plain tensors (and ``is_neg`` does not trace)."""
+    if tensor is None or torch.compiler.is_compiling() or not tensor.is_neg():
+        return tensor
+    return tensor.resolve_neg()
+
+
 def _beyond(size: int | torch.SymInt, limit: int) -> bool:
     if isinstance(size, int):
         return size > limit
@@ -238,4 +248,5 @@ def validate_packed(
     if check and not torch.compiler.is_compiling() and not transforms.active():
         max_seqlen = check_offsets(cu_seqlens, N)  # the real longest: a better launch hint
         check = False
+    hidden, weights = resolve_negative(hidden), resolve_negative(weights)
     return PackedInput(hidden, cu_seqlens, weights, -1 if max_seqlen is None else max_seqlen, check)

@@ -236,3 +236,48 @@ def test_hessian_vector_product_through_normalize_matches_f_normalize(backend):
         _, hvp = torch.autograd.functional.hvp(lambda h, fused=fused: loss(h, fused), hidden, direction)
         hvps.append(hvp)
     torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-9, atol=1e-12)
+
+
+def _negative_view(x: torch.Tensor) -> torch.Tensor:
+    """A view of -x with the negative bit (memory holds x), as ``(x * 1j).conj().imag``... gives."""
+    view = torch._neg_view(x)
+    assert view.is_neg() and view.data_ptr() == x.data_ptr()
+    return view
+
+
+def test_negative_bit_views_are_pooled_as_their_values_on_every_entry_point(backend):
+    """``x.conj().imag`` and ``torch._neg_view`` are float views whose memory holds -x: the Triton kernels
+    read memory as it is, so every entry point resolves them (found by the express review: the Triton
+    backend pooled x instead of -x)."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 7, 8, generator=g)
+    mask = torch.rand(3, 7, generator=g) < 0.7
+    weights = torch.rand(3, 7, generator=g) + 0.5
+    fmask = mask.float()
+    modes = ["mean", "max", "weighted_mean"]
+    assert torch.equal(
+        fastpool.pool(_negative_view(hidden), _negative_view(fmask), modes, weights=_negative_view(weights)),
+        fastpool.pool(-hidden, fmask, modes, weights=-weights),
+    )
+    cu = torch.tensor([0, 4, 4, 12])
+    tokens = hidden.reshape(-1, 8)[:12]
+    assert torch.equal(
+        fastpool.pool(_negative_view(tokens), mode=["mean", "max"], cu_seqlens=cu),
+        fastpool.pool(-tokens, mode=["mean", "max"], cu_seqlens=cu),
+    )
+    scores = torch.randn(3, 7, generator=g)
+    assert torch.equal(
+        fastpool.attention_pool(_negative_view(hidden), _negative_view(scores), mask),
+        fastpool.attention_pool(-hidden, -scores, mask),
+    )
+    maps = torch.randn(2, 4, 3, 3, generator=g)
+    assert torch.equal(fastpool.global_pool(_negative_view(maps), ["mean", "max"]),
+                       fastpool.global_pool(-maps, ["mean", "max"]))
+    state = fastpool.pool_partial(_negative_view(hidden), mask, ["mean", "max"]).finish()
+    assert torch.equal(state, fastpool.pool_partial(-hidden, mask, ["mean", "max"]).finish())
+    # Gradients flow through the resolved copy to the view's base.
+    leaf = hidden.clone().requires_grad_()
+    fastpool.mean_pool(_negative_view(leaf), mask).sum().backward()
+    plain = hidden.clone().requires_grad_()
+    fastpool.mean_pool(-plain, mask).sum().backward()
+    assert torch.equal(leaf.grad, plain.grad)
