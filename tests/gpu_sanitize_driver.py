@@ -7,8 +7,8 @@ normalisation epilogue over several feature blocks, inference calls (values-only
 the workspace), strided inputs, empty dimensions and empty rows, forward and backward (the rank
 prefixes of weighted_mean with a mask); packed batches (segment programs only, and window programs
 for long segments, with and without the max_seqlen hint, empty and long sequences) and malformed
-offsets on the unchecked path (must stay in bounds). Exits non-zero on a wrong result (against the
-eager backend), prints OK otherwise.
+offsets on the unchecked path (must stay in bounds); repeated calls (``fastpool.express``). Exits
+non-zero on a wrong result (against the eager backend), prints OK otherwise.
 """
 
 import argparse
@@ -96,6 +96,7 @@ def main() -> int:
                 torch.testing.assert_close(grads, results[0][1], **tol)
         checked += 1
     checked += packed_cases(args.quick or args.tiny, gen)
+    checked += repeated_cases(args.quick or args.tiny, gen)
     print(f"OK {checked} cases")
     return 0
 
@@ -146,6 +147,48 @@ def packed_cases(quick: bool, gen: torch.Generator) -> int:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     return checked + 1
+
+
+def repeated_cases(few: bool, gen: torch.Generator) -> int:
+    """Repeated calls (``fastpool.express``: integer pointers straight to the compiled launcher): the same
+    signature three times, training and inference, each result equal to the first (general) call's bits;
+    a backward whose mask comes back from saved-tensor hooks (offloading) as a copy."""
+    from fastpool import express
+
+    express.forget()
+    shapes = [(3, 37, 300), (1, 2048, 520)]
+    mode_sets = (["mean"], ["max"], ["mean", "max"], ["last"]) if few else (
+        ["mean"], ["max"], ["mean", "max"], ["cls"], ["last"], ["mean_sqrt_len"], ["weighted_mean"],
+    )  # fmt: skip
+    checked = 0
+    for shape in shapes:
+        for layout in ("none", "right", "holes"):
+            for modes in mode_sets:
+                hidden, mask = make(torch.bfloat16, shape, layout, gen)
+                hidden.requires_grad_()
+                g = torch.randn(shape[0], len(modes) * shape[2], generator=gen).to(torch.bfloat16).to(DEVICE)
+                with fastpool.use_backend("triton"):
+                    runs = []
+                    for _ in range(3):
+                        out = fastpool.pool(hidden, mask, mode=modes)
+                        grad = torch.autograd.grad(out, hidden, g)[0] if out.numel() else None
+                        with torch.no_grad():
+                            inference = fastpool.pool(hidden, mask, mode=modes)
+                        runs.append((out, grad, inference))
+                    with torch.autograd.graph.save_on_cpu():
+                        out = fastpool.pool(hidden, mask, mode=modes)
+                    hooked = torch.autograd.grad(out, hidden, g)[0] if out.numel() else None
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                first = runs[0]
+                for out, grad, inference in runs[1:]:
+                    assert torch.equal(out, first[0]) and torch.equal(inference, first[2])
+                    assert grad is None or torch.equal(grad, first[1])
+                assert hooked is None or torch.equal(hooked, first[1])
+                checked += 1
+    # Compiled launchers exist on a GPU only (the interpreter has none: every call is general there).
+    assert express._calls or DEVICE != "cuda", "no repeated call took the express path"
+    return checked
 
 
 if __name__ == "__main__":

@@ -271,8 +271,10 @@ def test_negative_bit_views_are_pooled_as_their_values_on_every_entry_point(back
         fastpool.attention_pool(-hidden, -scores, mask),
     )
     maps = torch.randn(2, 4, 3, 3, generator=g)
-    assert torch.equal(fastpool.global_pool(_negative_view(maps), ["mean", "max"]),
-                       fastpool.global_pool(-maps, ["mean", "max"]))
+    assert torch.equal(
+        fastpool.global_pool(_negative_view(maps), ["mean", "max"]),
+        fastpool.global_pool(-maps, ["mean", "max"]),
+    )
     state = fastpool.pool_partial(_negative_view(hidden), mask, ["mean", "max"]).finish()
     assert torch.equal(state, fastpool.pool_partial(-hidden, mask, ["mean", "max"]).finish())
     # Gradients flow through the resolved copy to the view's base.

@@ -64,9 +64,11 @@ class Replay:
             kernel, general, constexprs, options = self.general[key]
             args = arguments[: len(arguments) - n_tail]
             assert len(args) == len(general)
-            assert arguments[len(args) :] == tuple(constexprs[p.name] for p in _params(kernel) if p.is_constexpr)
+            assert arguments[len(args) :] == tuple(
+                constexprs[p.name] for p in _params(kernel) if p.is_constexpr
+            )
             tensors = []
-            for position, (mine, theirs) in enumerate(zip(args, general)):
+            for position, (mine, theirs) in enumerate(zip(args, general, strict=True)):
                 if isinstance(theirs, torch.Tensor):
                     assert type(mine) is int, position
                     tensors.append(self._tensor(mine, theirs, position))
@@ -149,7 +151,7 @@ def test_inference_repeats_launch_the_general_arguments(replay, device, mode, ma
     for seed in (1, 2):
         hidden, mask = inputs(device, mask_dtype=mask_dtype, seed=seed)
         out = fastpool.pool(hidden, mask, mode)
-        assert torch.equal(out, general(lambda: fastpool.pool(hidden, mask, mode)))
+        assert torch.equal(out, general(lambda h=hidden, m=mask: fastpool.pool(h, m, mode)))
     assert replay.express_launches == ["pool_forward_kernel"] * 2
 
 
@@ -160,7 +162,9 @@ def test_training_repeats_launch_forward_and_backward_with_the_general_arguments
 ):
     def step(seed):
         hidden, mask = inputs(device, mask_dtype=mask_dtype, seed=seed, grad=True)
-        g = torch.randn(3, 16 * (2 if isinstance(mode, list) else 1), generator=torch.Generator().manual_seed(seed))
+        g = torch.randn(
+            3, 16 * (2 if isinstance(mode, list) else 1), generator=torch.Generator().manual_seed(seed)
+        )
         out = fastpool.pool(hidden, mask, mode)
         (grad,) = torch.autograd.grad(out, hidden, g.to(device))
         return out, grad
@@ -170,9 +174,12 @@ def test_training_repeats_launch_forward_and_backward_with_the_general_arguments
     assert replay.express_launches == ["pool_forward_kernel"]
     for seed in (2, 3):
         out, grad = step(seed)
-        ref_out, ref_grad = general(lambda: step(seed))
+        ref_out, ref_grad = general(lambda s=seed: step(s))
         assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
-    assert replay.express_launches == ["pool_forward_kernel"] + ["pool_forward_kernel", "pool_backward_kernel"] * 2
+    assert (
+        replay.express_launches
+        == ["pool_forward_kernel"] + ["pool_forward_kernel", "pool_backward_kernel"] * 2
+    )
 
 
 def test_split_rows_draw_a_new_epoch_every_launch(replay, device):
@@ -187,7 +194,7 @@ def test_split_rows_draw_a_new_epoch_every_launch(replay, device):
         hidden, mask = inputs(device, B=1, T=1100, d=8, seed=seed)
         out = fastpool.pool(hidden, mask, "mean")
         epochs.append(launch._epoch)
-        assert torch.equal(out, general(lambda: fastpool.pool(hidden, mask, "mean")))
+        assert torch.equal(out, general(lambda h=hidden, m=mask: fastpool.pool(h, m, "mean")))
     assert epochs[0] != epochs[1]
 
 
@@ -310,8 +317,10 @@ def test_compiled_launches_repeat_with_the_same_bits(device):
         for _ in range(3):
             out = fastpool.pool(hidden, mask, mode)
             results.append((out, torch.autograd.grad(out, hidden, g)[0]))
-        ref_out = general(lambda: fastpool.pool(hidden, mask, mode))
-        ref_grad = general(lambda: torch.autograd.grad(fastpool.pool(hidden, mask, mode), hidden, g)[0])
+        ref_out = general(lambda h=hidden, m=mask, o=mode: fastpool.pool(h, m, o))
+        ref_grad = general(
+            lambda h=hidden, m=mask, o=mode, w=g: torch.autograd.grad(fastpool.pool(h, m, o), h, w)[0]
+        )
         for out, grad in results:
             assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
     assert len(express._calls) == 4
