@@ -222,6 +222,7 @@ class ExpressPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        ops.check_not_legacy_batched(grad_out)
         (mask,) = ctx.saved_tensors
         call, argmax, stats, mask_ptr = ctx.express
         plan = call.backward_plan

@@ -441,7 +441,23 @@ def _hidden_grad(ctx, grad_out, layout, weights, argmax, stats, wsum, prefix):
     )
 
 
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def check_not_legacy_batched(grad_out: torch.Tensor | None) -> None:
+    """RuntimeError for a gradient batched by ``torch.autograd.grad(..., is_grads_batched=True)``: its
+    legacy vmap hands the backward a tensor without storage, which neither the kernels nor the eager
+    backward's ops (no batching rule for ``aten::alias``) can take."""
+    if grad_out is not None and _legacy_batched(grad_out):
+        raise RuntimeError(
+            "fastpool: torch.autograd.grad(..., is_grads_batched=True) is not supported (its legacy vmap "
+            "cannot run the pooling backward); use torch.func.vmap over torch.autograd.grad, or one "
+            "torch.autograd.grad per gradient"
+        )
+
+
 def _backward(ctx, grad_out, _grad_argmax, _grad_stats, grad_norms, *_grads_of_backward_extras):
+    check_not_legacy_batched(grad_out)
     if ctx.slim:
         layout, weights, hidden = ctx.saved_tensors
         (argmax, stats, wsum, wmean, prefix), out, norms = ctx.kept, None, None
@@ -554,6 +570,7 @@ def _slim_path(implementation, name: str, packed: bool) -> type:
         return output[0]
 
     def slim_backward(ctx, grad_out):
+        check_not_legacy_batched(grad_out)
         if _needs_general_backward(ctx):
             return _slim_generic_backward(ctx, grad_out, packed)
         if not ctx.needs_input_grad[0]:

@@ -283,3 +283,20 @@ def test_negative_bit_views_are_pooled_as_their_values_on_every_entry_point(back
     plain = hidden.clone().requires_grad_()
     fastpool.mean_pool(-plain, mask).sum().backward()
     assert torch.equal(leaf.grad, plain.grad)
+
+
+def test_is_grads_batched_is_a_clear_error(backend):
+    """``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward under the legacy vmap (a
+    gradient without storage): a clear error instead of "Cannot access data pointer" (Triton) or a
+    missing batching rule (eager), and torch.func.vmap over autograd.grad as the way out."""
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    grads = torch.randn(3, 2, 4)
+    for mode in ("mean", ["mean", "max"]):
+        out = fastpool.pool(hidden, mask, mode if isinstance(mode, list) else [mode])
+        with pytest.raises(RuntimeError, match="is_grads_batched"):
+            torch.autograd.grad(out, hidden, grads.repeat(1, 1, out.shape[1] // 4), is_grads_batched=True)
+    out = fastpool.mean_pool(hidden, mask)
+    batched = torch.func.vmap(lambda g: torch.autograd.grad(out, hidden, g, retain_graph=True)[0])(grads)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], torch.autograd.grad(out, hidden, grads[i], retain_graph=True)[0])

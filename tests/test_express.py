@@ -325,3 +325,14 @@ def test_compiled_launches_repeat_with_the_same_bits(device):
             assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
     assert len(express._calls) == 4
     assert all(call.backward_plan is not None for call in express._calls.values())
+
+
+def test_is_grads_batched_after_an_express_forward_is_the_same_clear_error(replay, device):
+    hidden, mask = inputs(device, grad=True)
+    g = torch.randn(3, 16, device=device)
+    for _ in range(2):  # the general call, then an express one whose backward plan is learned
+        torch.autograd.grad(fastpool.mean_pool(hidden, mask), hidden, g)
+    out = fastpool.mean_pool(hidden, mask)
+    assert replay.express_launches == ["pool_forward_kernel"] * 2
+    with pytest.raises(RuntimeError, match="is_grads_batched"):
+        torch.autograd.grad(out, hidden, torch.randn(2, 3, 16, device=device), is_grads_batched=True)
