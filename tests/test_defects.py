@@ -299,4 +299,6 @@ def test_is_grads_batched_is_a_clear_error(backend):
     out = fastpool.mean_pool(hidden, mask)
     batched = torch.func.vmap(lambda g: torch.autograd.grad(out, hidden, g, retain_graph=True)[0])(grads)
     for i in range(3):
-        torch.testing.assert_close(batched[i], torch.autograd.grad(out, hidden, grads[i], retain_graph=True)[0])
+        torch.testing.assert_close(
+            batched[i], torch.autograd.grad(out, hidden, grads[i], retain_graph=True)[0]
+        )
