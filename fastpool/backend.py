@@ -122,12 +122,15 @@ _environment_names: dict = {}
 
 
 def _from_environment(raw) -> str:
-    """The checked backend name of FASTPOOL_BACKEND's raw value (cached per value)."""
-    name = _environment_names.get(raw)
+    """The checked backend name of FASTPOOL_BACKEND's raw value (cached per value; not while compiling:
+    torch.compile would guard on the cache's contents, which its first call fills, and recompile)."""
+    compiling = torch.compiler.is_compiling()
+    name = None if compiling else _environment_names.get(raw)
     if name is None:
         text = raw if isinstance(raw, str) else os.environ.decodevalue(raw)
         name = _check(text.strip().lower() or "auto", "FASTPOOL_BACKEND")
-        _environment_names[raw] = name
+        if not compiling:
+            _environment_names[raw] = name
     return name
 
 
@@ -140,7 +143,10 @@ _cuda_devices: dict[torch.device, bool] = {}
 
 
 def _is_cuda(device: torch.device) -> bool:
-    # Cached per device: ``device.type`` builds a new string on every access.
+    # Cached per device: ``device.type`` builds a new string on every access. Not while compiling (a
+    # guard on the cache, which the first traced call fills, would recompile once).
+    if torch.compiler.is_compiling():
+        return device.type == "cuda"
     is_cuda = _cuda_devices.get(device)
     if is_cuda is None:
         is_cuda = _cuda_devices[device] = device.type == "cuda"

@@ -1,5 +1,7 @@
 """The fastpool:: custom ops under torch.library.opcheck and torch.compile(fullgraph=True)."""
 
+import os
+
 import pytest
 import torch
 from helpers import kernel_config, make_mask
@@ -137,3 +139,38 @@ def test_fullgraph_compile_with_user_weights(device, backend_name):
             torch.testing.assert_close(loss, ref)
             torch.testing.assert_close(grads, ref_grads)
     assert counter.frame_count <= 2
+
+
+_FRESH_PROCESS_COMPILE = """
+import contextlib, os, sys
+import torch
+import fastpool
+from torch._dynamo.testing import CompileCounter
+
+counts = []
+triton_runs = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+for backend in (None, "triton" if triton_runs else None):
+    counter = CompileCounter()
+    f = torch.compile(lambda h, m: fastpool.mean_pool(h, m) * 1, fullgraph=True, backend=counter)
+    with fastpool.use_backend(backend) if backend else contextlib.nullcontext():
+        for _ in range(3):
+            device = sys.argv[1]
+            f(torch.randn(2, 5, 4, device=device), torch.ones(2, 5, dtype=torch.bool, device=device))
+    counts.append(counter.frame_count)
+print(counts)
+"""
+
+
+def test_a_fresh_process_compiles_once_whatever_selects_the_backend(device):
+    """fastpool's own caches (backend names from FASTPOOL_BACKEND, device kinds) are filled by the first
+    traced call: read while compiling they made torch.compile guard on them and recompile once."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FASTPOOL_BACKEND": "torch"}
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", _FRESH_PROCESS_COMPILE, device], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1, 1]"
