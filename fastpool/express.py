@@ -7,9 +7,9 @@ that launch can be repeated as it is: the Triton backend, the call's device curr
 launcher to call directly (``fastpool.fast_launch``), and one output to return (no user weights, no
 normalisation, no returned indices). A later call with the same signature (``pool``) checks only
 what the signature does not hold -- the backend selection, grad mode, torch.func / forward-mode AD /
-compile state, test overrides and launch hooks, the current device and stream, a mask's negative
-bit, 16-byte alignment of the data pointers -- then allocates its output and launches, passing the data
-pointers as integers. Anything else, and every first call, returns None and the caller takes the
+compile state, test overrides and launch hooks, the current device and stream, negative bits of
+hidden and the mask, 16-byte alignment of the data pointers -- then allocates its output and launches,
+passing the data pointers as integers. Anything else, and every first call, returns None and the caller takes the
 general path.
 
 The signature key holds everything the general path validates and plans on: modes, and for hidden
