@@ -9,8 +9,8 @@ normalisation, no returned indices). A later call with the same signature (``poo
 what the signature does not hold -- the backend selection, grad mode, torch.func / forward-mode AD /
 compile state, test overrides and launch hooks, the current device and stream, negative bits of
 hidden and the mask, 16-byte alignment of the data pointers -- then allocates its output and launches,
-passing the data pointers as integers. Anything else, and every first call, returns None and the caller takes the
-general path.
+passing the data pointers as integers. Anything else, and every first call, returns None and the
+caller takes the general path.
 
 The signature key holds everything the general path validates and plans on: modes, and for hidden
 and the mask their shape, strides, dtype, device and layout, plus whether a gradient is wanted. A
