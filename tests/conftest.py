@@ -75,3 +75,19 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if id(item) in kept]
+
+
+@pytest.fixture
+def replay(monkeypatch, device):
+    """A replaying stand-in for the compiled launcher the interpreter lacks (``tests/test_express.py``'s
+    ``Replay``), on the triton backend, with no remembered signature before or after."""
+    if device == "cuda":
+        pytest.skip("the replaying launcher stands in for the compiled one the interpreter lacks")
+    from test_express import Replay
+
+    from fastpool import express
+
+    express.forget()
+    with fastpool.use_backend("triton"):
+        yield Replay(monkeypatch)
+    express.forget()

@@ -112,16 +112,6 @@ class _Driver:
         return 0
 
 
-@pytest.fixture
-def replay(monkeypatch, device):
-    if device == "cuda":
-        pytest.skip("the replaying launcher stands in for the compiled one the interpreter lacks")
-    express.forget()
-    with fastpool.use_backend("triton"):
-        yield Replay(monkeypatch)
-    express.forget()
-
-
 def general(fn):
     """fn() on the general path (no repeated-call shortcut)."""
     saved = express.pool

@@ -64,17 +64,6 @@ def offload():
 
 
 @pytest.fixture
-def replay(monkeypatch, device):
-    """The replaying launcher of tests/test_express.py, on the triton backend."""
-    if device == "cuda":
-        pytest.skip("the replaying launcher stands in for the compiled one the interpreter lacks")
-    express.forget()
-    with fastpool.use_backend("triton"):
-        yield Replay(monkeypatch)
-    express.forget()
-
-
-@pytest.fixture
 def launch_hooks(replay, monkeypatch):
     """A switch for 'a launch hook is installed' (a profiler), read by express and by the general path."""
     state = {"idle": True}
