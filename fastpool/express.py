@@ -279,7 +279,9 @@ class BackwardPlan:
     """The backward launch of an express signature for one gradient signature (dtype and strides of
     grad_out): ``launchers.BackwardCall``'s arguments as integers around the per-call entries."""
 
-    __slots__ = ("grad_dtype", "grad_strides", "shape", "launch", "head", "grid", "tail", "has_max", "dummy")
+    __slots__ = (
+        "grad_dtype", "grad_strides", "shape", "launch", "head", "grid", "tail", "has_max", "dummy", "kept",
+    )  # fmt: skip
 
     @classmethod
     def learn(cls, call: ExpressCall, grad_out, mask, stats) -> BackwardPlan | None:
@@ -299,8 +301,10 @@ class BackwardPlan:
         self.launch, self.head, self.grid = launch, head, repeat.grid
         self.tail = (*repeat.tail, *tail)
         self.has_max = repeat.slots["max"] >= 0
-        # The acc-dtype placeholder the general backward passes for the weights and their sums.
-        self.dummy = placeholder(repeat.device, call.repeat.plan.acc).data_ptr()
+        # The acc-dtype placeholder the general backward passes for the weights and their sums, kept
+        # alive here: only its address goes to the launches.
+        self.kept = placeholder(repeat.device, call.repeat.plan.acc)
+        self.dummy = self.kept.data_ptr()
         return self
 
     def run(self, call: ExpressCall, grad_out, grad_ptr: int, mask_ptr: int, argmax, stats) -> torch.Tensor:
