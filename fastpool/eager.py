@@ -165,6 +165,22 @@ def _gather(hidden: torch.Tensor, position: torch.Tensor, any_empty: bool = True
     return picked
 
 
+# Rows up to which a CPU mask column is tested as a Python list (``tolist``, ~2 us) rather than by
+# an ATen reduction (~3 us fixed cost, less per row).
+_LISTED_ROWS = 64
+
+
+def _column_all_real(mask: torch.Tensor, edge: int) -> bool:
+    """Whether ``mask[:, edge]`` is a real token in every row (``masks.real_tokens``' meaning), read
+    without testing the whole (B, T) mask: a lone cls / last call costs about this test."""
+    column = mask[:, edge]
+    if column.dtype.is_floating_point:  # -0.0 is padding, NaN and denormals are real: the bit test
+        return bool(real_tokens(column).all())
+    if column.is_cpu and column.shape[0] <= _LISTED_ROWS:
+        return all(column.tolist())
+    return int(torch.count_nonzero(column)) == column.shape[0]
+
+
 def select_rows(hidden: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
     """(B, d) in hidden's dtype: "cls" (first real token) or "last" (last real token) of each row, 0
     for an empty row; the bits of ``pool_forward(..., [name])`` with none of its row statistics.
@@ -173,27 +189,63 @@ def select_rows(hidden: torch.Tensor, mask: torch.Tensor | None, name: str) -> t
     row, ``_gather`` of B rows), because at any size this call is its fixed cost. hidden (B, T, d)
     float, mask (B, T) any dtype or None. Never a view of hidden.
     """
+    return select_rows_at(hidden, mask, name)[0]
+
+
+def select_rows_at(
+    hidden: torch.Tensor, mask: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """(out, position): ``select_rows`` and where each row's token was taken, for its backward
+    (``select_rows_backward``): one column for every row (an int), or (B,) int64 positions with -1
+    for an empty row."""
     B, T, d = hidden.shape
-    if B == 0 or T == 0:
-        return hidden.new_zeros((B, d))
-    if mask is None:
-        return hidden[:, 0 if name == "cls" else T - 1].clone(memory_format=torch.contiguous_format)
-    flags = real_tokens(mask).view(torch.uint8)
     edge = 0 if name == "cls" else T - 1
-    if bool(flags[:, edge].all()):
+    if B == 0 or T == 0:
+        return hidden.new_zeros((B, d)), edge
+    if mask is None or _column_all_real(mask, edge):
         # Every row has a real token at that end (cls: no left padding; last: no right padding, as
         # decoder batches are usually left-padded): one strided copy.
-        return hidden[:, edge].clone(memory_format=torch.contiguous_format)
+        return hidden[:, edge].clone(memory_format=torch.contiguous_format), edge
+    flags = real_tokens(mask).view(torch.uint8)
     # max returns the first of equal maxima: the first real position and whether there is one
     # (from the end for last: the flipped row's first is the last).
     found, position = (flags if name == "cls" else flags.flip(1)).max(1)
     if name != "cls":
         position = (T - 1) - position
     picked = _gather(hidden, position, any_empty=False)
-    # An empty row picked some token: replaced by zeros.
+    # An empty row picked some token: replaced by zeros, and its position by -1.
     if not bool(found.all()):
-        picked.masked_fill_((found == 0).unsqueeze(1), 0)
-    return picked
+        empty = found == 0
+        picked.masked_fill_(empty.unsqueeze(1), 0)
+        position = position.masked_fill(empty, -1)
+    return picked, position
+
+
+def select_rows_backward(
+    grad_out: torch.Tensor, position: int | torch.Tensor, shape: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """(B, T, d) gradient in ``dtype`` of a selection of one token per row: grad_out (B, d) at each
+    row's ``position`` (a column for every row, or (B,) with -1 for an empty row, which gets 0), 0
+    everywhere else. Built from differentiable ops (a second-order pass differentiates it)."""
+    B, T, d = shape
+    device = grad_out.device
+    if isinstance(position, int):
+        grad = torch.zeros((B, T, d), dtype=dtype, device=device)
+        if B and T and d:
+            grad[:, position] = grad_out
+        return grad
+    value = grad_out.to(dtype)
+    kept = position >= 0
+    # On the CPU a check is cheaper than the (B, d) select it saves; elsewhere no host sync.
+    if device.type != "cpu" or not bool(kept.all()):
+        value = torch.where(kept.unsqueeze(1), value, torch.zeros((), dtype=dtype, device=device))
+    rows, at = torch.arange(B, device=device), position.clamp(min=0)
+    # The (B, T, d) gradient after the small temporaries: allocated before them, in some heap states
+    # it lands on untouched pages at every call (first-touch page faults on the CPU, bench/NOTES.md
+    # CPU v2.4).
+    grad = torch.zeros((B, T, d), dtype=dtype, device=device)
+    grad[rows, at] = value
+    return grad
 
 
 def finish_rows(
@@ -387,18 +439,7 @@ def pool_backward(
     if share is None and w is None and len(sparse) == 1 and sparse[0][0] != "max":
         # A lone cls / last: one position per row, (B,) index work; an empty row (-1) writes 0 at 0.
         name, position = sparse[0][0], sparse[0][1].long()
-        value = grad_out[:, cols[name] : cols[name] + d].to(dtype)
-        kept = position >= 0
-        # On the CPU a check is cheaper than the (B, d) select it saves; elsewhere no host sync.
-        if device.type != "cpu" or not bool(kept.all()):
-            value = torch.where(kept.unsqueeze(1), value, torch.zeros((), dtype=dtype, device=device))
-        rows, at = torch.arange(B, device=device), position.clamp(min=0)
-        # The (B, T, d) gradient after the small temporaries: allocated before them, in some heap
-        # states it lands on untouched pages at every call (first-touch page faults on the CPU,
-        # bench/NOTES.md CPU v2.4).
-        grad = torch.zeros((B, T, d), dtype=dtype, device=device)
-        grad[rows, at] = value
-        return grad
+        return select_rows_backward(grad_out[:, cols[name] : cols[name] + d], position, (B, T, d), dtype)
     grad = _dense_grad(share, w, g_weighted, real, (B, T, d), dtype, device)
     if not sparse:
         return grad

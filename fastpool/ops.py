@@ -628,6 +628,26 @@ PackedPoolFunction, PackedPoolFunctionForTransforms = _fast_path(
 SlimPoolFunction = _slim_path(forward_impl, "PoolFunction", packed=False)
 SlimPackedPoolFunction = _slim_path(packed_forward_impl, "PackedPoolFunction", packed=True)
 
+
+class SelectFunction(torch.autograd.Function):
+    """Training path of a lone cls / last on the eager backend (first order, no torch.func, no
+    forward-mode AD): out (B, d) = the selected token of each row (``eager.select_rows_at``). It keeps
+    only the positions, no mask and no row statistics, and its backward writes grad_out at them
+    into zeros (``eager.select_rows_backward``, differentiable for create_graph=True): the same bits
+    as the general path, with about the idiom's own work (``hidden[:, 0]``'s select backward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, mask, name):
+        out, ctx.position = eager.select_rows_at(hidden, mask, name)
+        ctx.shape, ctx.dtype = hidden.shape, hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        check_not_legacy_batched(grad_out)
+        return eager.select_rows_backward(grad_out, ctx.position, ctx.shape, ctx.dtype), None, None
+
+
 # The slim functions' C entry point (autograd.Function's own base class): ``Function.apply`` adds a
 # Python layer that checks for torch.func transforms (``_run`` has, just before) and unwraps dead
 # functorch wrappers from every argument (done below for the three tensor arguments): ~11k host
@@ -636,6 +656,7 @@ _slim_apply = {
     pool_fwd: super(torch.autograd.Function, SlimPoolFunction).apply,
     packed_pool_fwd: super(torch.autograd.Function, SlimPackedPoolFunction).apply,
 }
+_select_apply = super(torch.autograd.Function, SelectFunction).apply
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
@@ -669,8 +690,14 @@ def _run(
         if functorch:
             return transformable.apply(*inputs)
         if inputs[5] < 0 and forward_ad._current_level < 0:
-            box: list = []
             mask = inputs[1]
+            if op is pool_fwd and backend == "torch" and (inputs[3] == "cls" or inputs[3] == "last"):
+                out = _select_apply(
+                    _unwrap_if_dead(hidden), None if mask is None else _unwrap_if_dead(mask), inputs[3]
+                )
+                unread = out.new_empty((0,))
+                return out, unread, unread, unread, unread, unread, unread
+            box: list = []
             out = _slim_apply[op](
                 _unwrap_if_dead(hidden), None if mask is None else _unwrap_if_dead(mask), inputs[2] if
                 weights is None else _unwrap_if_dead(weights), inputs[3:], box

@@ -292,7 +292,7 @@ def test_is_grads_batched_is_a_clear_error(backend):
     hidden = torch.randn(2, 5, 4, requires_grad=True)
     mask = torch.ones(2, 5, dtype=torch.bool)
     grads = torch.randn(3, 2, 4)
-    for mode in ("mean", ["mean", "max"]):
+    for mode in ("mean", ["mean", "max"], "cls", "last"):
         out = fastpool.pool(hidden, mask, mode if isinstance(mode, list) else [mode])
         with pytest.raises(RuntimeError, match="is_grads_batched"):
             torch.autograd.grad(out, hidden, grads.repeat(1, 1, out.shape[1] // 4), is_grads_batched=True)

@@ -131,6 +131,73 @@ def test_selection_fast_path_has_the_bits_of_the_full_forward(name, mask_dtype, 
         assert_same_bits(eager.select_rows(h, mask, name), general, f"select_rows {what}")
 
 
+# --- 1b. cls / last with a gradient: ops.SelectFunction ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cls", "last"])
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_selection_training_path_has_the_bits_of_the_general_function(name, mask_dtype, layout):
+    # A training call of a lone cls / last keeps only the selected positions (SelectFunction): its
+    # output, gradient and second-order gradient are the general Function's (row statistics and
+    # pool_backward) bit for bit, and the oracle's; garbage padding never leaks into the gradient.
+    gen = torch.Generator().manual_seed(len(name) * 7 + len(layout))
+    B, T, d = 5, 9, 3
+    real = make_real(layout, B, T, gen)
+    mask = as_mask(real, mask_dtype, gen)
+    hidden = garbage_padding(torch.randn(B, T, d, generator=gen), real)
+    grad_out = torch.randn(B, d, generator=gen)
+    expected_grad = oracle.pool_grad(to_numpy(hidden), np_mask(mask), name, to_numpy(grad_out))
+    call = fastpool.cls_pool if name == "cls" else fastpool.last_token_pool
+    for what, h in layouts_of(hidden).items():
+        x = h.detach().requires_grad_()
+        out = call(x, mask)
+        assert type(out.grad_fn).__name__ == "SelectFunctionBackward", what
+        g = grad_out.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(out, x, g, create_graph=True)
+        y = h.detach().requires_grad_()
+        general = fastpool.ops.PoolFunction.apply(y, mask, None, name, "torch", -1.0, True, True)[0]
+        (general_grad,) = torch.autograd.grad(general, y, g, create_graph=True)
+        assert_same_bits(out.detach(), general.detach(), f"out {what}")
+        assert_same_bits(grad.detach(), general_grad.detach(), f"grad {what}")
+        torch.testing.assert_close(grad.detach().double(), torch.from_numpy(expected_grad), **EXACT)
+        # Second order: the gradient of sum(grad * v) with respect to grad_out gathers v at the
+        # selected tokens.
+        v = torch.randn(B, T, d, generator=gen)
+        (second,) = torch.autograd.grad((grad * v).sum(), g)
+        (general_second,) = torch.autograd.grad((general_grad * v).sum(), g)
+        assert_same_bits(second, general_second, f"second order {what}")
+
+
+@pytest.mark.parametrize("name", ["cls", "last"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.uint8, torch.float32], ids=str)
+def test_selection_reads_the_edge_column_of_many_rows(name, mask_dtype):
+    # More rows than a mask column is listed for (eager._LISTED_ROWS): the column is counted instead.
+    # Every row real at the selected end, then one row padded there; a denormal or NaN float mask
+    # value is a real token, -0.0 padding (masks.real_tokens).
+    B, T, d = eager._LISTED_ROWS + 6, 4, 2
+    edge = 0 if name == "cls" else T - 1
+    gen = torch.Generator().manual_seed(B)
+    hidden = torch.randn(B, T, d, generator=gen)
+    call = fastpool.cls_pool if name == "cls" else fastpool.last_token_pool
+    for padded_row in (None, 0, B - 1, B // 2):
+        real = torch.ones(B, T, dtype=torch.bool)
+        if padded_row is not None:
+            real[padded_row, edge] = False
+        mask = as_mask(real, mask_dtype, gen)
+        if mask_dtype.is_floating_point:
+            mask[1, edge] = 1e-45  # a denormal: real whatever the flush-denormal setting
+        dirty = garbage_padding(hidden, real)
+        expected = oracle.pool(to_numpy(dirty), np_mask(mask), name)
+        x = dirty.clone().requires_grad_()
+        for got in (call(dirty, mask), call(x, mask)):
+            torch.testing.assert_close(got.detach().double(), torch.from_numpy(expected), **EXACT)
+        grad_out = torch.randn(B, d, generator=gen)
+        (grad,) = torch.autograd.grad(call(x, mask), x, grad_out)
+        want = oracle.pool_grad(to_numpy(dirty), np_mask(mask), name, to_numpy(grad_out))
+        torch.testing.assert_close(grad.double(), torch.from_numpy(want), **EXACT)
+
+
 # --- 4. attention pooling: one weighted sum over hidden as it is ----------------------------------
 
 
