@@ -8,7 +8,7 @@ from . import ops_attention
 from .backend import resolve_backend
 from .functional import _validate
 from .limits import FLOAT_DTYPES
-from .packed import resolve_negative, validate_packed
+from .packed import resolve_negative, resolve_negatives, validate_packed
 
 # Heads are a grid dimension of the kernels (CUDA allows 65535 blocks there).
 MAX_HEADS = 65535
@@ -112,7 +112,7 @@ def attention_pool(
         raise ValueError("max_seqlen: expected None without cu_seqlens (it bounds packed sequences)")
     _validate(hidden, mask)
     _validate_scores(hidden, scores)
-    hidden, mask, scores = resolve_negative(hidden), resolve_negative(mask), resolve_negative(scores)
+    hidden, mask, scores = resolve_negatives(hidden, mask, scores)
     s3 = scores.unsqueeze(-1) if scores.dim() == 2 else scores
     out, _, _ = ops_attention.attention_pool_forward(hidden, s3, mask, resolve_backend(hidden.device))
     return out

@@ -30,7 +30,7 @@ from .backend import resolve_backend
 from .functional import _validate, _validate_weights
 from .limits import FLOAT_DTYPES
 from .modes import MODES, normalize_modes
-from .packed import resolve_negative
+from .packed import resolve_negatives
 from .partial import PoolState, _check_normalize, merge, pool_partial
 
 _BACKEND_CODES = {"torch": 0, "triton": 1}
@@ -150,7 +150,7 @@ def pool(
         raise ValueError(f"return_indices: expected mode 'max' among the modes, got {list(modes)}")
     _validate(hidden, mask)
     _validate_weights(hidden, weights, modes)
-    hidden, mask, weights = resolve_negative(hidden), resolve_negative(mask), resolve_negative(weights)
+    hidden, mask, weights = resolve_negatives(hidden, mask, weights)
     group, rank, world = _group_info(group)
     B, t, d = hidden.shape
     backend = resolve_backend(hidden.device)

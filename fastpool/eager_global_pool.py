@@ -64,32 +64,44 @@ def _spatial_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return torch.cat([x[i : i + rows].sum(dims, dtype=acc) for i in range(0, x.shape[0], rows)])
 
 
-def global_pool_forward(
-    x: torch.Tensor, modes: Sequence[str], need_index: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, len(modes) * C) in x's dtype, argmax (B, C) int32 (or (B, 0) without "max", or
-    without ``need_index``: torch's ``amax`` is several times faster than ``max`` with indices on CPU,
-    and only the backward needs the position).
+def global_pool_forward(x: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, len(modes) * C) in x's dtype, argmax (B, C) int32 (or (B, 0) without "max").
 
     No spatial position (S = 0): the mean is NaN (0 / 0, as ``torch.mean``), the max NaN with index -1.
     """
+    out, argmax = _forward(x, modes, need_index=True)
+    if argmax is None:
+        argmax = torch.empty((x.shape[0], 0), dtype=torch.int32, device=x.device)
+    return out, argmax
+
+
+def global_pool_values(x: torch.Tensor, modes: Sequence[str]) -> torch.Tensor:
+    """``global_pool_forward``'s out alone (no gradient wanted): the max by ``amax``, several times
+    faster than ``max`` with indices on CPU (only the backward needs the position)."""
+    return _forward(x, modes, need_index=False)[0]
+
+
+def _forward(
+    x: torch.Tensor, modes: Sequence[str], need_index: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     acc = accumulation_dtype(x.dtype)
+    dims = tuple(range(2, x.dim()))
     pieces = []
-    argmax = torch.empty((B, 0), dtype=torch.int32, device=x.device)
+    argmax = None
     for mode in modes:
-        if mode == "mean" and x.dtype == acc and S and x.device.type == "cpu":
+        if mode == "mean" and x.dtype == acc and S and x.is_cpu:
             # One op: torch's CPU mean is this very sum divided by S (same bits; CUDA's multiplies
             # by 1 / S instead).
-            pieces.append(x.mean(tuple(range(2, x.dim()))))
+            pieces.append(x.mean(dims))
         elif mode == "mean":
             pieces.append((_spatial_sum(x, acc) / S if S else x.new_full((B, C), math.nan)).to(x.dtype))
         elif S == 0 or x.numel() == 0:
             pieces.append(x.new_full((B, C), math.nan))
             argmax = torch.full((B, C), -1, dtype=torch.int32, device=x.device)
         elif not need_index:
-            pieces.append(x.amax(tuple(range(2, x.dim()))))
+            pieces.append(x.amax(dims))
         else:
             values, index = _max_and_index(x)
             pieces.append(values)

@@ -35,7 +35,7 @@ from . import express, ops
 from .backend import resolve_backend
 from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 from .modes import normalize_modes
-from .packed import check_dense, check_size_limits, resolve_negative, validate_packed
+from .packed import check_dense, check_size_limits, resolve_negatives, validate_packed
 
 _STRIDED = torch.strided
 _is_compiling = torch.compiler.is_compiling
@@ -138,7 +138,7 @@ def _pool(
         _validate(hidden, mask)
         if weights is not None:
             _validate_weights(hidden, weights, modes)
-        hidden, mask, weights = resolve_negative(hidden), resolve_negative(mask), resolve_negative(weights)
+        hidden, mask, weights = resolve_negatives(hidden, mask, weights)
         backend = resolve_backend(hidden.device)
         outputs = ops.pool_forward(hidden, mask, weights, joined, backend, normalize_eps, return_indices)
         if repeatable and backend == "triton":

@@ -16,6 +16,8 @@ GLOBAL_MODES = ("mean", "max")
 
 
 def _validate_modes(mode: object) -> tuple[str, ...]:
+    if type(mode) is str and mode in GLOBAL_MODES:  # the common call, first (host cost)
+        return (mode,)
     names = (mode,) if isinstance(mode, str) else mode
     if not isinstance(names, Sequence) or not all(isinstance(m, str) for m in names):
         raise TypeError(

@@ -28,6 +28,7 @@ from torch.autograd import forward_ad
 from . import eager, eager_packed, transforms
 from .eager_sums import tree_sum
 from .launch import CHUNK
+from .launch import empty as shared_empty
 from .packed import check_size_limits
 
 _BACKENDS = ("triton", "torch")
@@ -119,8 +120,8 @@ def forward_impl(
     if backend == "torch":
         if lean and (modes == "cls" or modes == "last") and normalize_eps < 0 and not track_positions:
             # Only out is read: the selection without the row statistics a backward would need.
-            out = eager.select_rows(hidden, mask, modes)
-            unread = out.new_empty((0,))
+            out = eager.select_rows_at(hidden, mask, modes)[0]
+            unread = shared_empty(out.device, out.dtype)
             return out, unread, unread, unread, unread, unread, unread
         # Values-only max when neither indices nor a gradient are wanted (forward-mode AD on the eager
         # ops differentiates the max at its positions too).
@@ -695,7 +696,7 @@ def _run(
                 out = _select_apply(
                     _unwrap_if_dead(hidden), None if mask is None else _unwrap_if_dead(mask), inputs[3]
                 )
-                unread = out.new_empty((0,))
+                unread = shared_empty(out.device, out.dtype)
                 return out, unread, unread, unread, unread, unread, unread
             box: list = []
             out = _slim_apply[op](

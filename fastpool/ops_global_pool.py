@@ -36,7 +36,7 @@ def forward_impl(x: torch.Tensor, modes: str, backend: str) -> tuple[torch.Tenso
 def _inference(x: torch.Tensor, modes: str, backend: str) -> torch.Tensor:
     """The output alone (no gradient wanted): the eager max skips the position of the maximum."""
     if backend == "torch":
-        return eager_global_pool.global_pool_forward(x, modes.split(","), need_index=False)[0]
+        return eager_global_pool.global_pool_values(x, modes.split(","))
     return forward_impl(x, modes, backend)[0]
 
 

@@ -50,6 +50,18 @@ def resolve_negative(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.resolve_neg()
 
 
+def resolve_negatives(
+    hidden: torch.Tensor, mask: torch.Tensor | None, other: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``resolve_negative`` of a call's three tensor arguments, with one compile test for the three
+    (a small call's host cost)."""
+    if torch.compiler.is_compiling():
+        return hidden, mask, other
+    if hidden.is_neg() or (mask is not None and mask.is_neg()) or (other is not None and other.is_neg()):
+        return resolve_negative(hidden), resolve_negative(mask), resolve_negative(other)
+    return hidden, mask, other
+
+
 def _beyond(size: int | torch.SymInt, limit: int) -> bool:
     if isinstance(size, int):
         return size > limit

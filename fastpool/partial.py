@@ -48,7 +48,7 @@ from . import ops_partial
 from .backend import resolve_backend
 from .functional import _validate, _validate_weights
 from .modes import normalize_modes
-from .packed import resolve_negative
+from .packed import resolve_negatives
 from .state_layout import slot_index, state_slots
 
 _SLOT_NAMES = ("sum", "weighted", "max", "first", "last")
@@ -213,7 +213,7 @@ def pool_partial(
     modes = normalize_modes(mode)
     _validate(hidden, mask)
     _validate_weights(hidden, weights, modes)
-    hidden, mask, weights = resolve_negative(hidden), resolve_negative(mask), resolve_negative(weights)
+    hidden, mask, weights = resolve_negatives(hidden, mask, weights)
     begin = _check_start(start, hidden)
     backend = resolve_backend(hidden.device)
     wants_grad = torch.is_grad_enabled() and (
