@@ -28,7 +28,7 @@ def segment_ids(cu_seqlens: torch.Tensor, N: int, host: np.ndarray | None = None
     if host is None:
         host = host_offsets(cu_seqlens)
     if host is not None:
-        return torch.from_numpy(np.repeat(np.arange(host.shape[0] - 1), np.diff(host)))
+        return torch.from_numpy(np.repeat(np.arange(host.shape[0] - 1), host[1:] - host[:-1]))
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     S = lengths.shape[0]
     return torch.repeat_interleave(torch.arange(S, device=cu_seqlens.device), lengths, output_size=N)
@@ -105,6 +105,10 @@ def pool_forward(
         count = np.maximum(stats.numpy()[0], 1).astype(np.float64 if acc == torch.float64 else np.float32)
         out = total.div_(torch.from_numpy(count).unsqueeze(1)).to(hidden.dtype)
         return out, torch.empty((stats.shape[1], 0), dtype=torch.int32), stats, torch.empty(0, dtype=acc)
+    if host is not None and normalize_eps < 0 and len(modes) == 1 and modes[0] == "max" and not need_indices:
+        # The values alone, already in hidden's dtype: nothing for assemble_modes to do.
+        values, argmax = segment_max(hidden, cu_seqlens, False, segment_ids(cu_seqlens, N, host), host)
+        return values, argmax, stats, torch.empty(0, dtype=acc)
     segments: list[torch.Tensor] = []
 
     def seg() -> torch.Tensor | None:

@@ -89,13 +89,17 @@ def _fake_outputs(
     return out, argmax, stats, norms, wsum, wmean, prefix
 
 
-def _with_empty_extras(outputs, rows: int, d: int, track_positions: bool) -> Outputs:
+def _with_empty_extras(outputs, rows: int, d: int, track_positions: bool, lean: bool = False) -> Outputs:
     """The eager backend's (out, argmax, stats, norms) with the Triton-only outputs left empty (and
-    argmax too when positions were not asked for)."""
+    argmax too when positions were not asked for); ``lean``: only out and argmax are read, the
+    empty outputs are one shared tensor."""
     out, argmax, stats, norms = outputs
     acc = norms.dtype
     if not track_positions:
         argmax = argmax.new_empty((rows, 0))
+    if lean:
+        unread = shared_empty(out.device, acc)
+        return out, argmax, stats, norms, unread, unread, unread
     return (
         out, argmax, stats, norms, out.new_empty((0,), dtype=acc), out.new_empty((0, d), dtype=acc),
         out.new_empty((rows, 0), dtype=torch.int32),
@@ -129,7 +133,7 @@ def forward_impl(
         outputs = eager.pool_forward(
             hidden, mask, modes.split(","), weights, normalize_eps, need_indices, lean=lean
         )
-        return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions)
+        return _with_empty_extras(outputs, hidden.shape[0], hidden.shape[2], track_positions, lean)
     return _impl(backend).pool_forward(
         hidden, mask, modes, weights, normalize_eps, track_positions, for_backward, lean, share_empty
     )
@@ -257,7 +261,7 @@ def packed_forward_impl(
     if backend == "torch":
         need_indices = track_positions or forward_ad._current_level >= 0
         outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps, need_indices)
-        return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions)
+        return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions, lean)
     return _impl(backend, packed=True).pool_forward(
         hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions,
         for_backward, lean,
