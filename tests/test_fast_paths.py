@@ -313,6 +313,49 @@ def test_values_only_max_has_the_bits_of_the_general_path(dtype, layout, monkeyp
         torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
 
 
+_INT_OF = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+# Odd NaNs (negative, with a payload) and the default NaN, as the integers of their bits.
+_ODD_NANS = {
+    torch.float32: ([-4194303, 0x7F800001, 0x7FC00123], 0x7FC00000),
+    torch.float16: ([-511, 0x7C01, 0x7E05], 0x7E00),
+    torch.bfloat16: ([-63, 0x7F81, 0x7FC3], 0x7FC0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_maxima_are_canonical_on_every_cpu_path(dtype):
+    # A zero maximum is +0.0 whatever mix of -0.0 and +0.0 the segment holds, a NaN maximum the
+    # default NaN whatever sign and payload its NaNs carry: padded and packed, values only and with
+    # positions; also eager_max.canonical_ where the sum overflows (float16 at 6e4).
+    ints, default = _ODD_NANS[dtype]
+    T, d = 5, 4
+    hidden = torch.full((3, T, d), -1.0, dtype=dtype)
+    hidden[0, 1:3] = -0.0
+    hidden[0, 3, :2] = 0.0
+    bits = hidden.view(_INT_OF[dtype])
+    bits[1, 0, :3] = torch.tensor(ints, dtype=_INT_OF[dtype])
+    hidden[2] = 6e4
+    bits[2, 4, 0] = ints[0]
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[0, 0] = False
+    cu = torch.tensor([0, 4, 9, 14])
+    packed_hidden = torch.cat([hidden[0, 1:], hidden[1], hidden[2]])
+    results = {
+        "padded values": fastpool.max_pool(hidden, mask),
+        "padded positions": fastpool.max_pool(hidden, mask, return_indices=True)[0],
+        "packed values": fastpool.max_pool(packed_hidden, cu_seqlens=cu),
+        "packed positions": fastpool.max_pool(packed_hidden, cu_seqlens=cu, return_indices=True)[0],
+    }
+    for what, out in results.items():
+        got = out.view(_INT_OF[dtype])
+        assert torch.equal(got[0], torch.tensor([0, 0, 0, 0], dtype=got.dtype)), what  # +0.0
+        assert torch.equal(got[1, :3], torch.full((3,), default, dtype=got.dtype)), what
+        assert got[2, 0] == default and bool((out[2, 1:] == 6e4).all()), what
+    values = hidden[2].clone()
+    assert eager_max.canonical_(values) is values
+    assert values.view(_INT_OF[dtype])[4, 0] == default and bool((values[:4] == 6e4).all())
+
+
 # --- 3. sums by embedding_bag -------------------------------------------------------------------
 
 
