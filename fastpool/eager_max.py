@@ -130,6 +130,8 @@ def _finish(hidden, real, count, spans, maxima, need_indices: bool) -> tuple[tor
     zero = torch.zeros((), dtype=hidden.dtype, device=device)
     if not need_indices:
         no_positions = torch.empty((B, 0), dtype=torch.int32, device=device)
+        if real is None and maxima.is_cpu:  # T > 0 here: no empty row; maxima is this call's own
+            return canonical_(maxima), no_positions
         return torch.where(empty, zero, canonical(maxima)), no_positions
     values, block = maxima.max(1)  # the first block holding the max (the first NaN's block)
     positions = _first_position(hidden, real, block, values)
@@ -162,8 +164,12 @@ def _maxima(hidden, real, spans, blocks: bool, select: bool, sums=None) -> torch
     widen = widens(hidden)
     work = torch.float32 if widen else hidden.dtype  # chunks with padding are masked in this dtype
     low = torch.full((), float("-inf"), dtype=work, device=hidden.device)
-    shape = (B, -(-T // _BLOCK), d) if blocks else (B, d)
-    out = torch.full(shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    # Without blocks the first span's maxima are the start (no -inf tensor to fold them into).
+    out = (
+        torch.full((B, -(-T // _BLOCK), d), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        if blocks
+        else None
+    )
     bias = None
     if real is not None and not select:
         # 0 at real tokens, -inf at padding: finite padding never wins (+inf / NaN are redone).
@@ -184,7 +190,8 @@ def _maxima(hidden, real, spans, blocks: bool, select: bool, sums=None) -> torch
             else:
                 x = x + bias[:, span]
         if not blocks:
-            out = torch.maximum(out, x.amax(1).to(hidden.dtype))
+            part = x.amax(1).to(hidden.dtype)
+            out = part if out is None else torch.maximum(out, part)
             continue
         first_block = span.start // _BLOCK
         whole = (x.shape[1] // _BLOCK) * _BLOCK
@@ -193,6 +200,8 @@ def _maxima(hidden, real, spans, blocks: bool, select: bool, sums=None) -> torch
             out[:, first_block : first_block + whole // _BLOCK] = view.amax(2)
         if whole < x.shape[1]:  # the last, shorter block of the row
             out[:, -1] = x[:, whole:].amax(1)
+    if out is None:  # no real token anywhere
+        out = torch.full((B, d), float("-inf"), dtype=hidden.dtype, device=hidden.device)
     return out
 
 
