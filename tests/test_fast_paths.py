@@ -131,6 +131,38 @@ def test_selection_fast_path_has_the_bits_of_the_full_forward(name, mask_dtype, 
         assert_same_bits(eager.select_rows(h, mask, name), general, f"select_rows {what}")
 
 
+# --- 1a. a mask without padding: the mask-free paths -----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES, ids=str)
+def test_a_mask_without_padding_has_the_bits_of_no_mask(dtype, mask_dtype):
+    # Every token real (odd nonzero values, NaN in float masks): the eager forward drops the mask,
+    # the same bits as mask=None for every mode, inference and training; one padded token (holding
+    # NaN) keeps the masked paths and the oracle's values.
+    gen = torch.Generator().manual_seed(5)
+    B, T, d = 3, 40, 6
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    mask = as_mask(torch.ones(B, T, dtype=torch.bool), mask_dtype, gen)
+    for modes in [[m] for m in MODES] + [["mean", "max"], ["max", "last", "mean_sqrt_len"]]:
+        with torch.no_grad():
+            unmasked = fastpool.pool(hidden, None, modes)
+            assert_same_bits(fastpool.pool(hidden, mask, modes), unmasked, f"{modes}")
+        x, y = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+        grad_out = torch.randn(B, d * len(modes), generator=gen).to(dtype)
+        (gx,) = torch.autograd.grad(fastpool.pool(x, mask, modes), x, grad_out)
+        (gy,) = torch.autograd.grad(fastpool.pool(y, None, modes), y, grad_out)
+        assert_same_bits(gx, gy, f"{modes} grad")
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, 17] = False
+    one_padded = as_mask(real, mask_dtype, gen)
+    dirty = garbage_padding(hidden, real)
+    for name in ("mean", "max"):
+        expected = oracle.pool(to_numpy(dirty), np_mask(one_padded), name)
+        got = fastpool.pool(dirty, one_padded, name)
+        torch.testing.assert_close(got.double(), torch.from_numpy(expected), **for_mode(name, dtype))
+
+
 # --- 1b. cls / last with a gradient: ops.SelectFunction ------------------------------------------
 
 
