@@ -29,6 +29,7 @@ On each device a packed segment gets the bits of the same tokens in a padded row
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -144,7 +145,7 @@ def segment_sum(
     if hidden.device.type == "cpu":
         N = hidden.shape[0]
         S = cu_seqlens.shape[0] - 1
-        if weights is None and acc == torch.float32 and _plain(hidden) and _plain(cu_seqlens):
+        if weights is None and acc == torch.float32 and plain(hidden) and plain(cu_seqlens):
             if hidden.dtype == torch.float32 and hidden.is_contiguous():
                 return _bag_sum(hidden, cu_seqlens)
             if hidden.dtype != torch.float32:
@@ -157,7 +158,7 @@ def segment_sum(
     return segment_lane_sum(hidden, begin, (cu_seqlens[1:] - begin).tolist(), acc, weights)
 
 
-def _plain(tensor: torch.Tensor) -> bool:
+def plain(tensor: torch.Tensor) -> bool:
     """A CPU tensor whose values ATen reads directly: not under torch.func or forward-mode AD, no
     gradient to record (the eager path never differentiates through the bag sums below)."""
     return (
@@ -248,37 +249,66 @@ def _bag_padded_sum(
     to float32 a cache-sized group at a time into one reused buffer (16-bit input); a contiguous
     float32 hidden is read in place."""
     B, T, d = hidden.shape
-    row_bytes = T * d * 4
     in_place = hidden.dtype == torch.float32
-    if (in_place and not hidden.is_contiguous()) or (not in_place and row_bytes > _BAG_CHUNK_BYTES):
+    if (in_place and not hidden.is_contiguous()) or (not in_place and not row_groups_fit(hidden)):
         return None
-    if real is None:
-        flat = torch.arange(B * T)
-        starts = torch.arange(0, B * T + 1, T)
-    else:
-        flat = real.reshape(-1).nonzero().squeeze(1)
-        starts = torch.zeros(B + 1, dtype=torch.int64)
-        torch.cumsum(real.sum(1) if count is None else count, 0, out=starts[1:])
+    bags = RowBags(real, B, T, count)
     if in_place:
-        return _bags(hidden.view(B * T, d), flat, starts[:-1])
-    bound = starts.tolist()
-    rows = max(1, _BAG_CHUNK_BYTES // row_bytes)
+        return _bags(hidden.view(B * T, d), bags.flat, bags.starts[:-1])
     out = torch.empty((B, d), dtype=torch.float32)
-    buffer = torch.empty((min(rows, B) * T, d), dtype=torch.float32)
+    for b0, b1, x in widened_row_groups(hidden):
+        out[b0:b1] = bags.sum(x, b0, b1)
+    return out
+
+
+def row_groups_fit(hidden: torch.Tensor) -> bool:
+    """Whether one row of hidden (B, T, d) fits ``widened_row_groups``' buffer in float32."""
+    return hidden.shape[1] * hidden.shape[2] * 4 <= _BAG_CHUNK_BYTES
+
+
+def widened_row_groups(hidden: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(b0, b1, x) over hidden (B, T, d) (B, T, d > 0, ``row_groups_fit``): rows b0:b1 widened to
+    float32 into one reused buffer of at most ``_BAG_CHUNK_BYTES``, x (b1 - b0, T, d) contiguous;
+    x is overwritten by the next group (its user may modify it in place)."""
+    B, T, d = hidden.shape
+    rows = max(1, _BAG_CHUNK_BYTES // (T * d * 4))
+    buffer = torch.empty((min(rows, B), T, d), dtype=torch.float32)
     for b0 in range(0, B, rows):
         b1 = min(B, b0 + rows)
-        n = (b1 - b0) * T
-        buffer[:n].view(b1 - b0, T, d).copy_(hidden[b0:b1])
-        index = flat[bound[b0] : bound[b1]] - b0 * T
-        out[b0:b1] = _bags(buffer[:n], index, starts[b0:b1] - bound[b0])
-    return out
+        x = buffer[: b1 - b0]
+        x.copy_(hidden[b0:b1])
+        yield b0, b1, x
+
+
+class RowBags:
+    """Each row's real tokens as an ``embedding_bag`` bag of flat indices into (B * T, d), in token
+    order: ``flat`` (n,) int64, ``starts`` (B + 1,) where each row's bag starts (and the end)."""
+
+    def __init__(self, real: torch.Tensor | None, B: int, T: int, count: torch.Tensor | None = None):
+        if real is None:
+            self.flat = _iota(B * T, torch.int64)
+            self.starts = torch.arange(0, B * T + 1, T)
+        else:
+            self.flat = real.reshape(-1).nonzero().squeeze(1)
+            self.starts = torch.zeros(B + 1, dtype=torch.int64)
+            torch.cumsum(real.sum(1) if count is None else count, 0, out=self.starts[1:])
+        self.T = T
+        self._bound: list[int] | None = None
+
+    def sum(self, x: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        """(b1 - b0, d) float32 bag sums of rows b0:b1, read from x (b1 - b0, T, d) float32."""
+        if self._bound is None:
+            self._bound = self.starts.tolist()
+        lo, hi = self._bound[b0], self._bound[b1]
+        index = self.flat[lo:hi] - b0 * self.T
+        return _bags(x.view(-1, x.shape[2]), index, self.starts[b0:b1] - lo)
 
 
 def _sequential_padded_sum(hidden, real, acc, weights, count=None) -> torch.Tensor:
     B, T, d = hidden.shape
     if B == 0 or T == 0 or d == 0:
         return torch.zeros((B, d), dtype=acc, device=hidden.device)
-    if weights is None and acc == torch.float32 and _plain(hidden) and (real is None or _plain(real)):
+    if weights is None and acc == torch.float32 and plain(hidden) and (real is None or plain(real)):
         bagged = _bag_padded_sum(hidden, real, count)
         if bagged is not None:
             return bagged

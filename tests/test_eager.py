@@ -184,15 +184,21 @@ def test_bagged_padded_sums_have_the_bits_of_index_add(dtype, layout, monkeypatc
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_one_pass_sum_and_max_has_the_bits_of_two_passes(dtype, layout, monkeypatch):
+@pytest.mark.parametrize("groups", ["row groups", "position chunks"])
+def test_one_pass_sum_and_max_has_the_bits_of_two_passes(dtype, layout, groups, monkeypatch):
     # 16-bit mean + max on the CPU without positions: one widened pass for both (padded_sum_and_max),
-    # against the sum and the max computed apart, over many small chunks (so that chunk edges, runs of
-    # full chunks and chunks with padding all occur), with +inf and NaN in the padding.
+    # against the sum and the max computed apart, with +inf and NaN in the padding. Row groups of 3
+    # rows (B = 4: a full and a partial group); or rows too long for a group, then many small chunks
+    # of positions (so that chunk edges, runs of full chunks and chunks with padding all occur).
     from fastpool import eager_max
 
-    monkeypatch.setattr(eager_max, "_CHUNK_BYTES", 4 * 16 * 9 * 4)  # 16 tokens of 4 rows per chunk
     gen = torch.Generator().manual_seed(21)
     B, T, d = 4, 150, 9
+    if groups == "row groups":
+        monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", 3 * T * d * 4)
+    else:
+        monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", T * d * 4 - 1)
+        monkeypatch.setattr(eager_max, "_CHUNK_BYTES", 4 * 16 * 9 * 4)  # 16 tokens of 4 rows per chunk
     hidden = torch.randn(B, T, d, generator=gen).to(dtype)
     mask = make_mask(layout, B, T, gen)
     if mask is not None:
