@@ -388,6 +388,34 @@ def test_maxima_are_canonical_on_every_cpu_path(dtype):
     assert values.view(_INT_OF[dtype])[4, 0] == default and bool((values[:4] == 6e4).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_range_max_has_the_bits_of_the_general_path(dtype, layout, monkeypatch):
+    # One amax per row over its run of real tokens (right / left padding; holes fall back to the
+    # masked pass): the bits of the forward with positions, NaN / -inf / -0.0 in real tokens, garbage
+    # padding, empty rows, every memory layout; and the oracle's values.
+    monkeypatch.setattr(eager_max, "_ROW_RANGE_BYTES", 0)
+    gen = torch.Generator().manual_seed(3 + len(layout))
+    B, T, d = 5, 23, 4
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    hidden[0, :, 0] = NAN
+    hidden[1, :, 1] = -0.0
+    hidden[2, :, 2] = -INF
+    real = make_real(layout, B, T, gen)
+    if layout in ("right", "left"):
+        real[3] = False  # an empty row among runs
+    dirty = garbage_padding(hidden, real)
+    values, _ = oracle.max_with_index(to_numpy(dirty), np_mask(real))
+    for what, h in layouts_of(dirty).items():
+        if what == "sliced-strided":
+            continue  # its NaN border is not padding of the mask
+        expected = eager.pool_forward(h, real, ["max"], need_indices=True)[0]
+        with torch.no_grad():
+            got = fastpool.max_pool(h, as_mask(real, torch.int64, gen))
+        assert_same_bits(got, expected, f"{layout} {what}")
+        torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
+
+
 # --- 3. sums by embedding_bag -------------------------------------------------------------------
 
 
