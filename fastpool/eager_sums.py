@@ -252,12 +252,61 @@ def _bag_padded_sum(
     in_place = hidden.dtype == torch.float32
     if (in_place and not hidden.is_contiguous()) or (not in_place and not row_groups_fit(hidden)):
         return None
+    if not in_place and real is not None:
+        runs = row_runs(real, count)
+        if runs is not None and sum(runs[1]) <= _RUNS_SHARE * B * T:
+            return _bag_sum_of_runs(hidden, *runs)
     bags = RowBags(real, B, T, count)
     if in_place:
         return _bags(hidden.view(B * T, d), bags.flat, bags.starts[:-1])
     out = torch.empty((B, d), dtype=torch.float32)
     for b0, b1, x in widened_row_groups(hidden):
         out[b0:b1] = bags.sum(x, b0, b1)
+    return out
+
+
+# Share of real tokens under which widening each row's run alone (one copy per row) beats widening
+# whole rows, padding included.
+_RUNS_SHARE = 0.85
+
+
+def row_runs(real: torch.Tensor, count: torch.Tensor | None = None) -> tuple[list[int], list[int]] | None:
+    """(first, counts): each row's real tokens as one run of positions ``first[b] : first[b] +
+    counts[b]`` (right or left padding, empty rows with count 0), as host lists; None when a row has
+    a hole. real (B, T) bool on the CPU, count (B,) its row sums when the caller has them."""
+    flags = real.view(torch.uint8)
+    counts = (flags.sum(1) if count is None else count).tolist()
+    T = real.shape[1]
+    # argmax returns the first of equal maxima: the first and the last real position of each row.
+    first = flags.argmax(1).tolist()
+    last = ((T - 1) - flags.flip(1).argmax(1)).tolist()
+    if any(n and last[b] - first[b] + 1 != n for b, n in enumerate(counts)):
+        return None
+    return first, counts
+
+
+def _bag_sum_of_runs(hidden: torch.Tensor, first: list[int], counts: list[int]) -> torch.Tensor:
+    """(B, d) float32 sums of 16-bit hidden (B, T, d) over each row's run of real tokens
+    (``row_runs``): the runs widened back to back into one reused float32 buffer (padding is
+    never read), each buffer summed by ``_bags`` with one bag per row: ``padded_sum``'s bits. Every
+    run fits the buffer (``row_groups_fit``)."""
+    B, T, d = hidden.shape
+    out = torch.zeros((B, d), dtype=torch.float32)
+    buffer = torch.empty((max(T, _BAG_CHUNK_BYTES // (d * 4)), d), dtype=torch.float32)
+    rows: list[int] = []  # the rows in the buffer, and where each starts
+    starts: list[int] = []
+    filled = 0
+    for b in range(B + 1):
+        n = counts[b] if b < B else 0
+        if rows and (b == B or filled + n > buffer.shape[0]):
+            sums = _bags(buffer[:filled], _iota(filled, torch.int64), torch.tensor(starts))
+            out.index_copy_(0, torch.tensor(rows), sums)
+            rows, starts, filled = [], [], 0
+        if n:
+            buffer[filled : filled + n].copy_(hidden[b, first[b] : first[b] + n])
+            rows.append(b)
+            starts.append(filled)
+            filled += n
     return out
 
 

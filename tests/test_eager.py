@@ -183,6 +183,35 @@ def test_bagged_padded_sums_have_the_bits_of_index_add(dtype, layout, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_bag_sums_of_runs_have_the_bits_of_index_add(dtype, side, monkeypatch):
+    # 16-bit rows of right / left padding: each row's run of real tokens widened alone, back to back
+    # in a buffer of 50 tokens (runs that do not fit go to the next buffer), with empty rows first,
+    # inside and last, NaN padding; against index_add_ into a spare row.
+    monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", 50 * 6 * 4)
+    gen = torch.Generator().manual_seed(33)
+    B, T, d = 9, 30, 6
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    lengths[0] = lengths[4] = lengths[8] = 0
+    lengths[1] = max(int(lengths[1]), 3)
+    pos = torch.arange(T)
+    real = pos < lengths[:, None] if side == "right" else pos >= (T - lengths)[:, None]
+    hidden = torch.where(real[..., None], torch.randn(B, T, d, generator=gen) * 1e3, float("nan")).to(dtype)
+    assert eager_sums.row_runs(real) is not None
+
+    def expected_of(real):
+        dest = torch.where(real, torch.arange(B).unsqueeze(1), B)
+        return torch.zeros(B + 1, d).index_add_(0, dest.reshape(-1), hidden.reshape(-1, d).float())[:B]
+
+    first = torch.zeros(B, dtype=torch.int64)
+    assert_same_bits(eager_sums.padded_sum(hidden, real, first, torch.float32), expected_of(real), side)
+    holes = real.clone()
+    holes[1, real[1].nonzero()[1]] = False  # a hole inside row 1's run: whole rows instead
+    assert eager_sums.row_runs(holes) is None
+    assert_same_bits(eager_sums.padded_sum(hidden, holes, first, torch.float32), expected_of(holes), "holes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("groups", ["row groups", "position chunks"])
 def test_one_pass_sum_and_max_has_the_bits_of_two_passes(dtype, layout, groups, monkeypatch):
