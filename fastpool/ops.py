@@ -95,7 +95,7 @@ def _with_empty_extras(outputs, rows: int, d: int, track_positions: bool, lean: 
     empty outputs are one shared tensor."""
     out, argmax, stats, norms = outputs
     acc = norms.dtype
-    if not track_positions:
+    if not track_positions and argmax.shape[1]:
         argmax = argmax.new_empty((rows, 0))
     if lean:
         unread = shared_empty(out.device, acc)

@@ -146,7 +146,7 @@ def host_offsets(cu_seqlens: torch.Tensor) -> np.ndarray | None:
     are a plain CPU tensor; None for any other device, meta / fake tensors and torch.func wrappers
     (whose values cannot be read that way)."""
     if (
-        cu_seqlens.device.type != "cpu"
+        not cu_seqlens.is_cpu
         or type(cu_seqlens) is not torch.Tensor
         or _functorch.is_functorch_wrapped_tensor(cu_seqlens)
     ):

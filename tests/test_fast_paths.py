@@ -429,6 +429,7 @@ def test_bag_sums_have_the_bits_of_index_add(dtype, chunk_bytes, monkeypatch):
     # Packed: empty sequences first, between and last, a segment carried across many tiny chunks,
     # -0.0 tokens (a running sum from +0.0 is never -0.0), int32 / int64 and strided offsets.
     # Padded: float masks with -0.0, a transposed mask, empty rows, mask None. 1 and 3 threads.
+    # 2**21 bytes: 16-bit packed tokens fit one chunk (one widening copy, no carried sums).
     monkeypatch.setattr(eager_sums, "_BAG_CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(chunk_bytes)
     cu = torch.tensor([0, 0, 1, 1, 5, 9, 9, 10, 17, 17])
