@@ -303,6 +303,48 @@ def _row_groups(rows: int, per_row: int):
         yield slice(start, min(rows, start + step))
 
 
+def _first_in_window(
+    hidden: torch.Tensor, begin: torch.Tensor, length: torch.Tensor, block: torch.Tensor
+) -> torch.Tensor:
+    """(S, d) int64: the global index of the first maximum of each segment and feature, given the
+    first block of ``_BLOCK`` tokens holding it (``block`` (S, d)); any value for an empty segment.
+
+    Each (segment, feature) reads a window of ``width`` consecutive tokens of its column through
+    ``hidden.unfold`` (a view: no (S, width, d) int64 index tensor). A window that would end past
+    the segment slides back into its earlier blocks, which hold no maximum (a smaller max, no NaN),
+    so the first maximum in the window is the segment's. Only a segment shorter than the window
+    sees other segments' tokens: those are set to -inf, and a first index before the segment (a
+    -inf maximum tied with them) is the segment's first token, where its -inf maxima start.
+    """
+    N, d = hidden.shape
+    width = min(_BLOCK, N)
+    end = (begin + length).unsqueeze(1)
+    start = torch.minimum(begin.unsqueeze(1) + block * _BLOCK, end - width).clamp_(min=0)  # (S, d)
+    windows = hidden.unfold(0, width, 1)  # (N - width + 1, d, width)
+    features = torch.arange(d, device=hidden.device)
+    first = torch.empty_like(start)
+    short = length < width
+    if not bool(short.any()):
+        for rows in _row_groups(start.shape[0], width * d):
+            first[rows] = start[rows] + windows[start[rows], features].max(2).indices  # (rows, d, width)
+        return first
+    # Only the short segments' windows hold other segments' tokens: those are searched at -inf.
+    offsets = torch.arange(width, device=hidden.device)
+    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    for which, masked in ((~short).nonzero().squeeze(1), False), (short.nonzero().squeeze(1), True):
+        for group in _row_groups(which.shape[0], width * d):
+            rows = which[group]
+            at = start[rows]
+            window = windows[at, features]  # (rows, d, width)
+            if masked:
+                lo, hi = begin[rows].unsqueeze(1) - at, end[rows] - at
+                inside = (offsets >= lo.unsqueeze(2)) & (offsets < hi.unsqueeze(2))
+                window = torch.where(inside, window, low)
+            found = at + window.max(2).indices
+            first[rows] = torch.maximum(found, begin[rows].unsqueeze(1)) if masked else found
+    return first
+
+
 def segment_max(
     hidden: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -350,18 +392,12 @@ def segment_max(
     # blocks stay -inf, so they never win a max (a -inf max ties at the segment's first block).
     row = seg * most + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
     blocks = torch.full((S * most, d), float("-inf"), dtype=hidden.dtype, device=device)
-    blocks = blocks.scatter_reduce(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+    if plain(hidden):  # from -inf, include_self=True: the same maxima (NaN too), no copy of the blocks
+        blocks.scatter_reduce_(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=True)
+    else:  # torch.func and forward-mode AD need the out-of-place op
+        blocks = blocks.scatter_reduce(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
     values, block = blocks.view(S, most, d).max(1)  # first block holding the max (first NaN's block)
-    window_start = begin.unsqueeze(1) + block * _BLOCK  # (S, d)
-    end = (begin + length).view(S, 1, 1)
-    offsets = torch.arange(_BLOCK, device=device).view(1, _BLOCK, 1)
-    low = torch.full((), float("-inf"), dtype=hidden.dtype, device=device)
-    first = torch.empty((S, d), dtype=torch.int64, device=device)
-    for rows in _row_groups(S, _BLOCK * d):
-        pos = window_start[rows].unsqueeze(1) + offsets  # (rows, _BLOCK, d) global token indices
-        window = hidden.gather(0, pos.clamp(max=N - 1).flatten(0, 1)).view_as(pos)
-        window = torch.where(pos < end[rows], window, low)
-        first[rows] = window_start[rows] + window.max(1).indices
+    first = _first_in_window(hidden, begin, length, block)
     empty = (length == 0).unsqueeze(1)
     zero = torch.zeros((), dtype=hidden.dtype, device=device)
     return torch.where(empty, zero, canonical(values)), torch.where(empty, -1, first).to(torch.int32)

@@ -416,6 +416,46 @@ def test_row_range_max_has_the_bits_of_the_general_path(dtype, layout, monkeypat
         torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
 
 
+def _first_max_per_segment(hidden: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.max over each segment alone (first maximum, first NaN), global indices; 0 / -1 when empty."""
+    S, d = len(cu) - 1, hidden.shape[1]
+    values, index = torch.zeros((S, d), dtype=hidden.dtype), torch.full((S, d), -1)
+    for s in range(S):
+        if cu[s + 1] > cu[s]:
+            top = hidden[cu[s] : cu[s + 1]].max(0)
+            values[s], index[s] = top.values, top.indices + cu[s]
+    return values, index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_max_positions_are_the_first_maximum_of_each_segment(dtype):
+    # The window search (eager_max._first_in_window): segments shorter than the 16-token window
+    # (it then sees other segments' tokens), at the end of the tokens (the window slides back),
+    # empty ones, ties, NaN, +-inf and segments of -inf only (tied with the masked neighbours).
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(300):
+        N, S, d = (
+            int(torch.randint(1, 70, (1,), generator=gen)),
+            int(torch.randint(1, 9, (1,), generator=gen)),
+            3,
+        )
+        cu = [0, *sorted(torch.randint(0, N + 1, (S - 1,), generator=gen).tolist()), N]
+        if trial % 3 == 1:  # every segment at least a window long: no masking, windows slide back
+            lengths = torch.randint(16, 40, (S,), generator=gen)
+            cu, N = [0, *lengths.cumsum(0).tolist()], int(lengths.sum())
+        hidden = torch.randint(-2, 3, (N, d), generator=gen).to(dtype)
+        draw = torch.rand(N, d, generator=gen)
+        hidden[draw < 0.08] = NAN
+        hidden[(draw >= 0.08) & (draw < 0.2)] = -INF
+        hidden[(draw >= 0.2) & (draw < 0.25)] = INF
+        if trial % 4 == 0:
+            hidden[: N // 2] = -INF
+        want_values, want_index = _first_max_per_segment(hidden, cu)
+        values, index = eager_max.segment_max(hidden, torch.tensor(cu), need_indices=True)
+        assert torch.equal(index.long(), want_index), f"trial {trial}: N={N} cu={cu}"
+        torch.testing.assert_close(values, want_values, **EXACT, equal_nan=True)
+
+
 # --- 3. sums by embedding_bag -------------------------------------------------------------------
 
 
