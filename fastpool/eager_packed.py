@@ -229,8 +229,11 @@ def pool_backward(
 
     for name, _ in sparse:
         position = targets[name]
-        if name == "max":
+        if name == "max" and dtype in (torch.float32, torch.float64):
             grad.scatter_(0, position, value_at(position))
+        elif name == "max":  # scatter_ copies a 16-bit grad twice on CPU (eager._write): flat indices
+            flat = position * d + torch.arange(d, device=device)
+            grad.view(-1).index_put_((flat.view(-1),), value_at(position).view(-1))
         else:
             grad[position.squeeze(1)] = value_at(position)
     return grad
