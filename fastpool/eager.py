@@ -483,12 +483,19 @@ def _write(grad: torch.Tensor, name: str, position: torch.Tensor, value: torch.T
     rows = torch.arange(B, device=grad.device)
     if name != "max":  # one position per row
         grad[rows, position[:, 0]] = value
-    elif grad.dtype in (torch.float32, torch.float64):
-        grad.scatter_(1, position.unsqueeze(1), value.unsqueeze(1))
-    else:  # scatter_ has no vectorised path for 16-bit floats on CPU (30x slower): flat indices
-        flat = (rows.unsqueeze(1) * T + position) * d + torch.arange(d, device=grad.device)
-        grad.view(-1).index_put_((flat.view(-1),), value.view(-1))
+    else:
+        write_columns(grad.view(B * T, d), rows.unsqueeze(1) * T + position, value)
     return grad
+
+
+def write_columns(grad: torch.Tensor, token: torch.Tensor, value: torch.Tensor) -> None:
+    """grad[token[r, j], j] = value[r, j] in place, for grad (n, d) contiguous and token (R, d) int64
+    indices into its rows, distinct within each column (the max gradient's one token per feature)."""
+    if grad.dtype in (torch.float32, torch.float64):
+        grad.scatter_(0, token, value)
+    else:  # scatter_ has no vectorised path for 16-bit floats on CPU (30x slower, two copies): flat indices
+        flat = token * grad.shape[1] + torch.arange(grad.shape[1], device=grad.device)
+        grad.view(-1).index_put_((flat.view(-1),), value.view(-1))
 
 
 def _dense_grad(share, w, g_weighted, real, shape, dtype, device) -> torch.Tensor:

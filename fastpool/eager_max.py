@@ -324,10 +324,6 @@ def _first_in_window(
     features = torch.arange(d, device=hidden.device)
     first = torch.empty_like(start)
     short = length < width
-    if not bool(short.any()):
-        for rows in _row_groups(start.shape[0], width * d):
-            first[rows] = start[rows] + windows[start[rows], features].max(2).indices  # (rows, d, width)
-        return first
     # Only the short segments' windows hold other segments' tokens: those are searched at -inf.
     offsets = torch.arange(width, device=hidden.device)
     low = torch.full((), float("-inf"), dtype=hidden.dtype, device=hidden.device)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes
+from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes, write_columns
 from .eager_max import segment_max
 from .eager_sums import feature_dots, segment_sum, segment_tree_sum
 from .modes import mode_columns
@@ -229,11 +229,8 @@ def pool_backward(
 
     for name, _ in sparse:
         position = targets[name]
-        if name == "max" and dtype in (torch.float32, torch.float64):
-            grad.scatter_(0, position, value_at(position))
-        elif name == "max":  # scatter_ copies a 16-bit grad twice on CPU (eager._write): flat indices
-            flat = position * d + torch.arange(d, device=device)
-            grad.view(-1).index_put_((flat.view(-1),), value_at(position).view(-1))
+        if name == "max":
+            write_columns(grad, position, value_at(position))
         else:
             grad[position.squeeze(1)] = value_at(position)
     return grad
