@@ -18,6 +18,7 @@ import torch
 from .eager import _WIDEN_CHUNK_BYTES, accumulation_dtype, assemble_modes, write_columns
 from .eager_max import segment_max
 from .eager_sums import feature_dots, segment_sum, segment_tree_sum
+from .launch import empty
 from .modes import mode_columns
 from .packed import host_offsets
 
@@ -88,29 +89,30 @@ def pool_forward(
     weights: torch.Tensor | None = None,
     normalize_eps: float = -1.0,
     need_indices: bool = True,
+    need_stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager packed forward. hidden (N, d) float; cu_seqlens (S + 1,) int32/int64, well formed;
     weights (N,) float or None; normalize_eps >= 0: L2-normalise each output row;
-    need_indices=False: no max positions are needed (argmax is (S, 0)).
+    need_indices=False: no max positions are needed (argmax is (S, 0)); need_stats=False: the
+    caller reads only out and argmax (stats may then come back empty).
 
     Returns out (S, len(modes) * d) in hidden's dtype, argmax (S, d) int32 global token indices
-    (or (S, 0) without "max" or need_indices), stats (3, S) int32 and norms (S,) (or (0,)).
+    (or (S, 0) without "max" or need_indices), stats (3, S) int32 (a shared empty placeholder when
+    not need_stats) and norms (S,) (or (0,)).
     """
     N = hidden.shape[0]
     acc = accumulation_dtype(hidden.dtype)
-    # CPU offsets are read in place once; the statistics and segment ids come from them on the host.
+    # CPU offsets are read in place once; what the outputs need comes from them on the host.
     host = host_offsets(cu_seqlens)
+    if host is not None and normalize_eps < 0 and len(modes) == 1 and lone_ready(modes[0], need_indices):
+        # One mean, or one max without positions, on the CPU: the fewest small ops.
+        if need_stats:
+            stats, norms = packed_stats(cu_seqlens, host), torch.empty(0, dtype=acc)
+        else:  # unread: shared placeholders
+            stats, norms = empty(hidden.device, torch.int32), empty(hidden.device, acc)
+        argmax = torch.empty((host.shape[0] - 1, 0), dtype=torch.int32)
+        return pool_lone(hidden, cu_seqlens, host, modes[0]), argmax, stats, norms
     stats = packed_stats(cu_seqlens, host)
-    if host is not None and normalize_eps < 0 and len(modes) == 1 and modes[0] == "mean":
-        # assemble_modes' arithmetic with the divisors built on the host (fewer small ops per call).
-        total = segment_sum(hidden, cu_seqlens, acc)
-        count = np.maximum(stats.numpy()[0], 1).astype(np.float64 if acc == torch.float64 else np.float32)
-        out = total.div_(torch.from_numpy(count).unsqueeze(1)).to(hidden.dtype)
-        return out, torch.empty((stats.shape[1], 0), dtype=torch.int32), stats, torch.empty(0, dtype=acc)
-    if host is not None and normalize_eps < 0 and len(modes) == 1 and modes[0] == "max" and not need_indices:
-        # The values alone, already in hidden's dtype: nothing for assemble_modes to do.
-        values, argmax = segment_max(hidden, cu_seqlens, False, segment_ids(cu_seqlens, N, host), host)
-        return values, argmax, stats, torch.empty(0, dtype=acc)
     segments: list[torch.Tensor] = []
 
     def seg() -> torch.Tensor | None:
@@ -132,6 +134,27 @@ def pool_forward(
         maximum=lambda: segment_max(hidden, cu_seqlens, need_indices, seg(), host),
         gather=lambda position: _gather(hidden, position),
     )  # fmt: skip
+
+
+def lone_ready(mode: str, need_indices: bool) -> bool:
+    """Whether ``pool_lone`` computes this lone mode: mean, or max without its positions."""
+    return mode == "mean" or (mode == "max" and not need_indices)
+
+
+def pool_lone(hidden: torch.Tensor, cu_seqlens: torch.Tensor, host: np.ndarray, mode: str) -> torch.Tensor:
+    """(S, d) in hidden's dtype: one "mean" or one "max" (values only) of CPU hidden (N, d) over
+    well-formed offsets cu_seqlens (S + 1,) read in place as ``host`` (``packed.host_offsets``); the
+    bits of ``pool_forward``'s general arithmetic (``assemble_modes``) with the fewest small ops. A
+    packed call's fixed cost is Python and NumPy work, several times dearer once the pass over hidden
+    has evicted the interpreter's data from the core's cache (bench/NOTES.md CPU v2.7)."""
+    if mode == "max":
+        seg = segment_ids(cu_seqlens, hidden.shape[0], host)
+        return segment_max(hidden, cu_seqlens, False, seg, host)[0]
+    acc = accumulation_dtype(hidden.dtype)
+    # The float32 (float64) sums over the counts clamped to 1 (an empty segment's 0 / 1 is 0).
+    count = np.subtract(host[1:], host[:-1], dtype=np.float64 if acc == torch.float64 else np.float32)
+    total = segment_sum(hidden, cu_seqlens, acc)
+    return total.div_(torch.from_numpy(np.maximum(count, 1, out=count)).unsqueeze(1)).to(hidden.dtype)
 
 
 def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

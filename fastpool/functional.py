@@ -31,7 +31,7 @@ from typing import Literal, overload
 
 import torch
 
-from . import express, ops
+from . import express, express_packed, ops
 from .backend import resolve_backend
 from .limits import FLOAT_DTYPES, MASK_DTYPES, MAX_BATCH, MAX_SEQUENCE_LENGTH
 from .modes import normalize_modes
@@ -144,6 +144,11 @@ def _pool(
         if repeatable and backend == "triton":
             express.learn(hidden, mask, joined)
         return outputs
+    if mask is None and weights is None and normalize_eps < 0 and not return_indices and len(modes) == 1:
+        # A CPU inference call of one mean or max: checked and pooled in a few steps (else None).
+        out = express_packed.pool(hidden, cu_seqlens, max_seqlen, joined)
+        if out is not None:
+            return (out,)
     if weights is not None and "weighted_mean" not in modes:
         raise ValueError(f"weights: expected mode 'weighted_mean' among the modes, got {list(modes)}")
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")

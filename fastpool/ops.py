@@ -260,7 +260,9 @@ def packed_forward_impl(
     names = modes.split(",")
     if backend == "torch":
         need_indices = track_positions or forward_ad._current_level >= 0
-        outputs = eager_packed.pool_forward(hidden, cu_seqlens, names, weights, normalize_eps, need_indices)
+        outputs = eager_packed.pool_forward(
+            hidden, cu_seqlens, names, weights, normalize_eps, need_indices, need_stats=not lean
+        )
         return _with_empty_extras(outputs, cu_seqlens.shape[0] - 1, hidden.shape[1], track_positions, lean)
     return _impl(backend, packed=True).pool_forward(
         hidden, cu_seqlens, modes, weights, _hint(max_seqlen), normalize_eps, track_positions,
