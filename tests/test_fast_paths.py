@@ -416,6 +416,44 @@ def test_row_range_max_has_the_bits_of_the_general_path(dtype, layout, monkeypat
         torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["full", "one-pad", "dense-holes", "empty-row"])
+def test_scatter_max_has_the_bits_of_the_general_path(dtype, layout, monkeypatch):
+    # The values-only max by one scatter_reduce into rows, padding into a spare row: taken for
+    # 16-bit input and for few padded tokens; NaN / -inf / -0.0 in real tokens, garbage padding, an
+    # empty row, the layouts whose (B, T) dims are one strided axis. The bits of the forward with
+    # positions, the oracle's values, and no other max path runs.
+    gen = torch.Generator().manual_seed(11 + len(layout))
+    B, T, d = 9, 24, 6
+    hidden = torch.randn(B, T, d, generator=gen).to(dtype)
+    hidden[0, :, 0] = NAN
+    hidden[1, :, 1] = -0.0
+    hidden[1, 5, 1] = 0.0
+    hidden[2, :, 2] = -INF
+    real = torch.ones(B, T, dtype=torch.bool)
+    if layout == "one-pad":
+        real[torch.arange(B), torch.randint(0, T, (B,), generator=gen)] = False
+    elif layout == "dense-holes":
+        real[:, ::12] = False  # 1/12 padding, in holes
+    elif layout == "empty-row":
+        real[3] = False  # 1/9 of the tokens: float32 still takes the scatter
+    dirty = garbage_padding(hidden, real)
+    values, _ = oracle.max_with_index(to_numpy(dirty), np_mask(real))
+    for what, h in layouts_of(dirty).items():
+        expected = eager.pool_forward(h, real, ["max"], need_indices=True)[0]
+        viewable = what in ("contiguous", "feature-major")
+        with monkeypatch.context() as patch:
+            if viewable:
+                for other in ("_row_range_max", "_maxima"):
+                    patch.setattr(eager_max, other, lambda *a, **k: pytest.fail("not the scatter"))
+            for mask in (real, as_mask(real, torch.float32, gen)):
+                with torch.no_grad():
+                    got = fastpool.max_pool(h, mask)
+                assert_same_bits(got, expected, f"{layout} {what}")
+        torch.testing.assert_close(got, torch.from_numpy(values).to(dtype), **EXACT, equal_nan=True)
+    assert not torch.signbit(got[1, 1]) and got[1, 1] == 0
+
+
 def _first_max_per_segment(hidden: torch.Tensor, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.max over each segment alone (first maximum, first NaN), global indices; 0 / -1 when empty."""
     S, d = len(cu) - 1, hidden.shape[1]
