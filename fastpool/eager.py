@@ -302,7 +302,7 @@ def pool_forward(
         real = None
     if lean and on_cpu and "cls" not in modes and "last" not in modes:
         # The sums on the CPU never read the first real positions; the counts are _row_stats' own.
-        count = torch.full((B,), T) if real is None else real.view(torch.uint8).sum(1)
+        count = torch.full((B,), T, device=hidden.device) if real is None else real.view(torch.uint8).sum(1)
         stats, first = count.unsqueeze(0), None
     else:
         stats, any_empty = _row_stats(real, B, T, hidden.device)

@@ -92,7 +92,7 @@ def padded_max(
         if values is None and real is not None:
             values = _row_range_max(hidden, real, count)
         if values is not None:
-            return values, torch.empty((B, 0), dtype=torch.int32)
+            return values, torch.empty((B, 0), dtype=torch.int32, device=device)
     # 16-bit chunks with padding are masked in float32 (see _maxima): size them by that copy.
     element_size = 4 if widens(hidden) else hidden.element_size()
     spans = _spans(real, B, T, _span_tokens(B, d, element_size))
@@ -124,11 +124,11 @@ def _scatter_max(hidden: torch.Tensor, real: torch.Tensor | None, count: torch.T
     tokens = token_rows(hidden)
     if tokens is None:
         return None
-    rows = torch.arange(B).unsqueeze(1).expand(B, T)
+    rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)
     dest = (rows if real is None else torch.where(real, rows, B)).reshape(B * T, 1).expand(B * T, d)
     # From -inf, include_self=True: the same maxima (NaN too) without scatter_reduce's own
     # initialising pass; torch.func and forward-mode AD need the out-of-place op.
-    out = torch.full((B + 1, d), float("-inf"), dtype=hidden.dtype)
+    out = torch.full((B + 1, d), float("-inf"), dtype=hidden.dtype, device=hidden.device)
     if plain(hidden):
         out.scatter_reduce_(0, dest, tokens, "amax", include_self=True)
     else:
@@ -156,7 +156,7 @@ def _row_range_max(hidden: torch.Tensor, real: torch.Tensor, count: torch.Tensor
     if runs is None:
         return None  # a hole somewhere: the masked pass
     first, counts = runs
-    out = torch.empty((B, d), dtype=hidden.dtype)
+    out = torch.empty((B, d), dtype=hidden.dtype, device=hidden.device)
     for b, n in enumerate(counts):
         if n:
             torch.amax(hidden[b, first[b] : first[b] + n], 0, out=out[b])
@@ -200,8 +200,8 @@ def _row_group_sum_and_max(
     through ``index_add_``."""
     B, T, d = hidden.shape
     bags = RowBags(real, B, T, count)
-    total = torch.empty((B, d), dtype=torch.float32)
-    maxima = torch.empty((B, d), dtype=hidden.dtype)
+    total = torch.empty((B, d), dtype=torch.float32, device=hidden.device)
+    maxima = torch.empty((B, d), dtype=hidden.dtype, device=hidden.device)
     for b0, b1, x in widened_row_groups(hidden):
         total[b0:b1] = bags.sum(x, b0, b1)
         if real is not None:
@@ -408,12 +408,12 @@ def segment_max(
     if not need_indices and seg is not None and host is not None and N and d:
         # Few ops (host cost): from -inf, include_self=True skips scatter_reduce's own initialising
         # pass; empty segments (known on the host) are zeroed; made canonical in place.
-        values = torch.full((S, d), float("-inf"), dtype=hidden.dtype)
+        values = torch.full((S, d), float("-inf"), dtype=hidden.dtype, device=device)
         values.scatter_reduce_(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=True)
         empty = host[1:] == host[:-1]
         if empty.any():
             values.masked_fill_(torch.from_numpy(empty).unsqueeze(1), 0.0)
-        return canonical_(values), torch.empty((S, 0), dtype=torch.int32)
+        return canonical_(values), torch.empty((S, 0), dtype=torch.int32, device=device)
     values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
     index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
     if S == 0 or N == 0 or d == 0:

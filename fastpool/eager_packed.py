@@ -110,7 +110,7 @@ def pool_forward(
             stats, norms = packed_stats(cu_seqlens, host), torch.empty(0, dtype=acc)
         else:  # unread: shared placeholders
             stats, norms = empty(hidden.device, torch.int32), empty(hidden.device, acc)
-        argmax = torch.empty((host.shape[0] - 1, 0), dtype=torch.int32)
+        argmax = torch.empty((host.shape[0] - 1, 0), dtype=torch.int32, device=hidden.device)
         return pool_lone(hidden, cu_seqlens, host, modes[0]), argmax, stats, norms
     stats = packed_stats(cu_seqlens, host)
     segments: list[torch.Tensor] = []
@@ -152,7 +152,9 @@ def pool_lone(hidden: torch.Tensor, cu_seqlens: torch.Tensor, host: np.ndarray, 
         return segment_max(hidden, cu_seqlens, False, seg, host)[0]
     acc = accumulation_dtype(hidden.dtype)
     # The float32 (float64) sums over the counts clamped to 1 (an empty segment's 0 / 1 is 0).
-    count = np.subtract(host[1:], host[:-1], dtype=np.float64 if acc == torch.float64 else np.float32)
+    # Lengths subtracted as integers, then converted (a float32 subtraction would round offsets
+    # past 2**24 first).
+    count = np.subtract(host[1:], host[:-1]).astype(np.float64 if acc == torch.float64 else np.float32)
     total = segment_sum(hidden, cu_seqlens, acc)
     return total.div_(torch.from_numpy(np.maximum(count, 1, out=count)).unsqueeze(1)).to(hidden.dtype)
 
@@ -164,7 +166,9 @@ def _gather(hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         if hidden.shape[0] > 0
         else hidden.new_zeros((position.shape[0], hidden.shape[1]))
     )
-    return torch.where((position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype))
+    return torch.where(
+        (position >= 0).unsqueeze(1), picked, torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    )
 
 
 def _token_spans(N: int, d: int, element_size: int):
@@ -280,5 +284,7 @@ def weights_grad(
     nonzero = total != 0
     W = torch.where(nonzero, total, 1)
     mean_dot = segment_sums(w * dots, cu_seqlens) / W
-    grad = torch.where(nonzero[seg], (dots - mean_dot[seg]) / W[seg], torch.zeros((), dtype=acc))
+    grad = torch.where(
+        nonzero[seg], (dots - mean_dot[seg]) / W[seg], torch.zeros((), dtype=acc, device=hidden.device)
+    )
     return grad.to(weights.dtype)

@@ -197,8 +197,8 @@ def _iota(n: int, dtype: torch.dtype) -> torch.Tensor:
     if kept is not None and kept.shape[0] >= n:
         return kept[:n]
     if n > _IOTA_LIMIT:
-        return torch.arange(n, dtype=dtype)
-    _iotas[dtype] = kept = torch.arange(max(n, 4096), dtype=dtype)
+        return torch.arange(n, dtype=dtype, device="cpu")
+    _iotas[dtype] = kept = torch.arange(max(n, 4096), dtype=dtype, device="cpu")
     return kept[:n]
 
 
@@ -221,12 +221,12 @@ def _bag_sum_widened(hidden: torch.Tensor, cu: np.ndarray, acc: torch.dtype) -> 
         # One chunk: one widening copy and one bag sum (the loop's bookkeeping is ~20 us per call).
         rows_fp32 = hidden.to(acc, memory_format=torch.contiguous_format)
         return _bags(rows_fp32, _iota(N, torch.int64), torch.from_numpy(cu[:-1].astype(np.int64)))
-    out = torch.zeros((S, d), dtype=acc)
+    out = torch.zeros((S, d), dtype=acc, device="cpu")
     if N == 0 or d == 0:
         return out
     cu = cu.astype(np.int64, copy=False)
-    buffer = torch.empty((rows + 1, d), dtype=acc)
-    index = torch.arange(rows + 1)
+    buffer = torch.empty((rows + 1, d), dtype=acc, device="cpu")
+    index = torch.arange(rows + 1, device="cpu")
     for a in range(0, N, rows):
         b = min(N, a + rows)
         # Segments holding tokens a and b - 1; the empty ones in between get empty bags (zeros).
@@ -263,7 +263,7 @@ def _bag_padded_sum(
     bags = RowBags(real, B, T, count)
     if in_place:
         return _bags(hidden.view(B * T, d), bags.flat, bags.starts[:-1])
-    out = torch.empty((B, d), dtype=torch.float32)
+    out = torch.empty((B, d), dtype=torch.float32, device="cpu")
     for b0, b1, x in widened_row_groups(hidden):
         out[b0:b1] = bags.sum(x, b0, b1)
     return out
@@ -295,8 +295,8 @@ def _bag_sum_of_runs(hidden: torch.Tensor, first: list[int], counts: list[int]) 
     never read), each buffer summed by ``_bags`` with one bag per row: ``padded_sum``'s bits. Every
     run fits the buffer (``row_groups_fit``)."""
     B, T, d = hidden.shape
-    out = torch.zeros((B, d), dtype=torch.float32)
-    buffer = torch.empty((max(T, _BAG_CHUNK_BYTES // (d * 4)), d), dtype=torch.float32)
+    out = torch.zeros((B, d), dtype=torch.float32, device="cpu")
+    buffer = torch.empty((max(T, _BAG_CHUNK_BYTES // (d * 4)), d), dtype=torch.float32, device="cpu")
     rows: list[int] = []  # the rows in the buffer, and where each starts
     starts: list[int] = []
     filled = 0
@@ -325,7 +325,7 @@ def widened_row_groups(hidden: torch.Tensor) -> Iterator[tuple[int, int, torch.T
     x is overwritten by the next group (its user may modify it in place)."""
     B, T, d = hidden.shape
     rows = max(1, _BAG_CHUNK_BYTES // (T * d * 4))
-    buffer = torch.empty((min(rows, B), T, d), dtype=torch.float32)
+    buffer = torch.empty((min(rows, B), T, d), dtype=torch.float32, device="cpu")
     for b0 in range(0, B, rows):
         b1 = min(B, b0 + rows)
         x = buffer[: b1 - b0]
@@ -340,10 +340,10 @@ class RowBags:
     def __init__(self, real: torch.Tensor | None, B: int, T: int, count: torch.Tensor | None = None):
         if real is None:
             self.flat = _iota(B * T, torch.int64)
-            self.starts = torch.arange(0, B * T + 1, T)
+            self.starts = torch.arange(0, B * T + 1, T, device="cpu")
         else:
             self.flat = real.reshape(-1).nonzero().squeeze(1)
-            self.starts = torch.zeros(B + 1, dtype=torch.int64)
+            self.starts = torch.zeros(B + 1, dtype=torch.int64, device="cpu")
             torch.cumsum(real.sum(1) if count is None else count, 0, out=self.starts[1:])
         self.T = T
         self._bound: list[int] | None = None

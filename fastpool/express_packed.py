@@ -44,6 +44,8 @@ def pool(hidden: object, cu_seqlens: object, max_seqlen: object, modes: str) -> 
         or _is_compiling()
         or not hidden.is_cpu
         or not cu_seqlens.is_cpu
+        or hidden.layout is not torch.strided
+        or hidden.is_nested
         or hidden.dtype not in FLOAT_DTYPES
         or cu_seqlens.dtype not in OFFSET_DTYPES
         or hidden.dim() != 2
@@ -54,16 +56,14 @@ def pool(hidden: object, cu_seqlens: object, max_seqlen: object, modes: str) -> 
         return None
     N, d = hidden.shape
     S = cu_seqlens.shape[0] - 1
-    # Empty shapes, nested and sparse layouts, negative views, torch.func and forward-mode AD, the
-    # Triton interpreter asked for: the general path.
+    # Empty shapes, negative views, torch.func and forward-mode AD, the Triton interpreter asked for:
+    # the general path.
     if (
         N == 0
         or d == 0
         or S <= 0
         or S >= MAX_BATCH
         or N > MAX_SEQUENCE_LENGTH
-        or hidden.layout is not torch.strided
-        or hidden.is_nested
         or hidden.is_neg()
         or not cu_seqlens.is_contiguous()
         or _functorch_active()

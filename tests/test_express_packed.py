@@ -177,3 +177,23 @@ def test_rejected_inputs_get_the_general_path_errors():
     # int32 offsets whose difference overflows int32 still read as decreasing.
     big = torch.tensor([0, 2**31 - 1, -(2**31), N], dtype=torch.int32)
     assert_clear_error("cu_seqlens", ValueError, call(c=big))
+
+
+def test_mean_divides_by_exact_lengths_past_float32_integers():
+    # Offsets above 2**24 are not float32 integers: the lengths are subtracted as integers first.
+    N = 2**24 + 2
+    hidden = torch.ones(1, 1).expand(N, 1)  # no memory for N tokens
+    cu = torch.tensor([0, 2**24 + 1, N])
+    with torch.no_grad():
+        served = express_packed.pool(hidden, cu, None, "mean")
+        general_mean = eager_packed.pool_forward(hidden, cu, ["mean", "cls"], need_indices=False)[0][:, :1]
+    assert served.tolist() == [[1.0], [1.0]]
+    assert torch.equal(served, general_mean)
+
+
+def test_strided_nested_hidden_with_offsets_gets_the_general_error():
+    nested = torch.nested.nested_tensor([torch.randn(3), torch.randn(4)])
+    for mode in ("mean", "max"):
+        call = lambda m=mode: fastpool.pool(nested, mode=m, cu_seqlens=offsets([4, 6]))  # noqa: E731
+        with pytest.raises(ValueError, match="^hidden: expected a nested tensor with layout torch.jagged"):
+            call()

@@ -689,3 +689,38 @@ def test_selection_of_expanded_and_inference_tensors(name):
             assert_same_bits(call(hidden, mask), expected, "expanded")
         with torch.inference_mode():
             assert_same_bits(call(hidden, mask), expected, "inference_mode")
+
+
+def test_cpu_paths_ignore_the_default_device():
+    # torch.set_default_device (here a meta default) must not reach the CPU paths' own tensors:
+    # the same bits, forward and backward, padded and packed.
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 6, 4, generator=gen).to(torch.bfloat16)
+    real = torch.rand(3, 6, generator=gen) > 0.3
+    tokens = torch.randn(10, 4, generator=gen)
+    cu = torch.tensor([0, 4, 4, 10])
+    cases = [
+        (hidden, {"mask": real}),
+        (hidden, {}),
+        (tokens, {"cu_seqlens": cu}),
+        (tokens.bfloat16(), {"cu_seqlens": cu}),
+    ]
+
+    def run(x, kwargs, mode, train):
+        x = x.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            out = fastpool.pool(x, mode=mode, **kwargs)
+        if not train:
+            return (out,)
+        out.backward(torch.ones_like(out))
+        return out, x.grad
+
+    for x, kwargs in cases:
+        for mode in ("mean", "max", "cls", "weighted_mean", ["mean", "max"]):
+            for train in (False, True):
+                want = run(x, kwargs, mode, train)
+                with torch.device("meta"):
+                    got = run(x, kwargs, mode, train)
+                for a, b in zip(got, want, strict=True):
+                    assert a.device.type == "cpu"
+                    assert_same_bits(a, b, f"{sorted(kwargs)} {mode} train={train}")
