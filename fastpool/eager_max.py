@@ -100,6 +100,17 @@ def padded_max(
     return _finish(hidden, real, count, spans, maxima, need_indices)
 
 
+def _scatter_amax(rows: int, dest: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(rows, d) in tokens' dtype: the max of the tokens (n, d) sent to row ``dest`` (n, d) int64
+    (an index expanded along d), -inf for a row that receives none, NaN where one is NaN. For plain
+    tensors in place from -inf with include_self=True: the same maxima without scatter_reduce's own
+    initialising pass or a copy of the result; torch.func and forward-mode AD need the out-of-place op."""
+    out = torch.full((rows, tokens.shape[1]), float("-inf"), dtype=tokens.dtype, device=tokens.device)
+    if plain(tokens):
+        return out.scatter_reduce_(0, dest, tokens, "amax", include_self=True)
+    return out.scatter_reduce(0, dest, tokens, "amax", include_self=False)
+
+
 def token_rows(hidden: torch.Tensor) -> torch.Tensor | None:
     """hidden (B, T, d) as a (B * T, d) view of its tokens, or None when its (B, T) dims are not one
     strided axis (a view would need a copy): where ``padded_max`` can scatter without copying."""
@@ -126,14 +137,7 @@ def _scatter_max(hidden: torch.Tensor, real: torch.Tensor | None, count: torch.T
         return None
     rows = torch.arange(B, device=hidden.device).unsqueeze(1).expand(B, T)
     dest = (rows if real is None else torch.where(real, rows, B)).reshape(B * T, 1).expand(B * T, d)
-    # From -inf, include_self=True: the same maxima (NaN too) without scatter_reduce's own
-    # initialising pass; torch.func and forward-mode AD need the out-of-place op.
-    out = torch.full((B + 1, d), float("-inf"), dtype=hidden.dtype, device=hidden.device)
-    if plain(hidden):
-        out.scatter_reduce_(0, dest, tokens, "amax", include_self=True)
-    else:
-        out = out.scatter_reduce(0, dest, tokens, "amax", include_self=True)
-    values = out[:B]
+    values = _scatter_amax(B + 1, dest, tokens)[:B]
     if real is not None and not bool(count.all()):
         values = values.masked_fill((count == 0).unsqueeze(1), 0.0)  # an empty row: 0
     return canonical_(values) if plain(values) else canonical(values)
@@ -406,14 +410,13 @@ def segment_max(
     S = cu_seqlens.shape[0] - 1
     device = hidden.device
     if not need_indices and seg is not None and host is not None and N and d:
-        # Few ops (host cost): from -inf, include_self=True skips scatter_reduce's own initialising
-        # pass; empty segments (known on the host) are zeroed; made canonical in place.
-        values = torch.full((S, d), float("-inf"), dtype=hidden.dtype, device=device)
-        values.scatter_reduce_(0, seg.unsqueeze(1).expand(N, d), hidden, "amax", include_self=True)
+        # Few ops (host cost): empty segments (known on the host) are zeroed; made canonical.
+        values = _scatter_amax(S, seg.unsqueeze(1).expand(N, d), hidden)
         empty = host[1:] == host[:-1]
         if empty.any():
-            values.masked_fill_(torch.from_numpy(empty).unsqueeze(1), 0.0)
-        return canonical_(values), torch.empty((S, 0), dtype=torch.int32, device=device)
+            values = values.masked_fill(torch.from_numpy(empty).unsqueeze(1), 0.0)
+        values = canonical_(values) if plain(values) else canonical(values)
+        return values, torch.empty((S, 0), dtype=torch.int32, device=device)
     values = torch.zeros((S, d), dtype=hidden.dtype, device=device)
     index = torch.full((S, d if need_indices else 0), -1, dtype=torch.int32, device=device)
     if S == 0 or N == 0 or d == 0:
@@ -430,11 +433,7 @@ def segment_max(
     # Block b of segment s is row s * most + b of an (S * most, d) layout; rows past a segment's
     # blocks stay -inf, so they never win a max (a -inf max ties at the segment's first block).
     row = seg * most + (torch.arange(N, device=device) - begin[seg]) // _BLOCK
-    blocks = torch.full((S * most, d), float("-inf"), dtype=hidden.dtype, device=device)
-    if plain(hidden):  # from -inf, include_self=True: the same maxima (NaN too), no copy of the blocks
-        blocks.scatter_reduce_(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=True)
-    else:  # torch.func and forward-mode AD need the out-of-place op
-        blocks = blocks.scatter_reduce(0, row.unsqueeze(1).expand(N, d), hidden, "amax", include_self=False)
+    blocks = _scatter_amax(S * most, row.unsqueeze(1).expand(N, d), hidden)
     values, block = blocks.view(S, most, d).max(1)  # first block holding the max (first NaN's block)
     first = _first_in_window(hidden, begin, length, block)
     empty = (length == 0).unsqueeze(1)

@@ -104,10 +104,11 @@ def pool_forward(
     acc = accumulation_dtype(hidden.dtype)
     # CPU offsets are read in place once; what the outputs need comes from them on the host.
     host = host_offsets(cu_seqlens)
-    if host is not None and normalize_eps < 0 and len(modes) == 1 and lone_ready(modes[0], need_indices):
+    lone = len(modes) == 1 and (modes[0] == "mean" or (modes[0] == "max" and not need_indices))
+    if host is not None and normalize_eps < 0 and lone:
         # One mean, or one max without positions, on the CPU: the fewest small ops.
         if need_stats:
-            stats, norms = packed_stats(cu_seqlens, host), torch.empty(0, dtype=acc)
+            stats, norms = packed_stats(cu_seqlens, host), torch.empty(0, dtype=acc, device=hidden.device)
         else:  # unread: shared placeholders
             stats, norms = empty(hidden.device, torch.int32), empty(hidden.device, acc)
         argmax = torch.empty((host.shape[0] - 1, 0), dtype=torch.int32, device=hidden.device)
@@ -134,11 +135,6 @@ def pool_forward(
         maximum=lambda: segment_max(hidden, cu_seqlens, need_indices, seg(), host),
         gather=lambda position: _gather(hidden, position),
     )  # fmt: skip
-
-
-def lone_ready(mode: str, need_indices: bool) -> bool:
-    """Whether ``pool_lone`` computes this lone mode: mean, or max without its positions."""
-    return mode == "mean" or (mode == "max" and not need_indices)
 
 
 def pool_lone(hidden: torch.Tensor, cu_seqlens: torch.Tensor, host: np.ndarray, mode: str) -> torch.Tensor:
